@@ -1,0 +1,150 @@
+/* ringkernel protocol layouts — GENERATED from the Rust core (src/layout.rs).
+ * Do not edit: regenerate with `RINGKERNEL_BLESS=1 cargo test --test c_header`.
+ *
+ * Little-endian. Every struct's size, alignment and field offsets are
+ * asserted below from Rust's offset_of!, so a disagreement fails the build.
+ * Fields named in comments as atomics are accessed only with acquire/release
+ * operations (ld.acquire.sys / st.release.sys on CUDA); see docs/protocol.md.
+ */
+#ifndef RINGKERNEL_PROTOCOL_H
+#define RINGKERNEL_PROTOCOL_H
+
+#ifdef __cplusplus
+#include <cstddef>
+#include <cstdint>
+#define RK_STATIC_ASSERT(cond, msg) static_assert(cond, msg)
+#define RK_ALIGNAS(n) alignas(n)
+#define RK_ALIGNOF(t) alignof(t)
+#else
+#include <stddef.h>
+#include <stdint.h>
+#define RK_STATIC_ASSERT(cond, msg) _Static_assert(cond, msg)
+#define RK_ALIGNAS(n) _Alignas(n)
+#define RK_ALIGNOF(t) _Alignof(t)
+#endif
+
+#define RK_ENVELOPE_MAGIC                0x4b52ull /* "RK" as a little-endian u16 */
+#define RK_PROTOCOL_VERSION              0x1ull /* envelope version */
+#define RK_HEADER_SIZE                   0x40ull /* envelope header bytes */
+#define RK_SYSTEM_TYPE_BASE              0xffff0000ull /* type ids from here on are the runtime's */
+#define RK_FLAG_ASK                      0x1ull /* a reply is expected */
+#define RK_FLAG_REPLY                    0x2ull /* a reply to `correlation` */
+#define RK_FLAG_ERROR                    0x4ull /* a reply carrying an error */
+#define RK_FLAG_ARCHIVED                 0x8ull /* payload is an rkyv archive */
+#define RK_FLAG_FAULT                    0x10ull /* a fault report */
+#define RK_FLAGS_ALL                     0x1full /* every defined flag bit */
+#define RK_RING_MAGIC                    0x474e4952ull /* "RING" as a little-endian u32 */
+#define RK_RING_VERSION                  0x1ull /* ring layout version */
+#define RK_RING_HEADER_SIZE              0x180ull /* ring header bytes */
+#define RK_RING_MIN_CAPACITY             0x2ull /* smallest ring capacity */
+#define RK_RING_MAX_CAPACITY             0x1000000ull /* largest ring capacity */
+#define RK_MIN_SLOT_SIZE                 0x40ull /* smallest slot */
+#define RK_MAX_SLOT_SIZE                 0x10000ull /* largest slot */
+#define RK_DEFAULT_SLOT_SIZE             0x80ull /* default slot: header + 64 payload bytes */
+#define RK_REGION_ALIGN                  0x80ull /* alignment of rings and control blocks */
+#define RK_CONTROL_MAGIC                 0x42434b52ull /* "RKCB" as a little-endian u32 */
+#define RK_CONTROL_VERSION               0x1ull /* control block version */
+#define RK_CONTROL_BLOCK_SIZE            0x180ull /* control block bytes */
+#define RK_DOORBELL_AWAKE                0x0ull /* doorbell: the loop is running */
+#define RK_DOORBELL_PARKED               0x1ull /* doorbell: the loop is going to sleep */
+#define RK_HLC_LOGICAL_BITS              0x4ull /* low bits of the HLC word that count */
+#define RK_HLC_LOGICAL_MASK              0xfull /* mask of the logical counter */
+#define RK_STATE_CREATED                 0x0ull /* lifecycle state */
+#define RK_STATE_LAUNCHED                0x1ull /* lifecycle state */
+#define RK_STATE_ACTIVE                  0x2ull /* lifecycle state */
+#define RK_STATE_DEACTIVATED             0x3ull /* lifecycle state */
+#define RK_STATE_TERMINATED              0x4ull /* lifecycle state */
+#define RK_STATE_FAULTED                 0x5ull /* lifecycle state */
+#define RK_FAULT_NONE                    0x0ull /* fault code */
+#define RK_FAULT_HANDLER_PANIC           0x1ull /* fault code */
+#define RK_FAULT_HANDLER_FAULT           0x2ull /* fault code */
+#define RK_FAULT_BAD_ENVELOPE            0x3ull /* fault code */
+#define RK_FAULT_UNKNOWN_MESSAGE_TYPE    0x4ull /* fault code */
+#define RK_FAULT_WATCHDOG                0x5ull /* fault code */
+#define RK_FAULT_DEVICE_ERROR            0x6ull /* fault code */
+#define RK_FAULT_UNEXPECTED_EXIT         0x7ull /* fault code */
+
+/* The 64-byte envelope header at the start of every slot. */
+typedef struct rk_envelope_header {
+    uint16_t magic; /* offset 0 */
+    uint8_t version; /* offset 2 */
+    uint8_t flags; /* offset 3 */
+    uint32_t type_id; /* offset 4 */
+    uint32_t payload_len; /* offset 8 */
+    uint32_t clock_domain; /* offset 12 */
+    uint64_t correlation; /* offset 16 */
+    uint64_t src; /* offset 24 */
+    uint64_t dst; /* offset 32 */
+    uint64_t hlc; /* offset 40 */
+    uint64_t seq; /* offset 48 */
+    uint64_t trace_id; /* offset 56 */
+} rk_envelope_header;
+RK_STATIC_ASSERT(sizeof(rk_envelope_header) == 64, "sizeof rk_envelope_header");
+RK_STATIC_ASSERT(RK_ALIGNOF(rk_envelope_header) == 8, "alignof rk_envelope_header");
+RK_STATIC_ASSERT(offsetof(rk_envelope_header, magic) == 0, "offsetof rk_envelope_header.magic");
+RK_STATIC_ASSERT(offsetof(rk_envelope_header, version) == 2, "offsetof rk_envelope_header.version");
+RK_STATIC_ASSERT(offsetof(rk_envelope_header, flags) == 3, "offsetof rk_envelope_header.flags");
+RK_STATIC_ASSERT(offsetof(rk_envelope_header, type_id) == 4, "offsetof rk_envelope_header.type_id");
+RK_STATIC_ASSERT(offsetof(rk_envelope_header, payload_len) == 8, "offsetof rk_envelope_header.payload_len");
+RK_STATIC_ASSERT(offsetof(rk_envelope_header, clock_domain) == 12, "offsetof rk_envelope_header.clock_domain");
+RK_STATIC_ASSERT(offsetof(rk_envelope_header, correlation) == 16, "offsetof rk_envelope_header.correlation");
+RK_STATIC_ASSERT(offsetof(rk_envelope_header, src) == 24, "offsetof rk_envelope_header.src");
+RK_STATIC_ASSERT(offsetof(rk_envelope_header, dst) == 32, "offsetof rk_envelope_header.dst");
+RK_STATIC_ASSERT(offsetof(rk_envelope_header, hlc) == 40, "offsetof rk_envelope_header.hlc");
+RK_STATIC_ASSERT(offsetof(rk_envelope_header, seq) == 48, "offsetof rk_envelope_header.seq");
+RK_STATIC_ASSERT(offsetof(rk_envelope_header, trace_id) == 56, "offsetof rk_envelope_header.trace_id");
+
+/* A ring's header; `capacity * slot_size` bytes of slots follow it. */
+typedef struct rk_ring_header {
+    RK_ALIGNAS(128) uint64_t tail; /* offset 0 */
+    uint8_t _pad0[120];
+    uint64_t head; /* offset 128 */
+    uint8_t _pad1[120];
+    uint32_t magic; /* offset 256 */
+    uint32_t version; /* offset 260 */
+    uint32_t capacity; /* offset 264 */
+    uint32_t slot_size; /* offset 268 */
+    uint8_t _pad2[112];
+} rk_ring_header;
+RK_STATIC_ASSERT(sizeof(rk_ring_header) == 384, "sizeof rk_ring_header");
+RK_STATIC_ASSERT(RK_ALIGNOF(rk_ring_header) == 128, "alignof rk_ring_header");
+RK_STATIC_ASSERT(offsetof(rk_ring_header, tail) == 0, "offsetof rk_ring_header.tail");
+RK_STATIC_ASSERT(offsetof(rk_ring_header, head) == 128, "offsetof rk_ring_header.head");
+RK_STATIC_ASSERT(offsetof(rk_ring_header, magic) == 256, "offsetof rk_ring_header.magic");
+RK_STATIC_ASSERT(offsetof(rk_ring_header, version) == 260, "offsetof rk_ring_header.version");
+RK_STATIC_ASSERT(offsetof(rk_ring_header, capacity) == 264, "offsetof rk_ring_header.capacity");
+RK_STATIC_ASSERT(offsetof(rk_ring_header, slot_size) == 268, "offsetof rk_ring_header.slot_size");
+
+/* One actor slot's control block: host line, device line, doorbell line. */
+typedef struct rk_control_block {
+    RK_ALIGNAS(128) uint32_t magic; /* offset 0 */
+    uint32_t version; /* offset 4 */
+    uint32_t requested_state; /* offset 8 */
+    uint32_t incarnation; /* offset 12 */
+    uint8_t _pad0[112];
+    uint32_t acked_state; /* offset 128 */
+    uint32_t acked_incarnation; /* offset 132 */
+    uint32_t fault_code; /* offset 136 */
+    uint8_t _pad1[4];
+    uint64_t heartbeat; /* offset 144 */
+    uint64_t processed; /* offset 152 */
+    uint64_t fault_detail; /* offset 160 */
+    uint8_t _pad2[88];
+    uint32_t doorbell; /* offset 256 */
+    uint8_t _pad3[124];
+} rk_control_block;
+RK_STATIC_ASSERT(sizeof(rk_control_block) == 384, "sizeof rk_control_block");
+RK_STATIC_ASSERT(RK_ALIGNOF(rk_control_block) == 128, "alignof rk_control_block");
+RK_STATIC_ASSERT(offsetof(rk_control_block, magic) == 0, "offsetof rk_control_block.magic");
+RK_STATIC_ASSERT(offsetof(rk_control_block, version) == 4, "offsetof rk_control_block.version");
+RK_STATIC_ASSERT(offsetof(rk_control_block, requested_state) == 8, "offsetof rk_control_block.requested_state");
+RK_STATIC_ASSERT(offsetof(rk_control_block, incarnation) == 12, "offsetof rk_control_block.incarnation");
+RK_STATIC_ASSERT(offsetof(rk_control_block, acked_state) == 128, "offsetof rk_control_block.acked_state");
+RK_STATIC_ASSERT(offsetof(rk_control_block, acked_incarnation) == 132, "offsetof rk_control_block.acked_incarnation");
+RK_STATIC_ASSERT(offsetof(rk_control_block, fault_code) == 136, "offsetof rk_control_block.fault_code");
+RK_STATIC_ASSERT(offsetof(rk_control_block, heartbeat) == 144, "offsetof rk_control_block.heartbeat");
+RK_STATIC_ASSERT(offsetof(rk_control_block, processed) == 152, "offsetof rk_control_block.processed");
+RK_STATIC_ASSERT(offsetof(rk_control_block, fault_detail) == 160, "offsetof rk_control_block.fault_detail");
+RK_STATIC_ASSERT(offsetof(rk_control_block, doorbell) == 256, "offsetof rk_control_block.doorbell");
+
+#endif /* RINGKERNEL_PROTOCOL_H */

@@ -1,0 +1,451 @@
+//! The per-slot control block and the lifecycle state machine.
+//!
+//! ```text
+//! Created ──► Launched ──► Active ◄──► Deactivated
+//!                │           │              │
+//!                └───────────┴──────┬───────┘
+//!                                   ▼
+//!                   Terminated   Faulted ──► Terminated
+//! ```
+//!
+//! Any state but `Terminated` may go to `Terminated`; `Launched`, `Active`
+//! and `Deactivated` may go to `Faulted`. A restart is not an edge: it starts
+//! a new *incarnation* of the slot ([`ControlBlock::begin_incarnation`]),
+//! whose lifecycle begins again at `Created`.
+//!
+//! The block is three 128-byte lines, one per writer, so the host's requests,
+//! the device's acknowledgements and the doorbell never share a line:
+//!
+//! | line | writer | fields |
+//! |---|---|---|
+//! | 0 | host | magic, version, requested state, incarnation |
+//! | 1 | device | acknowledged state and incarnation, fault code, heartbeat, processed count, fault detail |
+//! | 2 | sleeper (device) / read by wakers | the [`Doorbell`] |
+
+use crate::doorbell::Doorbell;
+use crate::error::StateError;
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
+use std::fmt;
+
+/// `"RKCB"` read as a little-endian `u32`.
+pub const CONTROL_MAGIC: u32 = u32::from_le_bytes(*b"RKCB");
+/// The control block layout version.
+pub const CONTROL_VERSION: u32 = 1;
+/// Size of [`ControlBlock`] in bytes.
+pub const CONTROL_BLOCK_SIZE: usize = 384;
+
+/// Where an actor slot is in its lifecycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum LifecycleState {
+    /// Memory laid out, nothing running.
+    Created = 0,
+    /// The device loop serves the slot but has not been activated.
+    Launched = 1,
+    /// Serving messages.
+    Active = 2,
+    /// Alive, serving no messages; H2K fills up and is served on activation.
+    Deactivated = 3,
+    /// Stopped for good (this incarnation).
+    Terminated = 4,
+    /// Stopped by a fault (this incarnation); see the fault code.
+    Faulted = 5,
+}
+
+impl LifecycleState {
+    /// Every state, in code order.
+    pub const ALL: [LifecycleState; 6] = [
+        LifecycleState::Created,
+        LifecycleState::Launched,
+        LifecycleState::Active,
+        LifecycleState::Deactivated,
+        LifecycleState::Terminated,
+        LifecycleState::Faulted,
+    ];
+
+    /// Reads a control word.
+    ///
+    /// # Errors
+    /// [`StateError::UnknownState`] for a value that is no state.
+    pub const fn from_u32(value: u32) -> Result<Self, StateError> {
+        match value {
+            0 => Ok(LifecycleState::Created),
+            1 => Ok(LifecycleState::Launched),
+            2 => Ok(LifecycleState::Active),
+            3 => Ok(LifecycleState::Deactivated),
+            4 => Ok(LifecycleState::Terminated),
+            5 => Ok(LifecycleState::Faulted),
+            _ => Err(StateError::UnknownState { value }),
+        }
+    }
+
+    /// Whether `self → next` is an edge of the state machine.
+    pub const fn can_become(self, next: LifecycleState) -> bool {
+        use LifecycleState::*;
+        matches!(
+            (self, next),
+            (Created, Launched)
+                | (Launched, Active)
+                | (Launched, Deactivated)
+                | (Active, Deactivated)
+                | (Deactivated, Active)
+                | (Created | Launched | Active | Deactivated | Faulted, Terminated)
+                | (Launched | Active | Deactivated, Faulted)
+        )
+    }
+
+    /// `next` if `self → next` is allowed.
+    ///
+    /// # Errors
+    /// [`StateError::InvalidTransition`].
+    pub const fn transition(self, next: LifecycleState) -> Result<LifecycleState, StateError> {
+        if self.can_become(next) {
+            Ok(next)
+        } else {
+            Err(StateError::InvalidTransition { from: self, to: next })
+        }
+    }
+
+    /// Whether the incarnation is over (`Terminated` or `Faulted`).
+    pub const fn is_final(self) -> bool {
+        matches!(self, LifecycleState::Terminated | LifecycleState::Faulted)
+    }
+}
+
+/// Why a slot faulted (the control block's fault code).
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FaultCode {
+    /// No fault.
+    None,
+    /// A cpu handler panicked.
+    HandlerPanic,
+    /// A device handler reported a fault (detail: the handler's code).
+    HandlerFault,
+    /// An inbound envelope failed validation (detail: which check).
+    BadEnvelope,
+    /// An inbound message type has no handler (detail: the type id).
+    UnknownMessageType,
+    /// The slot had pending work and made no progress past the watchdog limit.
+    Watchdog,
+    /// The device reported an error (sticky on CUDA: every slot of the device).
+    DeviceError,
+    /// The device loop exited without being asked to.
+    UnexpectedExit,
+    /// A code this build does not know.
+    Other(u32),
+}
+
+impl FaultCode {
+    /// The control-word value.
+    pub const fn to_u32(self) -> u32 {
+        match self {
+            FaultCode::None => 0,
+            FaultCode::HandlerPanic => 1,
+            FaultCode::HandlerFault => 2,
+            FaultCode::BadEnvelope => 3,
+            FaultCode::UnknownMessageType => 4,
+            FaultCode::Watchdog => 5,
+            FaultCode::DeviceError => 6,
+            FaultCode::UnexpectedExit => 7,
+            FaultCode::Other(v) => v,
+        }
+    }
+
+    /// Reads a control word (unknown values become [`FaultCode::Other`]).
+    pub const fn from_u32(value: u32) -> Self {
+        match value {
+            0 => FaultCode::None,
+            1 => FaultCode::HandlerPanic,
+            2 => FaultCode::HandlerFault,
+            3 => FaultCode::BadEnvelope,
+            4 => FaultCode::UnknownMessageType,
+            5 => FaultCode::Watchdog,
+            6 => FaultCode::DeviceError,
+            7 => FaultCode::UnexpectedExit,
+            v => FaultCode::Other(v),
+        }
+    }
+}
+
+/// The control block of one actor slot. Mirrored as `rk_control_block` in
+/// the C header; see the [module docs](self) for who writes what.
+#[repr(C, align(128))]
+pub struct ControlBlock {
+    // Line 0: host-written.
+    pub(crate) magic: u32,
+    pub(crate) version: u32,
+    pub(crate) requested_state: AtomicU32,
+    pub(crate) incarnation: AtomicU32,
+    _pad0: [u8; 112],
+    // Line 1: device-written.
+    pub(crate) acked_state: AtomicU32,
+    pub(crate) acked_incarnation: AtomicU32,
+    pub(crate) fault_code: AtomicU32,
+    _reserved: u32,
+    pub(crate) heartbeat: AtomicU64,
+    pub(crate) processed: AtomicU64,
+    pub(crate) fault_detail: AtomicU64,
+    _pad1: [u8; 88],
+    // Line 2: the doorbell.
+    pub(crate) doorbell: Doorbell,
+    _pad2: [u8; 124],
+}
+
+/// A snapshot of the device-written line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotStatus {
+    /// The acknowledged state.
+    pub state: LifecycleState,
+    /// The incarnation the device is serving.
+    pub incarnation: u32,
+    /// Bumped by the device loop as it makes progress.
+    pub heartbeat: u64,
+    /// Messages processed by this incarnation.
+    pub processed: u64,
+    /// The fault code (meaningful when `state` is `Faulted`).
+    pub fault: FaultCode,
+    /// Fault detail (a type id, a handler's code, …).
+    pub fault_detail: u64,
+}
+
+impl Default for ControlBlock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ControlBlock {
+    /// A block in state `Created`, incarnation 0.
+    pub fn new() -> Self {
+        ControlBlock {
+            magic: CONTROL_MAGIC,
+            version: CONTROL_VERSION,
+            requested_state: AtomicU32::new(LifecycleState::Created as u32),
+            incarnation: AtomicU32::new(0),
+            _pad0: [0; 112],
+            acked_state: AtomicU32::new(LifecycleState::Created as u32),
+            acked_incarnation: AtomicU32::new(0),
+            fault_code: AtomicU32::new(0),
+            _reserved: 0,
+            heartbeat: AtomicU64::new(0),
+            processed: AtomicU64::new(0),
+            fault_detail: AtomicU64::new(0),
+            _pad1: [0; 88],
+            doorbell: Doorbell::new(),
+            _pad2: [0; 124],
+        }
+    }
+
+    /// Whether magic and version are this build's.
+    pub fn is_valid(&self) -> bool {
+        self.magic == CONTROL_MAGIC && self.version == CONTROL_VERSION
+    }
+
+    /// The slot's doorbell.
+    pub fn doorbell(&self) -> &Doorbell {
+        &self.doorbell
+    }
+
+    // ---- host side -------------------------------------------------------
+
+    /// Host: asks the device to move to `next`, if the transition from the
+    /// currently requested state is allowed. Ring the doorbell afterwards.
+    ///
+    /// # Errors
+    /// [`StateError::InvalidTransition`]; a corrupt word is
+    /// [`StateError::UnknownState`].
+    pub fn request(&self, next: LifecycleState) -> Result<(), StateError> {
+        // Only the host writes this word (one owner thread), so load + store
+        // is not racy. Relaxed load: it reads our own last store.
+        let current = LifecycleState::from_u32(self.requested_state.load(Ordering::Relaxed))?;
+        if current != next {
+            current.transition(next)?;
+        }
+        // Pairs with the device's load-acquire of the requested state
+        // (`requested_state()`; `ld.acquire.sys` on CUDA): everything the host
+        // wrote before the request is visible when the device acts on it.
+        self.requested_state.store(next as u32, Ordering::Release);
+        Ok(())
+    }
+
+    /// Host: starts incarnation `incarnation`: resets both lines to
+    /// `Created`. Allowed only while the device side is not running the slot
+    /// (acknowledged `Created`, `Terminated` or `Faulted`); a late write from
+    /// the old incarnation is recognised by its incarnation number.
+    ///
+    /// # Errors
+    /// [`StateError::SlotBusy`] while the slot is launched.
+    pub fn begin_incarnation(&self, incarnation: u32) -> Result<(), StateError> {
+        let acked = self.acked_state()?;
+        if !(acked == LifecycleState::Created || acked.is_final()) {
+            return Err(StateError::SlotBusy { state: acked });
+        }
+        self.incarnation.store(incarnation, Ordering::Relaxed);
+        self.fault_code.store(0, Ordering::Relaxed);
+        self.fault_detail.store(0, Ordering::Relaxed);
+        self.processed.store(0, Ordering::Relaxed);
+        self.acked_state.store(LifecycleState::Created as u32, Ordering::Relaxed);
+        // Publishes the reset above; pairs with the device's acquire of the
+        // requested state when it launches the new incarnation.
+        self.requested_state.store(LifecycleState::Created as u32, Ordering::Release);
+        Ok(())
+    }
+
+    /// The incarnation the host wants served.
+    pub fn incarnation(&self) -> u32 {
+        self.incarnation.load(Ordering::Acquire)
+    }
+
+    /// The device-written line, read as one snapshot (fields are read with
+    /// acquire loads, state last-written-first so the fault code a `Faulted`
+    /// state refers to is visible).
+    ///
+    /// # Errors
+    /// [`StateError::UnknownState`] for a corrupt state word.
+    pub fn status(&self) -> Result<SlotStatus, StateError> {
+        // Acquire pairs with the device's store-release of the state in
+        // `ack`/`report_fault`, which follows its writes of code and detail.
+        let state = self.acked_state()?;
+        Ok(SlotStatus {
+            state,
+            incarnation: self.acked_incarnation.load(Ordering::Acquire),
+            heartbeat: self.heartbeat.load(Ordering::Acquire),
+            processed: self.processed.load(Ordering::Acquire),
+            fault: FaultCode::from_u32(self.fault_code.load(Ordering::Relaxed)),
+            fault_detail: self.fault_detail.load(Ordering::Relaxed),
+        })
+    }
+
+    /// The acknowledged state.
+    ///
+    /// # Errors
+    /// [`StateError::UnknownState`] for a corrupt word.
+    pub fn acked_state(&self) -> Result<LifecycleState, StateError> {
+        LifecycleState::from_u32(self.acked_state.load(Ordering::Acquire))
+    }
+
+    // ---- device side -----------------------------------------------------
+
+    /// Device: the state the host requests.
+    ///
+    /// # Errors
+    /// [`StateError::UnknownState`] for a corrupt word.
+    pub fn requested_state(&self) -> Result<LifecycleState, StateError> {
+        // Pairs with the store-release in `request`.
+        LifecycleState::from_u32(self.requested_state.load(Ordering::Acquire))
+    }
+
+    /// Device: acknowledges `state` for `incarnation`.
+    pub fn ack(&self, state: LifecycleState, incarnation: u32) {
+        self.acked_incarnation.store(incarnation, Ordering::Relaxed);
+        // Pairs with the host's load-acquire in `acked_state`/`status`.
+        self.acked_state.store(state as u32, Ordering::Release);
+    }
+
+    /// Device: records progress (single writer: the device loop keeps the
+    /// counters and stores them; no read-modify-write on the hot path).
+    pub fn record_progress(&self, heartbeat: u64, processed: u64) {
+        self.processed.store(processed, Ordering::Relaxed);
+        // Pairs with the host's acquire in `status`; the watchdog compares
+        // successive heartbeats.
+        self.heartbeat.store(heartbeat, Ordering::Release);
+    }
+
+    /// Device: reports a fault and acknowledges `Faulted` for `incarnation`.
+    pub fn report_fault(&self, code: FaultCode, detail: u64, incarnation: u32) {
+        self.fault_detail.store(detail, Ordering::Relaxed);
+        self.fault_code.store(code.to_u32(), Ordering::Relaxed);
+        // The state store-release in `ack` publishes code and detail.
+        self.ack(LifecycleState::Faulted, incarnation);
+    }
+}
+
+impl fmt::Debug for ControlBlock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ControlBlock")
+            .field("requested", &self.requested_state())
+            .field("incarnation", &self.incarnation())
+            .field("status", &self.status())
+            .field("doorbell", &self.doorbell)
+            .finish()
+    }
+}
+
+#[cfg(all(test, not(ringkernel_loom)))]
+mod tests {
+    use super::*;
+    use LifecycleState::*;
+
+    #[test]
+    fn transitions_follow_the_diagram() {
+        let allowed = [
+            (Created, Launched),
+            (Launched, Active),
+            (Launched, Deactivated),
+            (Active, Deactivated),
+            (Deactivated, Active),
+            (Created, Terminated),
+            (Launched, Terminated),
+            (Active, Terminated),
+            (Deactivated, Terminated),
+            (Faulted, Terminated),
+            (Launched, Faulted),
+            (Active, Faulted),
+            (Deactivated, Faulted),
+        ];
+        for from in LifecycleState::ALL {
+            for to in LifecycleState::ALL {
+                assert_eq!(from.can_become(to), allowed.contains(&(from, to)), "{from:?} -> {to:?}");
+            }
+        }
+        assert_eq!(
+            Terminated.transition(Active),
+            Err(StateError::InvalidTransition { from: Terminated, to: Active })
+        );
+    }
+
+    #[test]
+    fn state_words_round_trip_and_unknown_is_an_error() {
+        for s in LifecycleState::ALL {
+            assert_eq!(LifecycleState::from_u32(s as u32), Ok(s));
+        }
+        assert_eq!(LifecycleState::from_u32(6), Err(StateError::UnknownState { value: 6 }));
+        for v in 0..10 {
+            assert_eq!(FaultCode::from_u32(v).to_u32(), v);
+        }
+    }
+
+    #[test]
+    fn host_requests_and_device_acks() {
+        let cb = ControlBlock::new();
+        assert!(cb.is_valid());
+        assert_eq!(cb.request(Active), Err(StateError::InvalidTransition { from: Created, to: Active }));
+        cb.request(Launched).unwrap();
+        cb.request(Active).unwrap();
+        assert_eq!(cb.requested_state(), Ok(Active));
+        cb.ack(Active, 0);
+        cb.record_progress(3, 2);
+        let st = cb.status().unwrap();
+        assert_eq!((st.state, st.heartbeat, st.processed), (Active, 3, 2));
+        // A running slot cannot start a new incarnation.
+        assert_eq!(cb.begin_incarnation(1), Err(StateError::SlotBusy { state: Active }));
+        cb.report_fault(FaultCode::HandlerPanic, 42, 0);
+        let st = cb.status().unwrap();
+        assert_eq!((st.state, st.fault, st.fault_detail), (Faulted, FaultCode::HandlerPanic, 42));
+        cb.begin_incarnation(1).unwrap();
+        let st = cb.status().unwrap();
+        assert_eq!((st.state, st.fault, st.processed), (Created, FaultCode::None, 0));
+        assert_eq!(cb.incarnation(), 1);
+        cb.request(Launched).unwrap();
+    }
+
+    #[test]
+    fn corrupt_state_words_are_errors_not_panics() {
+        let cb = ControlBlock::new();
+        cb.acked_state.store(99, Ordering::Relaxed);
+        assert_eq!(cb.status(), Err(StateError::UnknownState { value: 99 }));
+        cb.requested_state.store(77, Ordering::Relaxed);
+        assert_eq!(cb.request(Launched), Err(StateError::UnknownState { value: 77 }));
+    }
+}
