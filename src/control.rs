@@ -89,7 +89,10 @@ impl LifecycleState {
                 | (Launched, Deactivated)
                 | (Active, Deactivated)
                 | (Deactivated, Active)
-                | (Created | Launched | Active | Deactivated | Faulted, Terminated)
+                | (
+                    Created | Launched | Active | Deactivated | Faulted,
+                    Terminated
+                )
                 | (Launched | Active | Deactivated, Faulted)
         )
     }
@@ -102,7 +105,10 @@ impl LifecycleState {
         if self.can_become(next) {
             Ok(next)
         } else {
-            Err(StateError::InvalidTransition { from: self, to: next })
+            Err(StateError::InvalidTransition {
+                from: self,
+                to: next,
+            })
         }
     }
 
@@ -285,10 +291,12 @@ impl ControlBlock {
         self.fault_code.store(0, Ordering::Relaxed);
         self.fault_detail.store(0, Ordering::Relaxed);
         self.processed.store(0, Ordering::Relaxed);
-        self.acked_state.store(LifecycleState::Created as u32, Ordering::Relaxed);
+        self.acked_state
+            .store(LifecycleState::Created as u32, Ordering::Relaxed);
         // Publishes the reset above; pairs with the device's acquire of the
         // requested state when it launches the new incarnation.
-        self.requested_state.store(LifecycleState::Created as u32, Ordering::Release);
+        self.requested_state
+            .store(LifecycleState::Created as u32, Ordering::Release);
         Ok(())
     }
 
@@ -396,12 +404,19 @@ mod tests {
         ];
         for from in LifecycleState::ALL {
             for to in LifecycleState::ALL {
-                assert_eq!(from.can_become(to), allowed.contains(&(from, to)), "{from:?} -> {to:?}");
+                assert_eq!(
+                    from.can_become(to),
+                    allowed.contains(&(from, to)),
+                    "{from:?} -> {to:?}"
+                );
             }
         }
         assert_eq!(
             Terminated.transition(Active),
-            Err(StateError::InvalidTransition { from: Terminated, to: Active })
+            Err(StateError::InvalidTransition {
+                from: Terminated,
+                to: Active
+            })
         );
     }
 
@@ -410,7 +425,10 @@ mod tests {
         for s in LifecycleState::ALL {
             assert_eq!(LifecycleState::from_u32(s as u32), Ok(s));
         }
-        assert_eq!(LifecycleState::from_u32(6), Err(StateError::UnknownState { value: 6 }));
+        assert_eq!(
+            LifecycleState::from_u32(6),
+            Err(StateError::UnknownState { value: 6 })
+        );
         for v in 0..10 {
             assert_eq!(FaultCode::from_u32(v).to_u32(), v);
         }
@@ -420,7 +438,13 @@ mod tests {
     fn host_requests_and_device_acks() {
         let cb = ControlBlock::new();
         assert!(cb.is_valid());
-        assert_eq!(cb.request(Active), Err(StateError::InvalidTransition { from: Created, to: Active }));
+        assert_eq!(
+            cb.request(Active),
+            Err(StateError::InvalidTransition {
+                from: Created,
+                to: Active
+            })
+        );
         cb.request(Launched).unwrap();
         cb.request(Active).unwrap();
         assert_eq!(cb.requested_state(), Ok(Active));
@@ -429,13 +453,22 @@ mod tests {
         let st = cb.status().unwrap();
         assert_eq!((st.state, st.heartbeat, st.processed), (Active, 3, 2));
         // A running slot cannot start a new incarnation.
-        assert_eq!(cb.begin_incarnation(1), Err(StateError::SlotBusy { state: Active }));
+        assert_eq!(
+            cb.begin_incarnation(1),
+            Err(StateError::SlotBusy { state: Active })
+        );
         cb.report_fault(FaultCode::HandlerPanic, 42, 0);
         let st = cb.status().unwrap();
-        assert_eq!((st.state, st.fault, st.fault_detail), (Faulted, FaultCode::HandlerPanic, 42));
+        assert_eq!(
+            (st.state, st.fault, st.fault_detail),
+            (Faulted, FaultCode::HandlerPanic, 42)
+        );
         cb.begin_incarnation(1).unwrap();
         let st = cb.status().unwrap();
-        assert_eq!((st.state, st.fault, st.processed), (Created, FaultCode::None, 0));
+        assert_eq!(
+            (st.state, st.fault, st.processed),
+            (Created, FaultCode::None, 0)
+        );
         assert_eq!(cb.incarnation(), 1);
         cb.request(Launched).unwrap();
     }
@@ -446,6 +479,9 @@ mod tests {
         cb.acked_state.store(99, Ordering::Relaxed);
         assert_eq!(cb.status(), Err(StateError::UnknownState { value: 99 }));
         cb.requested_state.store(77, Ordering::Relaxed);
-        assert_eq!(cb.request(Launched), Err(StateError::UnknownState { value: 77 }));
+        assert_eq!(
+            cb.request(Launched),
+            Err(StateError::UnknownState { value: 77 })
+        );
     }
 }

@@ -180,12 +180,18 @@ pub struct HeaderCheck<'a> {
 impl<'a> HeaderCheck<'a> {
     /// Accepts every non-zero type id with payloads up to `max_payload` bytes.
     pub const fn any_type(max_payload: u32) -> Self {
-        HeaderCheck { max_payload, types: TypeFilter::Any }
+        HeaderCheck {
+            max_payload,
+            types: TypeFilter::Any,
+        }
     }
 
     /// Accepts only `types`, with payloads up to `max_payload` bytes.
     pub const fn only(max_payload: u32, types: &'a [u32]) -> Self {
-        HeaderCheck { max_payload, types: TypeFilter::Only(types) }
+        HeaderCheck {
+            max_payload,
+            types: TypeFilter::Only(types),
+        }
     }
 
     fn accepts_type(&self, type_id: u32) -> bool {
@@ -296,10 +302,16 @@ impl EnvelopeHeader {
     /// container holds).
     fn validate(&self, max_payload: u32, check: &HeaderCheck<'_>) -> Result<(), DecodeError> {
         if self.magic != ENVELOPE_MAGIC {
-            return Err(DecodeError::BadMagic { found: self.magic, expected: ENVELOPE_MAGIC });
+            return Err(DecodeError::BadMagic {
+                found: self.magic,
+                expected: ENVELOPE_MAGIC,
+            });
         }
         if self.version != PROTOCOL_VERSION {
-            return Err(DecodeError::BadVersion { found: self.version, expected: PROTOCOL_VERSION });
+            return Err(DecodeError::BadVersion {
+                found: self.version,
+                expected: PROTOCOL_VERSION,
+            });
         }
         if Flags::from_bits(self.flags.bits()).is_none() {
             return Err(DecodeError::UnknownFlags {
@@ -309,10 +321,15 @@ impl EnvelopeHeader {
         }
         let max = max_payload.min(check.max_payload);
         if self.payload_len > max {
-            return Err(DecodeError::PayloadTooLarge { len: self.payload_len, max });
+            return Err(DecodeError::PayloadTooLarge {
+                len: self.payload_len,
+                max,
+            });
         }
         if !check.accepts_type(self.type_id) {
-            return Err(DecodeError::UnknownType { type_id: self.type_id });
+            return Err(DecodeError::UnknownType {
+                type_id: self.type_id,
+            });
         }
         Ok(())
     }
@@ -344,7 +361,10 @@ impl<'a> Envelope<'a> {
         let room = u32::try_from(slot.len() - HEADER_SIZE).unwrap_or(u32::MAX);
         header.validate(room, check)?;
         let end = HEADER_SIZE + header.payload_len as usize;
-        Ok(Envelope { header, payload: &slot[HEADER_SIZE..end] })
+        Ok(Envelope {
+            header,
+            payload: &slot[HEADER_SIZE..end],
+        })
     }
 
     /// Reads the payload as an inline `Pod` value.
@@ -421,7 +441,9 @@ mod archived {
     }
 
     fn archive_error(e: rancor::Error) -> DecodeError {
-        DecodeError::Archive { reason: e.to_string() }
+        DecodeError::Archive {
+            reason: e.to_string(),
+        }
     }
 
     impl OwnedEnvelope {
@@ -439,8 +461,10 @@ mod archived {
         where
             T: for<'a> Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>,
         {
-            let payload = rkyv::to_bytes::<rancor::Error>(value)
-                .map_err(|e| EncodeError::Archive { reason: e.to_string() })?;
+            let payload =
+                rkyv::to_bytes::<rancor::Error>(value).map_err(|e| EncodeError::Archive {
+                    reason: e.to_string(),
+                })?;
             if payload.len() > max_payload as usize {
                 return Err(EncodeError::PayloadTooLarge {
                     len: payload.len(),
@@ -476,7 +500,10 @@ mod archived {
 
         /// Borrows the envelope as an [`Envelope`] view.
         pub fn as_envelope(&self) -> Envelope<'_> {
-            Envelope { header: self.header, payload: &self.payload }
+            Envelope {
+                header: self.header,
+                payload: &self.payload,
+            }
         }
 
         /// Validates the archive and returns a zero-copy view of it.
@@ -563,7 +590,10 @@ mod tests {
         assert_eq!(env.payload_as::<[u32; 4]>().unwrap(), [1, 2, 3, 4]);
         assert_eq!(
             env.payload_as::<u64>(),
-            Err(DecodeError::PayloadSize { expected: 8, found: 16 })
+            Err(DecodeError::PayloadSize {
+                expected: 8,
+                found: 16
+            })
         );
     }
 
@@ -596,12 +626,17 @@ mod tests {
             Err(DecodeError::UnknownType { type_id: 42 })
         );
         let odd = |t: u32| t % 2 == 1;
-        let check = HeaderCheck { max_payload: 64, types: TypeFilter::With(&odd) };
+        let check = HeaderCheck {
+            max_payload: 64,
+            types: TypeFilter::With(&odd),
+        };
         assert_eq!(
             EnvelopeHeader::decode(&slot, &check),
             Err(DecodeError::UnknownType { type_id: 42 })
         );
-        EnvelopeHeader::new(0, Flags::empty()).encode_into(&mut slot).unwrap();
+        EnvelopeHeader::new(0, Flags::empty())
+            .encode_into(&mut slot)
+            .unwrap();
         assert_eq!(
             EnvelopeHeader::decode(&slot, &HeaderCheck::any_type(64)),
             Err(DecodeError::UnknownType { type_id: 0 })
@@ -610,7 +645,10 @@ mod tests {
 
     #[test]
     fn flags_debug_and_bits() {
-        assert_eq!(format!("{:?}", Flags::ASK | Flags::ARCHIVED), "{ASK, ARCHIVED}");
+        assert_eq!(
+            format!("{:?}", Flags::ASK | Flags::ARCHIVED),
+            "{ASK, ARCHIVED}"
+        );
         assert_eq!(Flags::from_bits(0x20), None);
         assert_eq!(Flags::from_bits(0x1F), Some(Flags::ALL));
         assert!(Flags::ALL.contains(Flags::FAULT));
@@ -624,7 +662,10 @@ mod tests {
             name: String,
             weights: Vec<f32>,
         }
-        let job = Job { name: "resize".into(), weights: vec![0.5; 100] };
+        let job = Job {
+            name: "resize".into(),
+            weights: vec![0.5; 100],
+        };
         let env = OwnedEnvelope::archive(sample(), &job, 4096).unwrap();
         assert!(env.header().flags.contains(Flags::ARCHIVED));
         let wire = env.to_wire();
@@ -652,9 +693,15 @@ mod tests {
             *b = 0xFF;
         }
         let corrupt = OwnedEnvelope::from_wire(&bad, &HeaderCheck::any_type(4096)).unwrap();
-        assert!(matches!(corrupt.access::<Job>(), Err(DecodeError::Archive { .. })));
+        assert!(matches!(
+            corrupt.access::<Job>(),
+            Err(DecodeError::Archive { .. })
+        ));
         let pod = OwnedEnvelope::pod(sample(), &7u64);
         assert_eq!(pod.as_envelope().payload_as::<u64>().unwrap(), 7);
-        assert!(matches!(pod.access::<Job>(), Err(DecodeError::PayloadEncoding { archived: false })));
+        assert!(matches!(
+            pod.access::<Job>(),
+            Err(DecodeError::PayloadEncoding { archived: false })
+        ));
     }
 }

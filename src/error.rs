@@ -183,7 +183,9 @@ pub enum EncodeError {
 pub enum HlcError {
     /// A network stamp lies further ahead of local physical time than the
     /// configured bound (only network boundaries check this).
-    #[error("stamp {stamp:#x} is {ahead_ns} ns ahead of physical time, beyond the {max_drift_ns} ns bound")]
+    #[error(
+        "stamp {stamp:#x} is {ahead_ns} ns ahead of physical time, beyond the {max_drift_ns} ns bound"
+    )]
     DriftExceeded {
         /// The stamp that was received.
         stamp: u64,

@@ -62,7 +62,9 @@ pub struct SystemClock;
 
 impl PhysicalClock for SystemClock {
     fn now_ns(&self) -> u64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
     }
 }
 
@@ -75,7 +77,9 @@ pub struct ManualClock {
 impl ManualClock {
     /// A clock reading `ns`.
     pub const fn new(ns: u64) -> Self {
-        ManualClock { now: AtomicU64::new(ns) }
+        ManualClock {
+            now: AtomicU64::new(ns),
+        }
     }
 
     /// Sets the reading.
@@ -115,7 +119,9 @@ pub struct TscClock {
 
 impl fmt::Debug for TscClock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TscClock").field("period_ns", &self.period_ns).finish_non_exhaustive()
+        f.debug_struct("TscClock")
+            .field("period_ns", &self.period_ns)
+            .finish_non_exhaustive()
     }
 }
 
@@ -164,8 +170,10 @@ impl TscClock {
         let mono = before + (after - before) / 2;
         // Relaxed: the offset is one self-contained word; readers need no
         // other data ordered with it.
-        self.offset.store(wall.wrapping_sub(mono), Ordering::Relaxed);
-        self.next_anchor.store(after.saturating_add(self.period_ns), Ordering::Relaxed);
+        self.offset
+            .store(wall.wrapping_sub(mono), Ordering::Relaxed);
+        self.next_anchor
+            .store(after.saturating_add(self.period_ns), Ordering::Relaxed);
     }
 }
 
@@ -303,8 +311,18 @@ impl<C: PhysicalClock> Hlc<C> {
         loop {
             // Saturating: at the horizon (2554) the word sticks rather than wrapping back.
             let next = current.saturating_add(1).max(floor);
-            match self.word.0.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return Timestamp { hlc: next, domain: self.domain },
+            match self.word.0.compare_exchange_weak(
+                current,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    return Timestamp {
+                        hlc: next,
+                        domain: self.domain,
+                    };
+                }
                 Err(seen) => current = seen,
             }
         }
@@ -334,7 +352,11 @@ impl<C: PhysicalClock> Hlc<C> {
         let now = self.clock.now_ns();
         let ahead = stamp.physical_ns().saturating_sub(now);
         if ahead > self.max_drift_ns {
-            return Err(HlcError::DriftExceeded { stamp: stamp.hlc, ahead_ns: ahead, max_drift_ns: self.max_drift_ns });
+            return Err(HlcError::DriftExceeded {
+                stamp: stamp.hlc,
+                ahead_ns: ahead,
+                max_drift_ns: self.max_drift_ns,
+            });
         }
         Ok(self.advance((now & !LOGICAL_MASK).max(stamp.hlc.saturating_add(1))))
     }

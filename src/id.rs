@@ -189,9 +189,7 @@ impl fmt::Debug for CorrelationId {
 /// ties between equal HLC words into a total order.
 ///
 /// Bits: node (16, high) · unit (16, low); unit 0 is the node's host.
-#[derive(
-    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Debug, Pod, Zeroable,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Debug, Pod, Zeroable)]
 #[repr(transparent)]
 pub struct ClockDomain(u32);
 
@@ -249,7 +247,10 @@ mod tests {
     #[test]
     fn correlation_id_fields_round_trip() {
         let c = CorrelationId::new(3, 0xDEAD_BEEF, 65_535);
-        assert_eq!((c.incarnation(), c.generation(), c.index()), (3, 0xDEAD_BEEF, 65_535));
+        assert_eq!(
+            (c.incarnation(), c.generation(), c.index()),
+            (3, 0xDEAD_BEEF, 65_535)
+        );
         assert!(!c.is_none());
         assert!(CorrelationId::NONE.is_none());
     }

@@ -11,12 +11,18 @@
 //! No layout is copied by hand: the WGSL mirror will be checked against
 //! [`structs`] the same way.
 
-use crate::control::{CONTROL_BLOCK_SIZE, CONTROL_MAGIC, CONTROL_VERSION, ControlBlock, FaultCode, LifecycleState};
+use crate::control::{
+    CONTROL_BLOCK_SIZE, CONTROL_MAGIC, CONTROL_VERSION, ControlBlock, FaultCode, LifecycleState,
+};
 use crate::doorbell::{AWAKE, PARKED};
-use crate::envelope::{ENVELOPE_MAGIC, EnvelopeHeader, Flags, HEADER_SIZE, PROTOCOL_VERSION, SYSTEM_TYPE_BASE};
+use crate::envelope::{
+    ENVELOPE_MAGIC, EnvelopeHeader, Flags, HEADER_SIZE, PROTOCOL_VERSION, SYSTEM_TYPE_BASE,
+};
 use crate::hlc::{LOGICAL_BITS, LOGICAL_MASK};
 use crate::region::REGION_ALIGN;
-use crate::ring::{DEFAULT_SLOT_SIZE, RING_HEADER_SIZE, RING_MAGIC, RING_VERSION, RingHeader, RingLayout};
+use crate::ring::{
+    DEFAULT_SLOT_SIZE, RING_HEADER_SIZE, RING_MAGIC, RING_VERSION, RingHeader, RingLayout,
+};
 use std::fmt::Write;
 use std::mem::{align_of, offset_of, size_of};
 
@@ -127,32 +133,136 @@ pub fn structs() -> Vec<Struct> {
 /// Every protocol constant the device side needs.
 pub fn constants() -> Vec<Constant> {
     let mut c = vec![
-        Constant { name: "RK_ENVELOPE_MAGIC", value: ENVELOPE_MAGIC.into(), doc: "\"RK\" as a little-endian u16" },
-        Constant { name: "RK_PROTOCOL_VERSION", value: PROTOCOL_VERSION.into(), doc: "envelope version" },
-        Constant { name: "RK_HEADER_SIZE", value: HEADER_SIZE as u64, doc: "envelope header bytes" },
-        Constant { name: "RK_SYSTEM_TYPE_BASE", value: SYSTEM_TYPE_BASE.into(), doc: "type ids from here on are the runtime's" },
-        Constant { name: "RK_FLAG_ASK", value: Flags::ASK.bits().into(), doc: "a reply is expected" },
-        Constant { name: "RK_FLAG_REPLY", value: Flags::REPLY.bits().into(), doc: "a reply to `correlation`" },
-        Constant { name: "RK_FLAG_ERROR", value: Flags::ERROR.bits().into(), doc: "a reply carrying an error" },
-        Constant { name: "RK_FLAG_ARCHIVED", value: Flags::ARCHIVED.bits().into(), doc: "payload is an rkyv archive" },
-        Constant { name: "RK_FLAG_FAULT", value: Flags::FAULT.bits().into(), doc: "a fault report" },
-        Constant { name: "RK_FLAGS_ALL", value: Flags::ALL.bits().into(), doc: "every defined flag bit" },
-        Constant { name: "RK_RING_MAGIC", value: RING_MAGIC.into(), doc: "\"RING\" as a little-endian u32" },
-        Constant { name: "RK_RING_VERSION", value: RING_VERSION.into(), doc: "ring layout version" },
-        Constant { name: "RK_RING_HEADER_SIZE", value: RING_HEADER_SIZE as u64, doc: "ring header bytes" },
-        Constant { name: "RK_RING_MIN_CAPACITY", value: RingLayout::MIN_CAPACITY.into(), doc: "smallest ring capacity" },
-        Constant { name: "RK_RING_MAX_CAPACITY", value: RingLayout::MAX_CAPACITY.into(), doc: "largest ring capacity" },
-        Constant { name: "RK_MIN_SLOT_SIZE", value: RingLayout::MIN_SLOT_SIZE.into(), doc: "smallest slot" },
-        Constant { name: "RK_MAX_SLOT_SIZE", value: RingLayout::MAX_SLOT_SIZE.into(), doc: "largest slot" },
-        Constant { name: "RK_DEFAULT_SLOT_SIZE", value: DEFAULT_SLOT_SIZE.into(), doc: "default slot: header + 64 payload bytes" },
-        Constant { name: "RK_REGION_ALIGN", value: REGION_ALIGN as u64, doc: "alignment of rings and control blocks" },
-        Constant { name: "RK_CONTROL_MAGIC", value: CONTROL_MAGIC.into(), doc: "\"RKCB\" as a little-endian u32" },
-        Constant { name: "RK_CONTROL_VERSION", value: CONTROL_VERSION.into(), doc: "control block version" },
-        Constant { name: "RK_CONTROL_BLOCK_SIZE", value: CONTROL_BLOCK_SIZE as u64, doc: "control block bytes" },
-        Constant { name: "RK_DOORBELL_AWAKE", value: AWAKE.into(), doc: "doorbell: the loop is running" },
-        Constant { name: "RK_DOORBELL_PARKED", value: PARKED.into(), doc: "doorbell: the loop is going to sleep" },
-        Constant { name: "RK_HLC_LOGICAL_BITS", value: LOGICAL_BITS.into(), doc: "low bits of the HLC word that count" },
-        Constant { name: "RK_HLC_LOGICAL_MASK", value: LOGICAL_MASK, doc: "mask of the logical counter" },
+        Constant {
+            name: "RK_ENVELOPE_MAGIC",
+            value: ENVELOPE_MAGIC.into(),
+            doc: "\"RK\" as a little-endian u16",
+        },
+        Constant {
+            name: "RK_PROTOCOL_VERSION",
+            value: PROTOCOL_VERSION.into(),
+            doc: "envelope version",
+        },
+        Constant {
+            name: "RK_HEADER_SIZE",
+            value: HEADER_SIZE as u64,
+            doc: "envelope header bytes",
+        },
+        Constant {
+            name: "RK_SYSTEM_TYPE_BASE",
+            value: SYSTEM_TYPE_BASE.into(),
+            doc: "type ids from here on are the runtime's",
+        },
+        Constant {
+            name: "RK_FLAG_ASK",
+            value: Flags::ASK.bits().into(),
+            doc: "a reply is expected",
+        },
+        Constant {
+            name: "RK_FLAG_REPLY",
+            value: Flags::REPLY.bits().into(),
+            doc: "a reply to `correlation`",
+        },
+        Constant {
+            name: "RK_FLAG_ERROR",
+            value: Flags::ERROR.bits().into(),
+            doc: "a reply carrying an error",
+        },
+        Constant {
+            name: "RK_FLAG_ARCHIVED",
+            value: Flags::ARCHIVED.bits().into(),
+            doc: "payload is an rkyv archive",
+        },
+        Constant {
+            name: "RK_FLAG_FAULT",
+            value: Flags::FAULT.bits().into(),
+            doc: "a fault report",
+        },
+        Constant {
+            name: "RK_FLAGS_ALL",
+            value: Flags::ALL.bits().into(),
+            doc: "every defined flag bit",
+        },
+        Constant {
+            name: "RK_RING_MAGIC",
+            value: RING_MAGIC.into(),
+            doc: "\"RING\" as a little-endian u32",
+        },
+        Constant {
+            name: "RK_RING_VERSION",
+            value: RING_VERSION.into(),
+            doc: "ring layout version",
+        },
+        Constant {
+            name: "RK_RING_HEADER_SIZE",
+            value: RING_HEADER_SIZE as u64,
+            doc: "ring header bytes",
+        },
+        Constant {
+            name: "RK_RING_MIN_CAPACITY",
+            value: RingLayout::MIN_CAPACITY.into(),
+            doc: "smallest ring capacity",
+        },
+        Constant {
+            name: "RK_RING_MAX_CAPACITY",
+            value: RingLayout::MAX_CAPACITY.into(),
+            doc: "largest ring capacity",
+        },
+        Constant {
+            name: "RK_MIN_SLOT_SIZE",
+            value: RingLayout::MIN_SLOT_SIZE.into(),
+            doc: "smallest slot",
+        },
+        Constant {
+            name: "RK_MAX_SLOT_SIZE",
+            value: RingLayout::MAX_SLOT_SIZE.into(),
+            doc: "largest slot",
+        },
+        Constant {
+            name: "RK_DEFAULT_SLOT_SIZE",
+            value: DEFAULT_SLOT_SIZE.into(),
+            doc: "default slot: header + 64 payload bytes",
+        },
+        Constant {
+            name: "RK_REGION_ALIGN",
+            value: REGION_ALIGN as u64,
+            doc: "alignment of rings and control blocks",
+        },
+        Constant {
+            name: "RK_CONTROL_MAGIC",
+            value: CONTROL_MAGIC.into(),
+            doc: "\"RKCB\" as a little-endian u32",
+        },
+        Constant {
+            name: "RK_CONTROL_VERSION",
+            value: CONTROL_VERSION.into(),
+            doc: "control block version",
+        },
+        Constant {
+            name: "RK_CONTROL_BLOCK_SIZE",
+            value: CONTROL_BLOCK_SIZE as u64,
+            doc: "control block bytes",
+        },
+        Constant {
+            name: "RK_DOORBELL_AWAKE",
+            value: AWAKE.into(),
+            doc: "doorbell: the loop is running",
+        },
+        Constant {
+            name: "RK_DOORBELL_PARKED",
+            value: PARKED.into(),
+            doc: "doorbell: the loop is going to sleep",
+        },
+        Constant {
+            name: "RK_HLC_LOGICAL_BITS",
+            value: LOGICAL_BITS.into(),
+            doc: "low bits of the HLC word that count",
+        },
+        Constant {
+            name: "RK_HLC_LOGICAL_MASK",
+            value: LOGICAL_MASK,
+            doc: "mask of the logical counter",
+        },
     ];
     for s in LifecycleState::ALL {
         let name = match s {
@@ -163,19 +273,30 @@ pub fn constants() -> Vec<Constant> {
             LifecycleState::Terminated => "RK_STATE_TERMINATED",
             LifecycleState::Faulted => "RK_STATE_FAULTED",
         };
-        c.push(Constant { name, value: s as u32 as u64, doc: "lifecycle state" });
+        c.push(Constant {
+            name,
+            value: s as u32 as u64,
+            doc: "lifecycle state",
+        });
     }
     for (name, code) in [
         ("RK_FAULT_NONE", FaultCode::None),
         ("RK_FAULT_HANDLER_PANIC", FaultCode::HandlerPanic),
         ("RK_FAULT_HANDLER_FAULT", FaultCode::HandlerFault),
         ("RK_FAULT_BAD_ENVELOPE", FaultCode::BadEnvelope),
-        ("RK_FAULT_UNKNOWN_MESSAGE_TYPE", FaultCode::UnknownMessageType),
+        (
+            "RK_FAULT_UNKNOWN_MESSAGE_TYPE",
+            FaultCode::UnknownMessageType,
+        ),
         ("RK_FAULT_WATCHDOG", FaultCode::Watchdog),
         ("RK_FAULT_DEVICE_ERROR", FaultCode::DeviceError),
         ("RK_FAULT_UNEXPECTED_EXIT", FaultCode::UnexpectedExit),
     ] {
-        c.push(Constant { name, value: code.to_u32().into(), doc: "fault code" });
+        c.push(Constant {
+            name,
+            value: code.to_u32().into(),
+            doc: "fault code",
+        });
     }
     c
 }
@@ -205,7 +326,11 @@ pub fn c_header() -> String {
          #endif\n"
     );
     for c in constants() {
-        let _ = writeln!(w, "#define {:<32} {:#x}ull /* {} */", c.name, c.value, c.doc);
+        let _ = writeln!(
+            w,
+            "#define {:<32} {:#x}ull /* {} */",
+            c.name, c.value, c.doc
+        );
     }
     for s in structs() {
         let _ = writeln!(w, "\n/* {} */\ntypedef struct {} {{", s.doc, s.c_name);
@@ -217,16 +342,32 @@ pub fn c_header() -> String {
                 let _ = writeln!(w, "    uint8_t _pad{pad}[{}];", f.offset - cursor);
                 pad += 1;
             }
-            let align = if i == 0 && s.align > natural { format!("RK_ALIGNAS({}) ", s.align) } else { String::new() };
-            let _ = writeln!(w, "    {align}{} {}; /* offset {} */", f.c_type, f.name, f.offset);
+            let align = if i == 0 && s.align > natural {
+                format!("RK_ALIGNAS({}) ", s.align)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                w,
+                "    {align}{} {}; /* offset {} */",
+                f.c_type, f.name, f.offset
+            );
             cursor = f.offset + f.size;
         }
         if s.size > cursor {
             let _ = writeln!(w, "    uint8_t _pad{pad}[{}];", s.size - cursor);
         }
         let _ = writeln!(w, "}} {};", s.c_name);
-        let _ = writeln!(w, "RK_STATIC_ASSERT(sizeof({0}) == {1}, \"sizeof {0}\");", s.c_name, s.size);
-        let _ = writeln!(w, "RK_STATIC_ASSERT(RK_ALIGNOF({0}) == {1}, \"alignof {0}\");", s.c_name, s.align);
+        let _ = writeln!(
+            w,
+            "RK_STATIC_ASSERT(sizeof({0}) == {1}, \"sizeof {0}\");",
+            s.c_name, s.size
+        );
+        let _ = writeln!(
+            w,
+            "RK_STATIC_ASSERT(RK_ALIGNOF({0}) == {1}, \"alignof {0}\");",
+            s.c_name, s.align
+        );
         for f in &s.fields {
             let _ = writeln!(
                 w,
@@ -256,8 +397,19 @@ mod tests {
                     other => panic!("unexpected C type {other}"),
                 };
                 assert_eq!(c_size, f.size, "{}.{}", s.c_name, f.name);
-                assert_eq!(f.offset % f.size, 0, "{}.{} is naturally aligned", s.c_name, f.name);
-                assert!(f.offset >= end, "{}.{} overlaps its predecessor", s.c_name, f.name);
+                assert_eq!(
+                    f.offset % f.size,
+                    0,
+                    "{}.{} is naturally aligned",
+                    s.c_name,
+                    f.name
+                );
+                assert!(
+                    f.offset >= end,
+                    "{}.{} overlaps its predecessor",
+                    s.c_name,
+                    f.name
+                );
                 end = f.offset + f.size;
             }
             assert!(end <= s.size);
@@ -275,16 +427,46 @@ mod tests {
         };
         assert_eq!(size_of::<EnvelopeHeader>(), 64);
         assert_eq!(
-            ["magic", "version", "flags", "type_id", "payload_len", "clock_domain", "correlation", "src", "dst", "hlc", "seq", "trace_id"]
-                .map(|f| find("rk_envelope_header", f)),
+            [
+                "magic",
+                "version",
+                "flags",
+                "type_id",
+                "payload_len",
+                "clock_domain",
+                "correlation",
+                "src",
+                "dst",
+                "hlc",
+                "seq",
+                "trace_id"
+            ]
+            .map(|f| find("rk_envelope_header", f)),
             [0, 2, 3, 4, 8, 12, 16, 24, 32, 40, 48, 56]
         );
-        assert_eq!((size_of::<RingHeader>(), align_of::<RingHeader>()), (RING_HEADER_SIZE, 128));
-        assert_eq!(["tail", "head", "magic", "slot_size"].map(|f| find("rk_ring_header", f)), [0, 128, 256, 268]);
-        assert_eq!((size_of::<ControlBlock>(), align_of::<ControlBlock>()), (CONTROL_BLOCK_SIZE, 128));
         assert_eq!(
-            ["requested_state", "incarnation", "acked_state", "heartbeat", "processed", "fault_detail", "doorbell"]
-                .map(|f| find("rk_control_block", f)),
+            (size_of::<RingHeader>(), align_of::<RingHeader>()),
+            (RING_HEADER_SIZE, 128)
+        );
+        assert_eq!(
+            ["tail", "head", "magic", "slot_size"].map(|f| find("rk_ring_header", f)),
+            [0, 128, 256, 268]
+        );
+        assert_eq!(
+            (size_of::<ControlBlock>(), align_of::<ControlBlock>()),
+            (CONTROL_BLOCK_SIZE, 128)
+        );
+        assert_eq!(
+            [
+                "requested_state",
+                "incarnation",
+                "acked_state",
+                "heartbeat",
+                "processed",
+                "fault_detail",
+                "doorbell"
+            ]
+            .map(|f| find("rk_control_block", f)),
             [8, 12, 128, 144, 152, 160, 256]
         );
     }

@@ -34,7 +34,7 @@
 //! let check = HeaderCheck::any_type(layout.max_payload());
 //! let (got, value) = rx
 //!     .try_recv_with(&check, |env| env.payload_as::<u64>().map(|v| (env.header, v)))
-//!     .expect("one envelope is there")?;
+//!     .expect("one envelope is there")??;
 //! assert_eq!((got.type_id, value), (7, 42));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -57,5 +57,10 @@ pub mod region;
 pub mod ring;
 mod sync;
 pub mod waiter;
+
+/// The README's quick start, compiled and run as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 
 pub use error::{DecodeError, EncodeError, HlcError, LayoutError, StateError};

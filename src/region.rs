@@ -50,10 +50,13 @@ impl HeapRegion {
     /// If `len` rounded up to a line overflows `isize`, as `Vec` does.
     pub fn zeroed(len: usize) -> Self {
         let size = len.max(1).next_multiple_of(REGION_ALIGN);
-        let layout = Layout::from_size_align(size, REGION_ALIGN).expect("region size overflows isize");
+        let layout =
+            Layout::from_size_align(size, REGION_ALIGN).expect("region size overflows isize");
         // SAFETY: `layout` has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else { alloc::handle_alloc_error(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
         HeapRegion { ptr, layout }
     }
 }
@@ -92,7 +95,10 @@ pub(crate) fn check_span(
 ) -> Result<NonNull<u8>, crate::LayoutError> {
     let available = mem.len().saturating_sub(offset);
     if offset > mem.len() || available < len {
-        return Err(crate::LayoutError::RegionTooSmall { len: available, needed: len });
+        return Err(crate::LayoutError::RegionTooSmall {
+            len: available,
+            needed: len,
+        });
     }
     let addr = (mem.base().as_ptr() as usize).wrapping_add(offset);
     if addr % align != 0 {
@@ -123,7 +129,10 @@ mod tests {
         assert!(check_span(&r, 128, 896, 128).is_ok());
         assert_eq!(
             check_span(&r, 128, 897, 128).unwrap_err(),
-            crate::LayoutError::RegionTooSmall { len: 896, needed: 897 }
+            crate::LayoutError::RegionTooSmall {
+                len: 896,
+                needed: 897
+            }
         );
         assert_eq!(
             check_span(&r, 2048, 1, 128).unwrap_err(),

@@ -74,12 +74,19 @@ impl RingHeader {
         }
     }
 
+    #[cfg_attr(ringkernel_loom, allow(dead_code))]
     fn layout(&self) -> Result<RingLayout, LayoutError> {
         if self.magic != RING_MAGIC {
-            return Err(LayoutError::BadRingMagic { found: self.magic, expected: RING_MAGIC });
+            return Err(LayoutError::BadRingMagic {
+                found: self.magic,
+                expected: RING_MAGIC,
+            });
         }
         if self.version != RING_VERSION {
-            return Err(LayoutError::BadRingVersion { found: self.version, expected: RING_VERSION });
+            return Err(LayoutError::BadRingVersion {
+                found: self.version,
+                expected: RING_VERSION,
+            });
         }
         RingLayout::new(self.capacity, self.slot_size)
     }
@@ -130,14 +137,18 @@ impl RingLayout {
                 max: Self::MAX_CAPACITY,
             });
         }
-        if slot_size % 64 != 0 || slot_size < Self::MIN_SLOT_SIZE || slot_size > Self::MAX_SLOT_SIZE {
+        if slot_size % 64 != 0 || slot_size < Self::MIN_SLOT_SIZE || slot_size > Self::MAX_SLOT_SIZE
+        {
             return Err(LayoutError::BadSlotSize {
                 slot_size,
                 min: Self::MIN_SLOT_SIZE,
                 max: Self::MAX_SLOT_SIZE,
             });
         }
-        Ok(RingLayout { capacity, slot_size })
+        Ok(RingLayout {
+            capacity,
+            slot_size,
+        })
     }
 
     /// `capacity` slots of the default 128 bytes.
@@ -223,9 +234,11 @@ impl<T> fmt::Debug for SendError<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SendError::Full(_) => f.write_str("Full(..)"),
-            SendError::TooLarge { len, max, .. } => {
-                f.debug_struct("TooLarge").field("len", len).field("max", max).finish_non_exhaustive()
-            }
+            SendError::TooLarge { len, max, .. } => f
+                .debug_struct("TooLarge")
+                .field("len", len)
+                .field("max", max)
+                .finish_non_exhaustive(),
         }
     }
 }
@@ -290,7 +303,11 @@ mod mem {
         fn slot_ptr(&self, counter: u64) -> *mut u8 {
             // SAFETY: `counter & mask < capacity`, so the offset stays inside
             // the slot area of the region.
-            unsafe { self.slots.as_ptr().add((counter & self.mask) as usize * self.slot_size) }
+            unsafe {
+                self.slots
+                    .as_ptr()
+                    .add((counter & self.mask) as usize * self.slot_size)
+            }
         }
 
         /// Runs `f` on the slot of `counter`.
@@ -311,7 +328,11 @@ mod mem {
         /// The calling half owns that slot under the SPSC protocol (the
         /// producer: `tail <= counter < head + capacity`).
         #[inline(always)]
-        pub(crate) unsafe fn with_slot_mut<R>(&self, counter: u64, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        pub(crate) unsafe fn with_slot_mut<R>(
+            &self,
+            counter: u64,
+            f: impl FnOnce(&mut [u8]) -> R,
+        ) -> R {
             // SAFETY: the caller owns the slot exclusively, so no one else
             // reads or writes it while `f` runs.
             f(unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(counter), self.slot_size) })
@@ -329,6 +350,10 @@ mod mem {
 
     impl Ring {
         /// A ring of `layout` in its own zeroed heap region, as its two halves.
+        #[allow(
+            clippy::new_ret_no_self,
+            reason = "a ring is its two halves, as rtrb's RingBuffer::new"
+        )]
         pub fn new(layout: RingLayout) -> (Producer, Consumer) {
             let region: Arc<dyn SharedMemory> = Arc::new(HeapRegion::zeroed(layout.region_bytes()));
             // SAFETY: the region is fresh, exactly as large as the layout
@@ -357,7 +382,11 @@ mod mem {
             let base = check_span(&*mem, offset, layout.region_bytes(), REGION_ALIGN)?;
             // SAFETY: the span is in bounds and aligned for RingHeader (checked
             // above) and, by the caller's contract, no one else uses it.
-            unsafe { base.cast::<RingHeader>().as_ptr().write(RingHeader::new(layout)) };
+            unsafe {
+                base.cast::<RingHeader>()
+                    .as_ptr()
+                    .write(RingHeader::new(layout))
+            };
             // SAFETY: the ring at `base` was just initialised inside `mem`.
             let ring = unsafe { RingMem::new(base, layout, mem) };
             Ok((Producer::attach(ring.clone()), Consumer::attach(ring)))
@@ -375,7 +404,10 @@ mod mem {
         ///    device code following `ringkernel_protocol.h`, used by nothing
         ///    else while this half lives.
         /// 2. No other producer of it exists until this one is dropped.
-        pub unsafe fn attach_producer(mem: Arc<dyn SharedMemory>, offset: usize) -> Result<Producer, LayoutError> {
+        pub unsafe fn attach_producer(
+            mem: Arc<dyn SharedMemory>,
+            offset: usize,
+        ) -> Result<Producer, LayoutError> {
             // SAFETY: forwarded from the caller.
             unsafe { Self::attach(mem, offset) }.map(Producer::attach)
         }
@@ -387,14 +419,20 @@ mod mem {
         ///
         /// # Safety
         /// As [`Ring::attach_producer`], for the consumer role.
-        pub unsafe fn attach_consumer(mem: Arc<dyn SharedMemory>, offset: usize) -> Result<Consumer, LayoutError> {
+        pub unsafe fn attach_consumer(
+            mem: Arc<dyn SharedMemory>,
+            offset: usize,
+        ) -> Result<Consumer, LayoutError> {
             // SAFETY: forwarded from the caller.
             unsafe { Self::attach(mem, offset) }.map(Consumer::attach)
         }
 
         /// # Safety
         /// As [`Ring::attach_producer`].
-        unsafe fn attach(mem: Arc<dyn SharedMemory>, offset: usize) -> Result<RingMem, LayoutError> {
+        unsafe fn attach(
+            mem: Arc<dyn SharedMemory>,
+            offset: usize,
+        ) -> Result<RingMem, LayoutError> {
             let base = check_span(&*mem, offset, RING_HEADER_SIZE, REGION_ALIGN)?;
             // SAFETY: the header span is in bounds and aligned; by contract it
             // holds an initialised ring whose geometry is no longer written.
@@ -452,7 +490,11 @@ mod mem {
 
         /// # Safety
         /// As in the non-loom build.
-        pub(crate) unsafe fn with_slot_mut<R>(&self, counter: u64, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        pub(crate) unsafe fn with_slot_mut<R>(
+            &self,
+            counter: u64,
+            f: impl FnOnce(&mut [u8]) -> R,
+        ) -> R {
             let cell = &self.inner.slots[(counter & self.mask) as usize];
             // SAFETY: the caller owns the slot exclusively; loom verifies it.
             cell.with_mut(|p| f(unsafe { &mut **p }))
@@ -465,12 +507,19 @@ mod mem {
 
     impl Ring {
         /// A ring of `layout` in its own memory, as its two halves.
+        #[allow(
+            clippy::new_ret_no_self,
+            reason = "a ring is its two halves, as rtrb's RingBuffer::new"
+        )]
         pub fn new(layout: RingLayout) -> (Producer, Consumer) {
             let slots = (0..layout.capacity)
                 .map(|_| UnsafeCell::new(vec![0u8; layout.slot_size as usize].into_boxed_slice()))
                 .collect();
             let ring = RingMem {
-                inner: Arc::new(LoomRing { header: RingHeader::new(layout), slots }),
+                inner: Arc::new(LoomRing {
+                    header: RingHeader::new(layout),
+                    slots,
+                }),
                 mask: u64::from(layout.capacity) - 1,
                 slot_size: layout.slot_size as usize,
             };
@@ -515,7 +564,9 @@ impl RingObserver {
 
 impl fmt::Debug for RingObserver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("RingObserver").field(self.ring.header()).finish()
+        f.debug_tuple("RingObserver")
+            .field(self.ring.header())
+            .finish()
     }
 }
 
@@ -531,7 +582,10 @@ pub struct Producer {
 
 impl fmt::Debug for Producer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Producer").field("tail", &self.tail).field("capacity", &self.capacity).finish()
+        f.debug_struct("Producer")
+            .field("tail", &self.tail)
+            .field("capacity", &self.capacity)
+            .finish()
     }
 }
 
@@ -545,7 +599,12 @@ impl Producer {
         // here; `st.release.sys` on a device): slots below head are free.
         let cached_head = h.head.load(Ordering::Acquire);
         let capacity = u64::from(h.capacity);
-        Producer { ring, tail, cached_head, capacity }
+        Producer {
+            ring,
+            tail,
+            cached_head,
+            capacity,
+        }
     }
 
     /// Number of slots.
@@ -560,7 +619,9 @@ impl Producer {
 
     /// A read-only view of the counters.
     pub fn observer(&self) -> RingObserver {
-        RingObserver { ring: self.ring.clone() }
+        RingObserver {
+            ring: self.ring.clone(),
+        }
     }
 
     /// Free slots right now (reads the consumer's counter).
@@ -588,7 +649,11 @@ impl Producer {
 
     /// Writes the slot `offset` places after the published tail.
     #[inline(always)]
-    fn stage_with<R>(&mut self, offset: u64, f: impl FnOnce(&mut [u8]) -> R) -> Result<R, RingFull> {
+    fn stage_with<R>(
+        &mut self,
+        offset: u64,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> Result<R, RingFull> {
         if !self.has_room(offset) {
             return Err(RingFull);
         }
@@ -628,9 +693,13 @@ impl Producer {
     #[inline]
     pub fn try_push(&mut self, record: &[u8]) -> Result<(), PushError> {
         if record.len() > self.slot_size() {
-            return Err(PushError::TooLarge { len: record.len(), max: self.slot_size() });
+            return Err(PushError::TooLarge {
+                len: record.len(),
+                max: self.slot_size(),
+            });
         }
-        self.try_push_with(|slot| slot[..record.len()].copy_from_slice(record)).map_err(|RingFull| PushError::Full)
+        self.try_push_with(|slot| slot[..record.len()].copy_from_slice(record))
+            .map_err(|RingFull| PushError::Full)
     }
 
     /// Encodes `header` and the inline `Pod` `payload` into the next free
@@ -639,14 +708,21 @@ impl Producer {
     /// # Errors
     /// [`SendError::Full`] or [`SendError::TooLarge`], with the payload.
     #[inline]
-    pub fn try_send<T: Pod>(&mut self, header: &EnvelopeHeader, payload: T) -> Result<EnvelopeHeader, SendError<T>> {
+    pub fn try_send<T: Pod>(
+        &mut self,
+        header: &EnvelopeHeader,
+        payload: T,
+    ) -> Result<EnvelopeHeader, SendError<T>> {
         send_staged(self, 0, header, payload).inspect(|_| self.publish(1))
     }
 
     /// Starts a batch: slots written through it are published with one store
     /// when it is dropped (or [`WriteBatch::publish`]ed).
     pub fn batch(&mut self) -> WriteBatch<'_> {
-        WriteBatch { producer: self, staged: 0 }
+        WriteBatch {
+            producer: self,
+            staged: 0,
+        }
     }
 }
 
@@ -660,12 +736,20 @@ fn send_staged<T: Pod>(
     let max = p.slot_size() - HEADER_SIZE;
     let len = std::mem::size_of::<T>();
     if len > max {
-        return Err(SendError::TooLarge { value: payload, len, max });
+        return Err(SendError::TooLarge {
+            value: payload,
+            len,
+            max,
+        });
     }
     match p.stage_with(offset, |slot| encode_pod(slot, header, &payload)) {
         Ok(Ok(written)) => Ok(written),
         // The size was checked above, so encoding into a slot cannot fail.
-        Ok(Err(_)) => Err(SendError::TooLarge { value: payload, len, max }),
+        Ok(Err(_)) => Err(SendError::TooLarge {
+            value: payload,
+            len,
+            max,
+        }),
         Err(RingFull) => Err(SendError::Full(payload)),
     }
 }
@@ -681,7 +765,9 @@ pub struct WriteBatch<'a> {
 
 impl fmt::Debug for WriteBatch<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WriteBatch").field("staged", &self.staged).finish()
+        f.debug_struct("WriteBatch")
+            .field("staged", &self.staged)
+            .finish()
     }
 }
 
@@ -704,9 +790,13 @@ impl WriteBatch<'_> {
     pub fn try_push(&mut self, record: &[u8]) -> Result<(), PushError> {
         let max = self.producer.slot_size();
         if record.len() > max {
-            return Err(PushError::TooLarge { len: record.len(), max });
+            return Err(PushError::TooLarge {
+                len: record.len(),
+                max,
+            });
         }
-        self.try_push_with(|slot| slot[..record.len()].copy_from_slice(record)).map_err(|RingFull| PushError::Full)
+        self.try_push_with(|slot| slot[..record.len()].copy_from_slice(record))
+            .map_err(|RingFull| PushError::Full)
     }
 
     /// Encodes an envelope into the next free slot (published with the batch).
@@ -714,7 +804,11 @@ impl WriteBatch<'_> {
     /// # Errors
     /// [`SendError::Full`] or [`SendError::TooLarge`], with the payload.
     #[inline]
-    pub fn try_send<T: Pod>(&mut self, header: &EnvelopeHeader, payload: T) -> Result<EnvelopeHeader, SendError<T>> {
+    pub fn try_send<T: Pod>(
+        &mut self,
+        header: &EnvelopeHeader,
+        payload: T,
+    ) -> Result<EnvelopeHeader, SendError<T>> {
         let written = send_staged(self.producer, self.staged, header, payload)?;
         self.staged += 1;
         Ok(written)
@@ -755,7 +849,9 @@ pub struct Consumer {
 
 impl fmt::Debug for Consumer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Consumer").field("head", &self.head).finish()
+        f.debug_struct("Consumer")
+            .field("head", &self.head)
+            .finish()
     }
 }
 
@@ -766,7 +862,11 @@ impl Consumer {
         let head = h.head.load(Ordering::Acquire);
         // Pairs with the producer's store-release of tail.
         let cached_tail = h.tail.load(Ordering::Acquire);
-        Consumer { ring, head, cached_tail }
+        Consumer {
+            ring,
+            head,
+            cached_tail,
+        }
     }
 
     /// Number of slots.
@@ -781,7 +881,9 @@ impl Consumer {
 
     /// A read-only view of the counters.
     pub fn observer(&self) -> RingObserver {
-        RingObserver { ring: self.ring.clone() }
+        RingObserver {
+            ring: self.ring.clone(),
+        }
     }
 
     #[inline]
@@ -862,7 +964,10 @@ impl Consumer {
     /// Starts a batch: slots read through it are released with one store when
     /// it is dropped (or [`ReadBatch::release`]d).
     pub fn batch(&mut self) -> ReadBatch<'_> {
-        ReadBatch { consumer: self, taken: 0 }
+        ReadBatch {
+            consumer: self,
+            taken: 0,
+        }
     }
 }
 
@@ -874,7 +979,9 @@ pub struct ReadBatch<'a> {
 
 impl fmt::Debug for ReadBatch<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReadBatch").field("taken", &self.taken).finish()
+        f.debug_struct("ReadBatch")
+            .field("taken", &self.taken)
+            .finish()
     }
 }
 

@@ -130,12 +130,19 @@ impl<W> WaiterSlab<W> {
     /// [`LayoutError::SlabCapacity`] unless `1 <= capacity <= MAX_CAPACITY`.
     pub fn new(capacity: usize, incarnation: u16) -> Result<Self, LayoutError> {
         if capacity == 0 || capacity > Self::MAX_CAPACITY {
-            return Err(LayoutError::SlabCapacity { capacity, max: Self::MAX_CAPACITY });
+            return Err(LayoutError::SlabCapacity {
+                capacity,
+                max: Self::MAX_CAPACITY,
+            });
         }
         let entries = (0..capacity)
             .map(|i| Entry {
                 state: AtomicU64::new(word(1, FREE)),
-                next_free: AtomicU32::new(if i + 1 < capacity { (i + 1) as u32 } else { NIL }),
+                next_free: AtomicU32::new(if i + 1 < capacity {
+                    (i + 1) as u32
+                } else {
+                    NIL
+                }),
                 value: UnsafeCell::new(MaybeUninit::uninit()),
             })
             .collect();
@@ -180,9 +187,16 @@ impl<W> WaiterSlab<W> {
             }
             // May be stale if another thread pops and pushes this entry
             // meanwhile; then the tag has moved and the CAS below fails.
-            let next = self.entries[index as usize].next_free.load(Ordering::Relaxed);
+            let next = self.entries[index as usize]
+                .next_free
+                .load(Ordering::Relaxed);
             let new = ((head >> 32).wrapping_add(1) << 32) | u64::from(next);
-            match self.free_head.compare_exchange_weak(head, new, Ordering::Acquire, Ordering::Acquire) {
+            match self.free_head.compare_exchange_weak(
+                head,
+                new,
+                Ordering::Acquire,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => return Some(index as usize),
                 Err(seen) => head = seen,
             }
@@ -192,11 +206,18 @@ impl<W> WaiterSlab<W> {
     fn push_free(&self, index: usize) {
         let mut head = self.free_head.load(Ordering::Relaxed);
         loop {
-            self.entries[index].next_free.store(head as u32, Ordering::Relaxed);
+            self.entries[index]
+                .next_free
+                .store(head as u32, Ordering::Relaxed);
             let new = ((head >> 32).wrapping_add(1) << 32) | index as u64;
             // Release publishes `next_free`, the FREE state and our read of
             // the value; pairs with the Acquire in `pop_free`.
-            match self.free_head.compare_exchange_weak(head, new, Ordering::Release, Ordering::Relaxed) {
+            match self.free_head.compare_exchange_weak(
+                head,
+                new,
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return,
                 Err(seen) => head = seen,
             }
@@ -208,7 +229,9 @@ impl<W> WaiterSlab<W> {
     /// # Errors
     /// [`SlabFull`] with the waiter when every entry is in use.
     pub fn insert(&self, waiter: W) -> Result<CorrelationId, SlabFull<W>> {
-        let Some(index) = self.pop_free() else { return Err(SlabFull(waiter)) };
+        let Some(index) = self.pop_free() else {
+            return Err(SlabFull(waiter));
+        };
         let entry = &self.entries[index];
         // Relaxed: popping the entry made it ours; the pop's Acquire ordered
         // the previous owner's FREE store before this load.
@@ -218,7 +241,11 @@ impl<W> WaiterSlab<W> {
         entry.value.with_mut(|p| unsafe { (*p).write(waiter) });
         // Publishes the value; pairs with the Acquire CAS in `take`.
         entry.state.store(word(generation, LIVE), Ordering::Release);
-        Ok(CorrelationId::new(self.incarnation, generation, index as u16))
+        Ok(CorrelationId::new(
+            self.incarnation,
+            generation,
+            index as u16,
+        ))
     }
 
     /// Resolves `id`: returns its waiter exactly once, whoever asks first.
@@ -250,7 +277,12 @@ impl<W> WaiterSlab<W> {
         // with the Release store of LIVE in `insert`.
         entry
             .state
-            .compare_exchange(word(generation, LIVE), word(generation, TAKEN), Ordering::Acquire, Ordering::Relaxed)
+            .compare_exchange(
+                word(generation, LIVE),
+                word(generation, TAKEN),
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            )
             .ok()?;
         // SAFETY: we won the CAS, so the value is initialised (published by
         // insert's Release store) and no one else will read it.
@@ -280,7 +312,10 @@ impl<W> WaiterSlab<W> {
             let generation = (state >> 32) as u32;
             // Losing this race to a reply is expected, not a late reply.
             if let Some(w) = self.claim(index, generation) {
-                f(CorrelationId::new(self.incarnation, generation, index as u16), w);
+                f(
+                    CorrelationId::new(self.incarnation, generation, index as u16),
+                    w,
+                );
                 swept += 1;
             }
         }

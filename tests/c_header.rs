@@ -56,15 +56,24 @@ fn compile_and_run(cpp: bool) -> String {
         .arg("-o")
         .arg(&exe);
     let status = cmd.status().expect("the host C compiler runs");
-    assert!(status.success(), "compiling the protocol header failed ({cmd:?})");
+    assert!(
+        status.success(),
+        "compiling the protocol header failed ({cmd:?})"
+    );
     let out = Command::new(&exe).output().unwrap();
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap()
 }
 
 fn record(output: &str, name: &str) -> Vec<u8> {
-    let line = output.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).expect(name);
-    (0..line.len()).step_by(2).map(|i| u8::from_str_radix(&line[i..i + 2], 16).unwrap()).collect()
+    let line = output
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .expect(name);
+    (0..line.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&line[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 fn check_bytes_from_c(output: &str) {
@@ -77,7 +86,10 @@ fn check_bytes_from_c(output: &str) {
     assert_eq!(h.correlation, CorrelationId::new(1, 5, 9));
     assert_eq!(h.src, ActorId::new(1, ActorKind::Cpu, 2, 0));
     assert_eq!(h.dst, ActorId::new(1, ActorKind::Gpu, 3, 4));
-    assert_eq!((h.hlc, h.seq, h.trace_id), (0x17A0_B0C0_D0E0_F001, 42, 0x0123_4567_89AB_CDEF));
+    assert_eq!(
+        (h.hlc, h.seq, h.trace_id),
+        (0x17A0_B0C0_D0E0_F001, 42, 0x0123_4567_89AB_CDEF)
+    );
     assert_eq!(env.payload_as::<u64>().unwrap(), 0xCAFE_F00D_DEAD_BEEF);
 
     // A ring C initialised attaches in Rust, and its published slot pops.
@@ -89,7 +101,10 @@ fn check_bytes_from_c(output: &str) {
     // SAFETY: the region is this test's and holds one ring; this is its only consumer.
     let mut rx = unsafe { Ring::attach_consumer(region, 0) }.unwrap();
     assert_eq!((rx.capacity(), rx.slot_size(), rx.len()), (4, 128, 1));
-    let seq = rx.try_recv_with(&HeaderCheck::any_type(64), |e| e.header.seq).unwrap().unwrap();
+    let seq = rx
+        .try_recv_with(&HeaderCheck::any_type(64), |e| e.header.seq)
+        .unwrap()
+        .unwrap();
     assert_eq!(seq, 42);
 
     // The control block C filled reads back through the Rust accessors.
@@ -99,12 +114,24 @@ fn check_bytes_from_c(output: &str) {
     // SAFETY: ControlBlock is repr(C) plain integers and atomics, every bit
     // pattern is valid for them, `bytes` is exactly its size, and `cb` is
     // exclusively ours.
-    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&mut cb as *mut ControlBlock).cast::<u8>(), bytes.len()) };
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            (&mut cb as *mut ControlBlock).cast::<u8>(),
+            bytes.len(),
+        )
+    };
     assert!(cb.is_valid());
     assert_eq!(cb.requested_state(), Ok(LifecycleState::Active));
     let st = cb.status().unwrap();
     assert_eq!(
-        (st.state, st.fault, st.fault_detail, st.heartbeat, st.processed),
+        (
+            st.state,
+            st.fault,
+            st.fault_detail,
+            st.heartbeat,
+            st.processed
+        ),
         (LifecycleState::Faulted, FaultCode::HandlerFault, 77, 5, 4)
     );
     assert!(cb.doorbell().is_parked());

@@ -1,1 +1,162 @@
-fn main(){}
+//! The bench report: each comparison runs ours and the baseline interleaved
+//! (A B A B …) in one process and prints
+//!
+//! ```text
+//! NAME ours=<median> base=<median> ratio=<ours/base> cpu_ours=… cpu_base=… [configuration]
+//! ```
+//!
+//! as time per operation (lower is better). CPU time is the process's
+//! (all threads), per operation.
+//!
+//! `cargo run --release -p ringkernel-bench --bin report -- --quick`
+//! (under two minutes); without `--quick` it runs more and longer rounds.
+//! A further argument filters comparisons by name.
+
+use ringkernel::hlc::Hlc;
+use ringkernel::id::ClockDomain;
+use ringkernel_bench::*;
+use std::time::{Duration, Instant};
+
+fn cpu_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer for clock_gettime.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Wall and CPU time per operation of one run of `n` operations.
+fn measure(n: u64, f: &mut dyn FnMut(u64)) -> (f64, f64) {
+    let (w0, c0) = (Instant::now(), cpu_now());
+    f(n);
+    let (w, c) = (w0.elapsed(), cpu_now() - c0);
+    (
+        w.as_nanos() as f64 / n as f64,
+        c.as_nanos() as f64 / n as f64,
+    )
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+fn fmt_ns(ns: f64) -> String {
+    if ns >= 1_000_000.0 {
+        format!("{:.3}ms", ns / 1_000_000.0)
+    } else if ns >= 1_000.0 {
+        format!("{:.3}us", ns / 1_000.0)
+    } else {
+        format!("{ns:.2}ns")
+    }
+}
+
+struct Comparison<'a> {
+    name: &'static str,
+    config: String,
+    ops: u64,
+    ours: Box<dyn FnMut(u64) + 'a>,
+    base: Box<dyn FnMut(u64) + 'a>,
+}
+
+fn run(c: &mut Comparison<'_>, rounds: usize) {
+    // Warm up both.
+    (c.ours)(c.ops / 10 + 1);
+    (c.base)(c.ops / 10 + 1);
+    let (mut ow, mut oc, mut bw, mut bc) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..rounds {
+        let (w, cpu) = measure(c.ops, &mut *c.ours);
+        ow.push(w);
+        oc.push(cpu);
+        let (w, cpu) = measure(c.ops, &mut *c.base);
+        bw.push(w);
+        bc.push(cpu);
+    }
+    let (o, b) = (median(&mut ow), median(&mut bw));
+    println!(
+        "{} ours={} base={} ratio={:.3} cpu_ours={} cpu_base={} [{}; {} rounds x {} ops, interleaved]",
+        c.name,
+        fmt_ns(o),
+        fmt_ns(b),
+        o / b,
+        fmt_ns(median(&mut oc)),
+        fmt_ns(median(&mut bc)),
+        c.config,
+        rounds,
+        c.ops
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let filter = args.iter().find(|a| !a.starts_with("--")).cloned();
+    let (rounds, scale) = if quick { (15, 1) } else { (41, 4) };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "# ringkernel bench report: {} rounds per comparison, {cpus} CPUs, {}",
+        rounds,
+        if quick { "--quick" } else { "full" }
+    );
+
+    let mut raw = RawRing::default();
+    let mut rtrb64 = RtrbRing::<64>::default();
+    let mut env = EnvelopeRing::default();
+    let mut rtrb128 = RtrbRing::<128>::default();
+    let ours_hlc = Hlc::new(ClockDomain::host(0));
+    let uhlc = uhlc::HLC::default();
+
+    let mut comparisons = vec![
+        Comparison {
+            name: "ring_push_pop_64",
+            config: format!("one thread, push then pop, 64-byte slots, capacity {CAPACITY}; base rtrb [u8; 64]"),
+            ops: 2_000_000 * scale,
+            ours: Box::new(|n| raw.run(n)),
+            base: Box::new(|n| rtrb64.run(n)),
+        },
+        Comparison {
+            name: "envelope_ring_128_doorbell",
+            config: format!(
+                "one thread, encode+publish+doorbell check, then validate+decode; 128-byte slots, capacity {CAPACITY}; base rtrb [u8; 128] push+pop"
+            ),
+            ops: 2_000_000 * scale,
+            ours: Box::new(|n| env.run(n)),
+            base: Box::new(|n| rtrb128.run(n)),
+        },
+        Comparison {
+            name: "ring_two_thread_128",
+            config: format!(
+                "producer and consumer threads pinned to cpus 0 and 1 ({cpus} cpus), 128-byte envelopes with doorbell check; base rtrb [u8; 128]"
+            ),
+            ops: 1_000_000 * scale,
+            ours: Box::new(two_thread_ours),
+            base: Box::new(two_thread_rtrb),
+        },
+        Comparison {
+            name: "hlc_tick",
+            config: "one thread, Hlc::tick over the default TSC clock; base uhlc::HLC::new_timestamp with its default clock".into(),
+            ops: 1_000_000 * scale,
+            ours: Box::new(|n| hlc_ours(&ours_hlc, n)),
+            base: Box::new(|n| hlc_uhlc(&uhlc, n)),
+        },
+        Comparison {
+            name: "envelope_encode_decode",
+            config: "64-byte header + 64-byte Pod payload into a 128-byte slot, validating decode; base bytemuck copy of the same bytes both ways".into(),
+            ops: 2_000_000 * scale,
+            ours: Box::new(codec_ours),
+            base: Box::new(codec_bytemuck),
+        },
+    ];
+    for c in &mut comparisons {
+        if filter.as_deref().is_none_or(|f| c.name.contains(f)) {
+            run(c, rounds);
+        }
+    }
+}

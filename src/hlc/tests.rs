@@ -28,8 +28,22 @@ fn counter_carries_into_the_physical_bits_when_the_clock_is_frozen() {
         assert_eq!(*s, 1600 + i as u64);
     }
     // After 16 ticks the counter has carried: physical part 1616.
-    assert_eq!(Timestamp { hlc: stamps[16], domain: DOMAIN }.physical_ns(), 1616);
-    assert_eq!(Timestamp { hlc: stamps[17], domain: DOMAIN }.logical(), 1);
+    assert_eq!(
+        Timestamp {
+            hlc: stamps[16],
+            domain: DOMAIN
+        }
+        .physical_ns(),
+        1616
+    );
+    assert_eq!(
+        Timestamp {
+            hlc: stamps[17],
+            domain: DOMAIN
+        }
+        .logical(),
+        1
+    );
 }
 
 #[test]
@@ -55,15 +69,26 @@ fn horizon_saturates_instead_of_wrapping() {
 
 #[test]
 fn network_drift_is_rejected_and_leaves_the_clock_alone() {
-    let hlc = Hlc::with_clock(DOMAIN, ManualClock::new(1_000_000_000)).with_max_drift(Duration::from_millis(1));
+    let hlc = Hlc::with_clock(DOMAIN, ManualClock::new(1_000_000_000))
+        .with_max_drift(Duration::from_millis(1));
     let before = hlc.tick();
-    let far = Timestamp { hlc: 1_000_000_000 + 2_000_000, domain: ClockDomain::host(2) };
+    let far = Timestamp {
+        hlc: 1_000_000_000 + 2_000_000,
+        domain: ClockDomain::host(2),
+    };
     assert_eq!(
         hlc.receive_network(far),
-        Err(HlcError::DriftExceeded { stamp: far.hlc, ahead_ns: 2_000_000, max_drift_ns: 1_000_000 })
+        Err(HlcError::DriftExceeded {
+            stamp: far.hlc,
+            ahead_ns: 2_000_000,
+            max_drift_ns: 1_000_000
+        })
     );
     assert_eq!(hlc.peek(), before.hlc);
-    let near = Timestamp { hlc: 1_000_000_000 + 500_000, domain: ClockDomain::host(2) };
+    let near = Timestamp {
+        hlc: 1_000_000_000 + 500_000,
+        domain: ClockDomain::host(2),
+    };
     assert!(hlc.receive_network(near).unwrap().hlc > near.hlc);
     // A trusted (device) stamp is never rejected, however far ahead.
     assert!(hlc.receive(far.hlc).hlc > far.hlc);
@@ -71,9 +96,18 @@ fn network_drift_is_rejected_and_leaves_the_clock_alone() {
 
 #[test]
 fn timestamps_order_by_word_then_domain() {
-    let a = Timestamp { hlc: 5, domain: ClockDomain::host(9) };
-    let b = Timestamp { hlc: 6, domain: ClockDomain::host(1) };
-    let c = Timestamp { hlc: 6, domain: ClockDomain::unit(1, 1) };
+    let a = Timestamp {
+        hlc: 5,
+        domain: ClockDomain::host(9),
+    };
+    let b = Timestamp {
+        hlc: 6,
+        domain: ClockDomain::host(1),
+    };
+    let c = Timestamp {
+        hlc: 6,
+        domain: ClockDomain::unit(1, 1),
+    };
     assert!(a < b && b < c);
 }
 
@@ -122,63 +156,71 @@ fn tsc_clock_reads_wall_time() {
         let sys = SystemClock.now_ns() as i128;
         let ours = tsc.now_ns() as i128;
         // Within 50 ms of the system's wall clock: it is wall time, not uptime.
-        assert!((ours - sys).abs() < 50_000_000, "tsc {ours} vs system {sys}");
+        assert!(
+            (ours - sys).abs() < 50_000_000,
+            "tsc {ours} vs system {sys}"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
 }
 
-#[derive(Debug, Clone)]
-enum Op {
-    Tick,
-    Receive(u64),
-    SetClock(u64),
-}
-
-fn op() -> impl Strategy<Value = Op> {
-    prop_oneof![
-        Just(Op::Tick),
-        (0u64..1 << 50).prop_map(Op::Receive),
-        (0u64..1 << 50).prop_map(Op::SetClock),
-    ]
-}
-
+/// Property tests against models (not under Miri: too slow there).
 #[cfg(not(miri))]
-proptest! {
-    /// Whatever the physical clock does and whatever arrives, the word is
-    /// strictly monotonic; a receive lands strictly after the message; a
-    /// tick is never behind physical time.
-    #[test]
-    fn monotonic_and_receive_after_message(ops in proptest::collection::vec(op(), 1..200)) {
-        let clock = Arc::new(ManualClock::new(0));
-        let hlc = Hlc::with_clock(DOMAIN, clock.clone());
-        let mut last = 0u64;
-        for op in ops {
-            match op {
-                Op::SetClock(t) => clock.set(t),
-                Op::Tick => {
-                    let s = hlc.tick().hlc;
-                    prop_assert!(s > last);
-                    prop_assert!(s >= clock.now_ns() & !LOGICAL_MASK);
-                    last = s;
-                }
-                Op::Receive(m) => {
-                    let s = hlc.receive(m).hlc;
-                    prop_assert!(s > m);
-                    prop_assert!(s > last);
-                    last = s;
+mod model {
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Tick,
+        Receive(u64),
+        SetClock(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            Just(Op::Tick),
+            (0u64..1 << 50).prop_map(Op::Receive),
+            (0u64..1 << 50).prop_map(Op::SetClock),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the physical clock does and whatever arrives, the word is
+        /// strictly monotonic; a receive lands strictly after the message; a
+        /// tick is never behind physical time.
+        #[test]
+        fn monotonic_and_receive_after_message(ops in proptest::collection::vec(op(), 1..200)) {
+            let clock = Arc::new(ManualClock::new(0));
+            let hlc = Hlc::with_clock(DOMAIN, clock.clone());
+            let mut last = 0u64;
+            for op in ops {
+                match op {
+                    Op::SetClock(t) => clock.set(t),
+                    Op::Tick => {
+                        let s = hlc.tick().hlc;
+                        prop_assert!(s > last);
+                        prop_assert!(s >= clock.now_ns() & !LOGICAL_MASK);
+                        last = s;
+                    }
+                    Op::Receive(m) => {
+                        let s = hlc.receive(m).hlc;
+                        prop_assert!(s > m);
+                        prop_assert!(s > last);
+                        last = s;
+                    }
                 }
             }
         }
-    }
 
-    /// Stamps stay unique with the clock frozen at any value, with the
-    /// counter carrying as often as it must.
-    #[test]
-    fn unique_with_frozen_clock(pt in 0u64..1 << 60, n in 1usize..100) {
-        let hlc = Hlc::with_clock(DOMAIN, ManualClock::new(pt));
-        let mut seen = HashSet::new();
-        for _ in 0..n {
-            prop_assert!(seen.insert(hlc.tick().hlc));
+        /// Stamps stay unique with the clock frozen at any value, with the
+        /// counter carrying as often as it must.
+        #[test]
+        fn unique_with_frozen_clock(pt in 0u64..1 << 60, n in 1usize..100) {
+            let hlc = Hlc::with_clock(DOMAIN, ManualClock::new(pt));
+            let mut seen = HashSet::new();
+            for _ in 0..n {
+                prop_assert!(seen.insert(hlc.tick().hlc));
+            }
         }
     }
 }

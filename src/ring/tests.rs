@@ -3,7 +3,6 @@ use crate::envelope::Flags;
 use crate::id::ActorId;
 use crate::region::{HeapRegion, SharedMemory};
 use proptest::prelude::*;
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 fn layout(capacity: u32, slot: u32) -> RingLayout {
@@ -12,15 +11,44 @@ fn layout(capacity: u32, slot: u32) -> RingLayout {
 
 #[test]
 fn layouts_are_validated() {
-    assert_eq!(RingLayout::new(12, 128), Err(LayoutError::CapacityNotPowerOfTwo { capacity: 12 }));
-    assert_eq!(RingLayout::new(0, 128), Err(LayoutError::CapacityNotPowerOfTwo { capacity: 0 }));
-    assert!(matches!(RingLayout::new(1, 128), Err(LayoutError::CapacityOutOfRange { capacity: 1, .. })));
-    assert!(matches!(RingLayout::new(1 << 25, 128), Err(LayoutError::CapacityOutOfRange { .. })));
-    assert!(matches!(RingLayout::new(8, 100), Err(LayoutError::BadSlotSize { slot_size: 100, .. })));
-    assert!(matches!(RingLayout::new(8, 0), Err(LayoutError::BadSlotSize { .. })));
-    assert!(matches!(RingLayout::new(8, 128 * 1024), Err(LayoutError::BadSlotSize { .. })));
+    assert_eq!(
+        RingLayout::new(12, 128),
+        Err(LayoutError::CapacityNotPowerOfTwo { capacity: 12 })
+    );
+    assert_eq!(
+        RingLayout::new(0, 128),
+        Err(LayoutError::CapacityNotPowerOfTwo { capacity: 0 })
+    );
+    assert!(matches!(
+        RingLayout::new(1, 128),
+        Err(LayoutError::CapacityOutOfRange { capacity: 1, .. })
+    ));
+    assert!(matches!(
+        RingLayout::new(1 << 25, 128),
+        Err(LayoutError::CapacityOutOfRange { .. })
+    ));
+    assert!(matches!(
+        RingLayout::new(8, 100),
+        Err(LayoutError::BadSlotSize { slot_size: 100, .. })
+    ));
+    assert!(matches!(
+        RingLayout::new(8, 0),
+        Err(LayoutError::BadSlotSize { .. })
+    ));
+    assert!(matches!(
+        RingLayout::new(8, 128 * 1024),
+        Err(LayoutError::BadSlotSize { .. })
+    ));
     let l = layout(8, 128);
-    assert_eq!((l.capacity(), l.slot_size(), l.max_payload(), l.region_bytes()), (8, 128, 64, 384 + 1024));
+    assert_eq!(
+        (
+            l.capacity(),
+            l.slot_size(),
+            l.max_payload(),
+            l.region_bytes()
+        ),
+        (8, 128, 64, 384 + 1024)
+    );
 }
 
 #[test]
@@ -39,7 +67,10 @@ fn push_pop_fill_and_wrap() {
         }
         assert!(rx.is_empty());
     }
-    assert_eq!(tx.try_push(&[0; 65]), Err(PushError::TooLarge { len: 65, max: 64 }));
+    assert_eq!(
+        tx.try_push(&[0; 65]),
+        Err(PushError::TooLarge { len: 65, max: 64 })
+    );
     let obs = tx.observer();
     assert_eq!((obs.published(), obs.released(), obs.len()), (20, 20, 0));
 }
@@ -84,21 +115,36 @@ fn batches_publish_and_release_with_one_store() {
 fn envelopes_round_trip_and_bad_ones_do_not_jam_the_ring() {
     let l = layout(4, 128);
     let (mut tx, mut rx) = Ring::new(l);
-    let h = EnvelopeHeader::new(5, Flags::ASK).with_dst(ActorId::gpu(0, 1)).with_seq(1);
+    let h = EnvelopeHeader::new(5, Flags::ASK)
+        .with_dst(ActorId::gpu(0, 1))
+        .with_seq(1);
     let written = tx.try_send(&h, [7u64; 8]).unwrap();
     assert_eq!(written.payload_len, 64);
     // A payload larger than the slot's inline room is handed back.
     match tx.try_send(&h, [0u8; 65]) {
-        Err(SendError::TooLarge { value, len: 65, max: 64 }) => assert_eq!(value, [0u8; 65]),
+        Err(SendError::TooLarge {
+            value,
+            len: 65,
+            max: 64,
+        }) => assert_eq!(value, [0u8; 65]),
         other => panic!("{other:?}"),
     }
     // A raw record that is no envelope.
     tx.try_push(&[0xAB; 64]).unwrap();
     tx.try_send(&h.with_seq(2), 3u32).unwrap();
     let check = HeaderCheck::only(l.max_payload(), &[5]);
-    assert_eq!(rx.try_recv_with(&check, |e| e.payload_as::<[u64; 8]>()), Some(Ok(Ok([7; 8]))));
-    assert!(matches!(rx.try_recv_with(&check, |_| ()), Some(Err(DecodeError::BadMagic { .. }))));
-    assert_eq!(rx.try_recv_with(&check, |e| (e.header.seq, e.payload_as::<u32>())), Some(Ok((2, Ok(3)))));
+    assert_eq!(
+        rx.try_recv_with(&check, |e| e.payload_as::<[u64; 8]>()),
+        Some(Ok(Ok([7; 8])))
+    );
+    assert!(matches!(
+        rx.try_recv_with(&check, |_| ()),
+        Some(Err(DecodeError::BadMagic { .. }))
+    ));
+    assert_eq!(
+        rx.try_recv_with(&check, |e| (e.header.seq, e.payload_as::<u32>())),
+        Some(Ok((2, Ok(3))))
+    );
     assert!(rx.try_recv_with(&check, |_| ()).is_none());
     // Full hands the message back.
     for _ in 0..4 {
@@ -112,14 +158,22 @@ fn envelopes_round_trip_and_bad_ones_do_not_jam_the_ring() {
 fn init_in_checks_bounds_and_alignment() {
     let l = layout(4, 128);
     let mem: Arc<dyn SharedMemory> = Arc::new(HeapRegion::zeroed(l.region_bytes() + 128));
-    // SAFETY (all calls below): the region is owned by this test and each
-    // successful call's halves are the only ones for their span.
+    // SAFETY: the region is this test's; halves of one span never coexist.
     let err = unsafe { Ring::init_in(mem.clone(), 256, l) }.unwrap_err();
-    assert_eq!(err, LayoutError::RegionTooSmall { len: l.region_bytes() - 128, needed: l.region_bytes() });
+    assert_eq!(
+        err,
+        LayoutError::RegionTooSmall {
+            len: l.region_bytes() - 128,
+            needed: l.region_bytes()
+        }
+    );
+    // SAFETY: the region is this test's; halves of one span never coexist.
     let err = unsafe { Ring::init_in(mem.clone(), 64, l) }.unwrap_err();
     assert!(matches!(err, LayoutError::Misaligned { align: 128, .. }));
+    // SAFETY: the region is this test's; halves of one span never coexist.
     let err = unsafe { Ring::init_in(mem.clone(), usize::MAX, l) }.unwrap_err();
     assert!(matches!(err, LayoutError::RegionTooSmall { len: 0, .. }));
+    // SAFETY: the region is this test's; halves of one span never coexist.
     let (tx, rx) = unsafe { Ring::init_in(mem.clone(), 128, l) }.unwrap();
     drop((tx, rx));
 }
@@ -133,7 +187,10 @@ fn attach_validates_the_header_and_resumes_the_counters() {
     unsafe {
         assert_eq!(
             Ring::attach_consumer(mem.clone(), 0).unwrap_err(),
-            LayoutError::BadRingMagic { found: 0, expected: RING_MAGIC }
+            LayoutError::BadRingMagic {
+                found: 0,
+                expected: RING_MAGIC
+            }
         );
         let (mut tx, rx) = Ring::init_in(mem.clone(), 0, l).unwrap();
         drop(rx);
@@ -154,7 +211,10 @@ fn attach_validates_the_header_and_resumes_the_counters() {
         mem.base().add(260).cast::<u32>().write(99);
         assert_eq!(
             Ring::attach_producer(mem.clone(), 0).unwrap_err(),
-            LayoutError::BadRingVersion { found: 99, expected: RING_VERSION }
+            LayoutError::BadRingVersion {
+                found: 99,
+                expected: RING_VERSION
+            }
         );
         mem.base().add(260).cast::<u32>().write(RING_VERSION);
         // A capacity that is not a power of two is refused.
@@ -165,7 +225,10 @@ fn attach_validates_the_header_and_resumes_the_counters() {
         );
         // A header claiming more slots than the region holds is refused.
         mem.base().add(264).cast::<u32>().write(1 << 20);
-        assert!(matches!(Ring::attach_producer(mem.clone(), 0), Err(LayoutError::RegionTooSmall { .. })));
+        assert!(matches!(
+            Ring::attach_producer(mem.clone(), 0),
+            Err(LayoutError::RegionTooSmall { .. })
+        ));
     }
 }
 
@@ -206,63 +269,69 @@ fn two_threads_in_order() {
     producer.join().unwrap();
 }
 
-#[derive(Clone, Debug)]
-enum Op {
-    Push(u8),
-    Pop,
-    PushBatch(Vec<u8>),
-    PopBatch(usize),
-}
-
-fn op() -> impl Strategy<Value = Op> {
-    prop_oneof![
-        any::<u8>().prop_map(Op::Push),
-        Just(Op::Pop),
-        proptest::collection::vec(any::<u8>(), 0..10).prop_map(Op::PushBatch),
-        (0usize..10).prop_map(Op::PopBatch),
-    ]
-}
-
+/// Property tests against models (not under Miri: too slow there).
 #[cfg(not(miri))]
-proptest! {
-    /// The ring behaves as a bounded `VecDeque`, through wrap-around, full
-    /// and empty, single and batched operations.
-    #[test]
-    fn ring_matches_a_vecdeque_model(cap_log in 1u32..4, ops in proptest::collection::vec(op(), 1..300)) {
-        let cap = 1usize << cap_log;
-        let (mut tx, mut rx) = Ring::new(layout(cap as u32, 64));
-        let mut model: VecDeque<u8> = VecDeque::new();
-        for op in ops {
-            match op {
-                Op::Push(v) => {
-                    let r = tx.try_push(&[v]);
-                    if model.len() < cap {
-                        prop_assert_eq!(r, Ok(()));
-                        model.push_back(v);
-                    } else {
-                        prop_assert_eq!(r, Err(PushError::Full));
-                    }
-                }
-                Op::Pop => prop_assert_eq!(rx.try_pop_with(|s| s[0]), model.pop_front()),
-                Op::PushBatch(vs) => {
-                    let mut batch = tx.batch();
-                    for v in vs {
-                        if batch.try_push(&[v]).is_ok() {
+mod model {
+    use super::*;
+    use std::collections::VecDeque;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Push(u8),
+        Pop,
+        PushBatch(Vec<u8>),
+        PopBatch(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            any::<u8>().prop_map(Op::Push),
+            Just(Op::Pop),
+            proptest::collection::vec(any::<u8>(), 0..10).prop_map(Op::PushBatch),
+            (0usize..10).prop_map(Op::PopBatch),
+        ]
+    }
+
+    proptest! {
+        /// The ring behaves as a bounded `VecDeque`, through wrap-around, full
+        /// and empty, single and batched operations.
+        #[test]
+        fn ring_matches_a_vecdeque_model(cap_log in 1u32..4, ops in proptest::collection::vec(op(), 1..300)) {
+            let cap = 1usize << cap_log;
+            let (mut tx, mut rx) = Ring::new(layout(cap as u32, 64));
+            let mut model: VecDeque<u8> = VecDeque::new();
+            for op in ops {
+                match op {
+                    Op::Push(v) => {
+                        let r = tx.try_push(&[v]);
+                        if model.len() < cap {
+                            prop_assert_eq!(r, Ok(()));
                             model.push_back(v);
                         } else {
-                            prop_assert_eq!(model.len(), cap);
+                            prop_assert_eq!(r, Err(PushError::Full));
+                        }
+                    }
+                    Op::Pop => prop_assert_eq!(rx.try_pop_with(|s| s[0]), model.pop_front()),
+                    Op::PushBatch(vs) => {
+                        let mut batch = tx.batch();
+                        for v in vs {
+                            if batch.try_push(&[v]).is_ok() {
+                                model.push_back(v);
+                            } else {
+                                prop_assert_eq!(model.len(), cap);
+                            }
+                        }
+                    }
+                    Op::PopBatch(k) => {
+                        let mut batch = rx.batch();
+                        for _ in 0..k {
+                            prop_assert_eq!(batch.try_pop_with(|s| s[0]), model.pop_front());
                         }
                     }
                 }
-                Op::PopBatch(k) => {
-                    let mut batch = rx.batch();
-                    for _ in 0..k {
-                        prop_assert_eq!(batch.try_pop_with(|s| s[0]), model.pop_front());
-                    }
-                }
+                prop_assert_eq!(rx.len(), model.len());
+                prop_assert_eq!(tx.free_slots(), cap - model.len());
             }
-            prop_assert_eq!(rx.len(), model.len());
-            prop_assert_eq!(tx.free_slots(), cap - model.len());
         }
     }
 }
