@@ -194,6 +194,7 @@ impl<'a> HeaderCheck<'a> {
         }
     }
 
+    #[inline]
     fn accepts_type(&self, type_id: u32) -> bool {
         type_id != 0
             && match self.types {
@@ -262,6 +263,7 @@ impl EnvelopeHeader {
     }
 
     /// The header's bytes.
+    #[inline]
     pub fn as_bytes(&self) -> &[u8; HEADER_SIZE] {
         bytemuck::cast_ref(self)
     }
@@ -300,6 +302,7 @@ impl EnvelopeHeader {
     /// Validates an already-read header against `check`, with payloads capped
     /// at `max_payload` (the smaller of the check's limit and what the
     /// container holds).
+    #[inline(always)]
     fn validate(&self, max_payload: u32, check: &HeaderCheck<'_>) -> Result<(), DecodeError> {
         if self.magic != ENVELOPE_MAGIC {
             return Err(DecodeError::BadMagic {
@@ -352,7 +355,7 @@ impl<'a> Envelope<'a> {
     /// # Errors
     /// See [`EnvelopeHeader::decode`]; a payload longer than the rest of the
     /// slot is [`DecodeError::PayloadTooLarge`].
-    #[inline]
+    #[inline(always)]
     pub fn decode(slot: &'a [u8], check: &HeaderCheck<'_>) -> Result<Self, DecodeError> {
         let Some(raw) = slot.get(..HEADER_SIZE) else {
             return Err(DecodeError::Truncated { len: slot.len() });
