@@ -141,18 +141,14 @@ fn main() {
         },
         Comparison {
             name: "ring_two_thread_128_doorbell",
-            config: format!(
-                "as ring_two_thread_128 with a doorbell check (SeqCst fence) after every message; base rtrb [u8; 128]"
-            ),
+            config: "as ring_two_thread_128 with a doorbell check (SeqCst fence) after every message; base rtrb [u8; 128]".to_string(),
             ops: 1_000_000 * scale,
             ours: Box::new(|n| two_thread_ours(n, Bell::PerMessage)),
             base: Box::new(two_thread_rtrb),
         },
         Comparison {
             name: "ring_two_thread_128_doorbell_batch32",
-            config: format!(
-                "as ring_two_thread_128 publishing batches of up to 32 with one doorbell check each; base rtrb [u8; 128] one by one"
-            ),
+            config: "as ring_two_thread_128 publishing batches of up to 32 with one doorbell check each; base rtrb [u8; 128] one by one".to_string(),
             ops: 1_000_000 * scale,
             ours: Box::new(|n| two_thread_ours(n, Bell::Batch(32))),
             base: Box::new(two_thread_rtrb),
