@@ -45,16 +45,24 @@
 #[cfg(target_endian = "big")]
 compile_error!("the ringkernel protocol is little-endian, as every GPU it targets");
 
+#[cfg(not(ringkernel_loom))]
+pub mod conformance;
 pub mod control;
+#[cfg(not(ringkernel_loom))]
+mod cpu;
 pub mod doorbell;
 pub mod envelope;
 pub mod error;
 pub mod hlc;
 pub mod id;
 #[cfg(not(ringkernel_loom))]
+pub mod kernel;
+#[cfg(not(ringkernel_loom))]
 pub mod layout;
 pub mod region;
 pub mod ring;
+#[cfg(not(ringkernel_loom))]
+pub mod runtime;
 mod sync;
 pub mod waiter;
 

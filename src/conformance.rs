@@ -1,0 +1,476 @@
+//! The backend conformance suite: the behaviours every backend must show,
+//! written once. Each check takes a [`Runtime`] (which picks the backend)
+//! and panics with a description when the backend misbehaves, so a backend
+//! crate runs the very same list from its tests:
+//!
+//! ```
+//! # use ringkernel::{conformance, runtime::Runtime};
+//! let rt = Runtime::new()?; // the cpu backend
+//! for (name, check) in conformance::ALL {
+//!     check(&rt);
+//!     println!("{name}: ok");
+//! }
+//! # Ok::<(), ringkernel::runtime::LaunchError>(())
+//! ```
+//!
+//! The kernels used here ([`Probe`], [`Reverse`]) are public so adapters can
+//! run framework-level versions of the same checks.
+
+use crate::control::LifecycleState;
+use crate::id::ActorId;
+use crate::kernel::{CpuHandlers, Deferred, HandlerError, Kernel, Message, Payload, Reply};
+use crate::runtime::{AskError, GpuSlot, LaunchOptions, Runtime, SlotEvent, SubmitError, Waiter};
+use bytemuck::{Pod, Zeroable};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long a check waits for any one outcome before declaring a hang.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+macro_rules! message {
+    ($(#[$doc:meta])* $name:ident($($field:ty),*) = $id:literal => $reply:ty) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+        #[repr(C)]
+        pub struct $name($(pub $field),*);
+        impl Message for $name {
+            const TYPE_ID: u32 = $id;
+            type Reply = $reply;
+        }
+    };
+}
+
+message!(
+    /// Ask: replies with its argument.
+    Echo(u64) = 1 => u64
+);
+message!(
+    /// Tell: adds to the running total.
+    Add(u64) = 2 => ()
+);
+message!(
+    /// Ask: the running total.
+    Total() = 3 => u64
+);
+message!(
+    /// Tell with a sequence number; out-of-order numbers are counted.
+    Seq(u64) = 4 => ()
+);
+message!(
+    /// Ask: (messages seen by `Seq`, out-of-order count).
+    SeqReport() = 5 => [u64; 2]
+);
+message!(
+    /// Ask that the handler never answers.
+    Silent() = 6 => u64
+);
+message!(
+    /// Ask whose handler panics.
+    Explode() = 7 => u64
+);
+message!(
+    /// Ask whose handler returns a fault code.
+    Fail(u32) = 8 => u64
+);
+message!(
+    /// Ask: a hash of the name of the thread that ran the handler.
+    WhereAmI() = 9 => u64
+);
+
+/// State of the [`Probe`] kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[repr(C)]
+pub struct ProbeState {
+    /// Sum of `Add`s.
+    pub total: u64,
+    /// `Seq` messages seen.
+    pub seen: u64,
+    /// Next expected `Seq`.
+    pub next: u64,
+    /// `Seq` messages out of order.
+    pub disorder: u64,
+}
+
+/// The conformance kernel: every behaviour in one kernel.
+#[derive(Debug)]
+pub struct Probe;
+
+/// FNV-1a of a thread name.
+pub fn thread_tag(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+impl Kernel for Probe {
+    type State = ProbeState;
+    const NAME: &'static str = "probe";
+
+    fn cpu_handlers() -> Option<CpuHandlers<Self>> {
+        Some(
+            CpuHandlers::<Self>::new()
+                .on::<Echo>(|_, Echo(v), ctx| {
+                    ctx.reply(v);
+                    Ok(())
+                })
+                .on::<Add>(|s, Add(v), _| {
+                    s.total += v;
+                    Ok(())
+                })
+                .on::<Total>(|s, _, ctx| {
+                    ctx.reply(s.total);
+                    Ok(())
+                })
+                .on::<Seq>(|s, Seq(n), _| {
+                    if n != s.next {
+                        s.disorder += 1;
+                    }
+                    s.next = n + 1;
+                    s.seen += 1;
+                    Ok(())
+                })
+                .on::<SeqReport>(|s, _, ctx| {
+                    ctx.reply([s.seen, s.disorder]);
+                    Ok(())
+                })
+                .on::<Silent>(|_, _, _| Ok(()))
+                .on::<Explode>(|_, _, _| panic!("conformance: handler panic on purpose"))
+                .on::<Fail>(|_, Fail(code), _| Err(HandlerError(code)))
+                .on::<WhereAmI>(|_, _, ctx| {
+                    ctx.reply(thread_tag(std::thread::current().name().unwrap_or("")));
+                    Ok(())
+                }),
+        )
+    }
+}
+
+message!(
+    /// Ask answered only once a batch of `N` has arrived, in reverse order.
+    Reversed(u64) = 1 => u64
+);
+
+/// Size of a [`Reverse`] batch.
+pub const REVERSE_BATCH: usize = 8;
+
+/// State of [`Reverse`]: the deferred asks of the current batch.
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+#[repr(C)]
+pub struct ReverseState {
+    held: u64,
+    values: [u64; REVERSE_BATCH],
+    ids: [[u64; 2]; REVERSE_BATCH],
+}
+
+/// Answers each batch of [`REVERSE_BATCH`] asks in reverse order of
+/// arrival (deferred replies by correlation): every caller must still get
+/// its own reply.
+#[derive(Debug)]
+pub struct Reverse;
+
+impl Kernel for Reverse {
+    type State = ReverseState;
+    const NAME: &'static str = "reverse";
+
+    fn cpu_handlers() -> Option<CpuHandlers<Self>> {
+        Some(
+            CpuHandlers::<Self>::new().on::<Reversed>(|s, Reversed(v), ctx| {
+                let Some(d) = ctx.defer() else { return Ok(()) };
+                let i = s.held as usize;
+                s.values[i] = v;
+                s.ids[i] = d.to_raw();
+                s.held += 1;
+                if s.held as usize == REVERSE_BATCH {
+                    for i in (0..REVERSE_BATCH).rev() {
+                        let d = Deferred::<u64>::from_raw(s.ids[i], Reversed::TYPE_ID);
+                        ctx.reply_to(d, s.values[i] * 10);
+                    }
+                    s.held = 0;
+                }
+                Ok(())
+            }),
+        )
+    }
+}
+
+/// A [`Waiter`] over a std channel, for blocking callers.
+#[derive(Debug)]
+pub struct ChannelWaiter(pub mpsc::SyncSender<Result<Reply, AskError>>);
+
+impl Waiter for ChannelWaiter {
+    fn complete(self, outcome: Result<Reply, AskError>) {
+        let _ = self.0.send(outcome);
+    }
+}
+
+/// A pending blocking ask.
+#[derive(Debug)]
+pub struct Pending(mpsc::Receiver<Result<Reply, AskError>>);
+
+impl Pending {
+    /// Waits for the outcome; panics after [`DEADLINE`] (a hung ask).
+    pub fn wait(self) -> Result<Reply, AskError> {
+        self.0
+            .recv_timeout(DEADLINE)
+            .expect("an accepted ask never resolved: the caller would hang")
+    }
+}
+
+/// Sends an ask, retrying while the ring is full.
+///
+/// # Panics
+/// If the slot refuses the message for another reason than `Full`.
+pub fn ask(slot: &mut GpuSlot<ChannelWaiter>, msg: impl Into<Payload>) -> Pending {
+    let (tx, rx) = mpsc::sync_channel(1);
+    let mut item = (msg.into(), ChannelWaiter(tx));
+    loop {
+        match slot.ask(item.0, item.1, ActorId::NONE) {
+            Ok(_) => return Pending(rx),
+            Err(SubmitError::Full(back)) => {
+                item = back;
+                std::thread::sleep(Duration::from_micros(20));
+            }
+            Err(e) => panic!("ask refused: {e:?}"),
+        }
+    }
+}
+
+/// Sends a tell, retrying while the ring is full.
+///
+/// # Panics
+/// If the slot refuses the message for another reason than `Full`.
+pub fn tell(slot: &mut GpuSlot<ChannelWaiter>, msg: impl Into<Payload>) {
+    let mut payload = msg.into();
+    loop {
+        match slot.tell(payload, ActorId::NONE) {
+            Ok(()) => return,
+            Err(SubmitError::Full(back)) => {
+                payload = back;
+                std::thread::sleep(Duration::from_micros(20));
+            }
+            Err(e) => panic!("tell refused: {e:?}"),
+        }
+    }
+}
+
+fn launch<K: Kernel>(
+    rt: &Runtime,
+    opts: &LaunchOptions,
+) -> (GpuSlot<ChannelWaiter>, mpsc::Receiver<SlotEvent>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let slot = rt
+        .launch::<K, ChannelWaiter>(bytemuck::Zeroable::zeroed(), opts, move |e| {
+            let _ = tx.lock().map(|t| t.send(e));
+        })
+        .expect("launch");
+    (slot, rx)
+}
+
+fn value(r: Result<Reply, AskError>) -> u64 {
+    r.expect("reply").decode::<u64>().expect("u64 reply")
+}
+
+/// An ask is answered by its handler.
+pub fn ask_round_trip(rt: &Runtime) {
+    let (mut slot, _) = launch::<Probe>(rt, &LaunchOptions::default());
+    for v in [0, 1, u64::MAX] {
+        assert_eq!(value(ask(&mut slot, Echo(v)).wait()), v);
+    }
+    slot.terminate(DEADLINE);
+}
+
+/// Tells change the state an ask then reads: the kernel keeps its state.
+pub fn tells_and_state_kept(rt: &Runtime) {
+    let (mut slot, _) = launch::<Probe>(rt, &LaunchOptions::default());
+    for v in 1..=100 {
+        tell(&mut slot, Add(v));
+    }
+    assert_eq!(value(ask(&mut slot, Total()).wait()), 5050);
+    tell(&mut slot, Add(1));
+    assert_eq!(value(ask(&mut slot, Total()).wait()), 5051);
+    slot.terminate(DEADLINE);
+}
+
+/// 100 000 messages arrive in the order sent.
+pub fn in_order_delivery(rt: &Runtime) {
+    let n = 100_000u64;
+    let (mut slot, _) = launch::<Probe>(rt, &LaunchOptions::default().h2k_capacity(64));
+    for i in 0..n {
+        tell(&mut slot, Seq(i));
+    }
+    let report: [u64; 2] = ask(&mut slot, SeqReport())
+        .wait()
+        .expect("reply")
+        .decode()
+        .expect("report");
+    assert_eq!(report, [n, 0], "[seen, out of order]");
+    slot.terminate(DEADLINE);
+}
+
+/// Deactivated: tells wait in H2K (depth N, nothing processed); activated:
+/// all N are processed.
+pub fn deactivate_then_activate(rt: &Runtime) {
+    let (mut slot, _) = launch::<Probe>(rt, &LaunchOptions::default().h2k_capacity(256));
+    assert_eq!(value(ask(&mut slot, Echo(1)).wait()), 1);
+    let before = slot.status().processed;
+    slot.deactivate().expect("deactivate");
+    assert!(
+        slot.wait_for_state(LifecycleState::Deactivated, DEADLINE),
+        "never acknowledged Deactivated"
+    );
+    let n = 100;
+    for i in 0..n {
+        tell(&mut slot, Add(i));
+    }
+    let pending = ask(&mut slot, Total());
+    assert_eq!(
+        slot.h2k_depth(),
+        n + 1,
+        "messages wait in H2K while deactivated"
+    );
+    assert_eq!(
+        slot.status().processed,
+        before,
+        "nothing is processed while deactivated"
+    );
+    slot.activate().expect("activate");
+    assert_eq!(value(pending.wait()), (0..n).sum::<u64>());
+    assert_eq!(slot.status().processed, before + n + 1);
+    slot.terminate(DEADLINE);
+}
+
+/// Terminating with asks in flight fails every one of them.
+pub fn terminate_fails_every_waiter(rt: &Runtime) {
+    let (mut slot, _) = launch::<Probe>(rt, &LaunchOptions::default().auto_activate(false));
+    let pending: Vec<_> = (0..50).map(|i| ask(&mut slot, Echo(i))).collect();
+    let report = slot.terminate(DEADLINE);
+    assert!(report.acknowledged);
+    assert_eq!(report.failed_asks, 50);
+    for p in pending {
+        assert_eq!(p.wait(), Err(AskError::Terminated));
+    }
+    assert!(matches!(
+        slot.tell(Add(1).into(), ActorId::NONE),
+        Err(SubmitError::Closed(_))
+    ));
+}
+
+/// A panicking handler faults the slot: its ask and every other in-flight
+/// ask fail with the fault, the adapter hears of it, the slot closes.
+pub fn handler_panic_faults(rt: &Runtime) {
+    let (mut slot, events) = launch::<Probe>(rt, &LaunchOptions::default());
+    slot.deactivate().expect("deactivate");
+    assert!(slot.wait_for_state(LifecycleState::Deactivated, DEADLINE));
+    let boom = ask(&mut slot, Explode());
+    let after: Vec<_> = (0..5).map(|i| ask(&mut slot, Echo(i))).collect();
+    slot.activate().expect("activate");
+    let err = boom.wait().expect_err("a panicking handler cannot reply");
+    let AskError::Faulted(fault) = err else {
+        panic!("expected a fault, got {err:?}")
+    };
+    assert_eq!(fault.code, crate::control::FaultCode::HandlerPanic);
+    for p in after {
+        assert_eq!(p.wait(), Err(AskError::Faulted(fault)));
+    }
+    assert_eq!(
+        events.recv_timeout(DEADLINE).expect("fault event"),
+        SlotEvent::Faulted(fault)
+    );
+    assert!(!slot.is_open());
+    assert_eq!(slot.fault(), Some(fault));
+    let (msg, _) = match slot.ask(
+        Echo(9).into(),
+        ChannelWaiter(mpsc::sync_channel(1).0),
+        ActorId::NONE,
+    ) {
+        Err(SubmitError::Closed(back)) => back,
+        other => panic!("send to a faulted actor: {other:?}"),
+    };
+    assert_eq!(
+        msg.get::<Echo>(),
+        Some(Echo(9)),
+        "the message is handed back"
+    );
+}
+
+/// A handler's fault code becomes the slot's fault detail.
+pub fn handler_error_faults(rt: &Runtime) {
+    let (mut slot, _) = launch::<Probe>(rt, &LaunchOptions::default());
+    let AskError::Faulted(fault) = ask(&mut slot, Fail(42)).wait().expect_err("fault") else {
+        panic!("not a fault")
+    };
+    assert_eq!(
+        (fault.code, fault.detail),
+        (crate::control::FaultCode::HandlerFault, 42)
+    );
+}
+
+/// An ask whose handler ends without replying resolves with `NoReply`.
+pub fn no_reply(rt: &Runtime) {
+    let (mut slot, _) = launch::<Probe>(rt, &LaunchOptions::default());
+    assert_eq!(ask(&mut slot, Silent()).wait(), Err(AskError::NoReply));
+    assert_eq!(
+        value(ask(&mut slot, Echo(5)).wait()),
+        5,
+        "the actor serves on"
+    );
+    slot.terminate(DEADLINE);
+}
+
+/// Handlers run on the slot's device thread, not the caller's.
+pub fn runs_on_the_device_thread(rt: &Runtime) {
+    let (mut slot, _) = launch::<Probe>(rt, &LaunchOptions::default());
+    let mine = thread_tag(std::thread::current().name().unwrap_or(""));
+    let theirs = value(ask(&mut slot, WhereAmI()).wait());
+    assert_ne!(theirs, mine);
+    assert_ne!(theirs, thread_tag(""), "the device thread is named");
+    slot.terminate(DEADLINE);
+}
+
+/// Replies deferred and sent in reverse order still reach their own callers.
+pub fn deferred_replies_in_reverse_order(rt: &Runtime) {
+    let (mut slot, _) = launch::<Reverse>(rt, &LaunchOptions::default());
+    for round in 0..4u64 {
+        let pending: Vec<_> = (0..REVERSE_BATCH as u64)
+            .map(|i| (i, ask(&mut slot, Reversed(round * 100 + i))))
+            .collect();
+        for (i, p) in pending {
+            assert_eq!(value(p.wait()), (round * 100 + i) * 10);
+        }
+    }
+    slot.terminate(DEADLINE);
+}
+
+/// A message the kernel does not serve is refused and handed back.
+pub fn unknown_type_is_refused(rt: &Runtime) {
+    let (mut slot, _) = launch::<Reverse>(rt, &LaunchOptions::default());
+    match slot.tell(Add(3).into(), ActorId::NONE) {
+        Err(SubmitError::UnknownType { value, type_id }) => {
+            assert_eq!(type_id, Add::TYPE_ID);
+            assert_eq!(value.get::<Add>(), Some(Add(3)));
+        }
+        other => panic!("expected UnknownType, got {other:?}"),
+    }
+    slot.terminate(DEADLINE);
+}
+
+/// One conformance check.
+pub type Check = fn(&Runtime);
+
+/// Every check, by name.
+pub const ALL: &[(&str, Check)] = &[
+    ("ask_round_trip", ask_round_trip),
+    ("tells_and_state_kept", tells_and_state_kept),
+    ("in_order_delivery", in_order_delivery),
+    ("deactivate_then_activate", deactivate_then_activate),
+    ("terminate_fails_every_waiter", terminate_fails_every_waiter),
+    ("handler_panic_faults", handler_panic_faults),
+    ("handler_error_faults", handler_error_faults),
+    ("no_reply", no_reply),
+    ("runs_on_the_device_thread", runs_on_the_device_thread),
+    (
+        "deferred_replies_in_reverse_order",
+        deferred_replies_in_reverse_order,
+    ),
+    ("unknown_type_is_refused", unknown_type_is_refused),
+];

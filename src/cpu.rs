@@ -1,0 +1,334 @@
+//! The cpu backend: each actor slot is served by a device thread running the
+//! same device loop a GPU runs, over the same rings and control block, with
+//! the kernel's Rust handlers. It is the default backend and the reference
+//! the GPU backends must match byte for byte.
+
+use crate::control::{ControlBlock, FaultCode, LifecycleState};
+use crate::envelope::{EnvelopeHeader, Flags, HEADER_SIZE, HeaderCheck};
+use crate::hlc::Hlc;
+use crate::id::{ActorId, ClockDomain, CorrelationId};
+use crate::kernel::{CpuHandlers, Kernel, MAX_INLINE, ReplySink, SYS_NO_REPLY};
+use crate::ring::{Consumer, Producer};
+use crate::runtime::{PollerShared, SpaceWaker};
+use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Everything a device loop needs, moved onto its thread.
+pub(crate) struct SlotParts<K: Kernel> {
+    pub(crate) id: ActorId,
+    pub(crate) node: u16,
+    pub(crate) state: K::State,
+    pub(crate) handlers: CpuHandlers<K>,
+    pub(crate) served: Vec<u32>,
+    pub(crate) control: Arc<ControlBlock>,
+    pub(crate) h2k: Consumer,
+    pub(crate) k2h: Producer,
+    pub(crate) poller: Arc<PollerShared>,
+    pub(crate) space: Arc<SpaceWaker>,
+    pub(crate) max_in_flight: usize,
+}
+
+/// Starts the device thread of one actor slot.
+pub(crate) fn spawn<K: Kernel>(parts: SlotParts<K>) -> std::io::Result<JoinHandle<()>> {
+    let name = format!("ringkernel-{}-{}", K::NAME, parts.id.index());
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || DeviceLoop::new(parts).run())
+}
+
+/// A reply made by a handler, waiting for K2H room.
+struct Pending {
+    header: EnvelopeHeader,
+    len: usize,
+    bytes: [u8; MAX_INLINE],
+}
+
+/// Replies go straight to K2H while it has room, else to a bounded outbox
+/// that the loop drains before it dequeues again.
+struct Replies<'a> {
+    k2h: &'a mut Producer,
+    outbox: &'a mut VecDeque<Pending>,
+    clock: &'a Hlc,
+    src: ActorId,
+    sent: usize,
+}
+
+impl ReplySink for Replies<'_> {
+    fn send_reply(
+        &mut self,
+        to: CorrelationId,
+        dst: ActorId,
+        type_id: u32,
+        flags: Flags,
+        payload: &[u8],
+    ) {
+        let stamp = self.clock.tick();
+        let mut header = EnvelopeHeader::new(type_id, flags)
+            .with_src(self.src)
+            .with_dst(dst)
+            .with_correlation(to)
+            .with_stamp(stamp.hlc, stamp.domain);
+        let len = payload.len().min(MAX_INLINE);
+        header.payload_len = len as u32;
+        let pushed = self.outbox.is_empty()
+            && self
+                .k2h
+                .try_push_with(|slot| {
+                    slot[..HEADER_SIZE].copy_from_slice(header.as_bytes());
+                    slot[HEADER_SIZE..HEADER_SIZE + len].copy_from_slice(&payload[..len]);
+                })
+                .is_ok();
+        if pushed {
+            self.sent += 1;
+        } else {
+            let mut bytes = [0u8; MAX_INLINE];
+            bytes[..len].copy_from_slice(&payload[..len]);
+            self.outbox.push_back(Pending { header, len, bytes });
+        }
+    }
+}
+
+struct DeviceLoop<K: Kernel> {
+    id: ActorId,
+    state: K::State,
+    handlers: CpuHandlers<K>,
+    served: Vec<u32>,
+    control: Arc<ControlBlock>,
+    h2k: Consumer,
+    k2h: Producer,
+    poller: Arc<PollerShared>,
+    space: Arc<SpaceWaker>,
+    outbox: VecDeque<Pending>,
+    clock: Hlc,
+    acked: LifecycleState,
+    processed: u64,
+}
+
+/// Messages served between two looks at the control block.
+const BATCH: usize = 64;
+/// Empty polls before parking on the doorbell.
+const SPINS: u32 = 200;
+
+enum Step {
+    Worked,
+    Idle,
+    Exit,
+}
+
+impl<K: Kernel> DeviceLoop<K> {
+    fn new(p: SlotParts<K>) -> Self {
+        DeviceLoop {
+            id: p.id,
+            state: p.state,
+            handlers: p.handlers,
+            served: p.served,
+            control: p.control,
+            h2k: p.h2k,
+            k2h: p.k2h,
+            poller: p.poller,
+            space: p.space,
+            outbox: VecDeque::with_capacity(p.max_in_flight),
+            clock: Hlc::new(ClockDomain::unit(
+                p.node,
+                (p.id.index() as u16).wrapping_add(1),
+            )),
+            acked: LifecycleState::Created,
+            processed: 0,
+        }
+    }
+
+    fn ack(&mut self, state: LifecycleState) {
+        if self.acked != state {
+            self.acked = state;
+            self.control.ack(state, 0);
+            self.poller.wake();
+        }
+    }
+
+    fn fault(&mut self, code: FaultCode, detail: u64) {
+        self.acked = LifecycleState::Faulted;
+        self.control.report_fault(code, detail, 0);
+        self.poller.wake();
+    }
+
+    fn run(mut self) {
+        self.ack(LifecycleState::Launched);
+        let mut idle = 0u32;
+        loop {
+            match self.step() {
+                Step::Exit => return,
+                Step::Worked => idle = 0,
+                Step::Idle => {
+                    idle += 1;
+                    if idle < SPINS {
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                    idle = 0;
+                    let acked = self.acked;
+                    let (control, h2k, k2h) = (&self.control, &mut self.h2k, &mut self.k2h);
+                    let outbox_blocked = !self.outbox.is_empty();
+                    let has_work = || {
+                        control.requested_state() != Ok(acked)
+                            || (acked == LifecycleState::Active
+                                && !h2k.is_empty()
+                                && k2h.free_slots() > 0)
+                            || (outbox_blocked && k2h.free_slots() > 0)
+                    };
+                    control.doorbell().park(has_work, std::thread::park);
+                }
+            }
+        }
+    }
+
+    fn step(&mut self) -> Step {
+        let requested = match self.control.requested_state() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(actor = ?self.id, error = %e, "corrupt control block");
+                self.fault(FaultCode::BadEnvelope, u64::MAX);
+                return Step::Exit;
+            }
+        };
+        match requested {
+            LifecycleState::Terminated | LifecycleState::Faulted => {
+                self.ack(LifecycleState::Terminated);
+                return Step::Exit;
+            }
+            LifecycleState::Created | LifecycleState::Launched => {
+                self.ack(LifecycleState::Launched);
+                return Step::Idle;
+            }
+            LifecycleState::Deactivated => {
+                self.ack(LifecycleState::Deactivated);
+                return if self.flush_outbox() > 0 {
+                    Step::Worked
+                } else {
+                    Step::Idle
+                };
+            }
+            LifecycleState::Active => self.ack(LifecycleState::Active),
+        }
+        let mut worked = self.flush_outbox();
+        if !self.outbox.is_empty() {
+            return if worked > 0 { Step::Worked } else { Step::Idle };
+        }
+        let check = HeaderCheck::only(MAX_INLINE as u32, &self.served);
+        let mut sent = 0;
+        let mut taken = 0;
+        let mut fault = None;
+        {
+            let mut batch = self.h2k.batch();
+            // Dequeue only with a K2H slot reserved (and nothing queued
+            // before it), so the reply this message may need has room.
+            while taken < BATCH && self.outbox.is_empty() && self.k2h.free_slots() > 0 {
+                let handlers = &self.handlers;
+                let state = &mut self.state;
+                let mut replies = Replies {
+                    k2h: &mut self.k2h,
+                    outbox: &mut self.outbox,
+                    clock: &self.clock,
+                    src: self.id,
+                    sent: 0,
+                };
+                let clock = &self.clock;
+                let Some(outcome) = batch.try_recv_with(&check, |env| {
+                    let stamp = clock.receive(env.header.hlc);
+                    let Some((_, handler)) = handlers
+                        .entries
+                        .iter()
+                        .find(|(t, _)| *t == env.header.type_id)
+                    else {
+                        return Err((FaultCode::UnknownMessageType, u64::from(env.header.type_id)));
+                    };
+                    let mut answered = false;
+                    let header = env.header;
+                    let result = catch_unwind(AssertUnwindSafe(|| {
+                        handler(
+                            state,
+                            env.payload,
+                            &header,
+                            stamp,
+                            &mut replies,
+                            &mut answered,
+                        )
+                    }));
+                    match result {
+                        Err(_) => Err((FaultCode::HandlerPanic, 0)),
+                        Ok(Err(e)) => Err((FaultCode::HandlerFault, u64::from(e.0))),
+                        Ok(Ok(())) => {
+                            if header.flags.contains(Flags::ASK) && !answered {
+                                replies.send_reply(
+                                    header.correlation,
+                                    header.src,
+                                    SYS_NO_REPLY,
+                                    Flags::REPLY | Flags::ERROR,
+                                    &[],
+                                );
+                            }
+                            Ok(())
+                        }
+                    }
+                }) else {
+                    break;
+                };
+                sent += replies.sent;
+                taken += 1;
+                match outcome {
+                    Ok(Ok(())) => {
+                        self.processed += 1;
+                        // Per message, so a long batch of slow but
+                        // progressing handlers never looks hung.
+                        self.control.record_progress(self.processed, self.processed);
+                    }
+                    Ok(Err(f)) => {
+                        fault = Some(f);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(actor = ?self.id, error = %e, "invalid envelope in H2K");
+                        fault = Some((FaultCode::BadEnvelope, 0));
+                        break;
+                    }
+                }
+            }
+        }
+        worked += taken;
+        if taken > 0 {
+            self.space.wake_if_wanted();
+        }
+        if sent > 0 {
+            self.poller.wake();
+        }
+        if let Some((code, detail)) = fault {
+            self.fault(code, detail);
+            return Step::Exit;
+        }
+        if worked > 0 { Step::Worked } else { Step::Idle }
+    }
+
+    /// Moves queued replies into K2H; returns how many.
+    fn flush_outbox(&mut self) -> usize {
+        let mut moved = 0;
+        while let Some(p) = self.outbox.front() {
+            let pushed = self
+                .k2h
+                .try_push_with(|slot| {
+                    slot[..HEADER_SIZE].copy_from_slice(p.header.as_bytes());
+                    slot[HEADER_SIZE..HEADER_SIZE + p.len].copy_from_slice(&p.bytes[..p.len]);
+                })
+                .is_ok();
+            if !pushed {
+                break;
+            }
+            self.outbox.pop_front();
+            moved += 1;
+        }
+        if moved > 0 {
+            self.poller.wake();
+        }
+        moved
+    }
+}

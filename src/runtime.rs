@@ -1,0 +1,1095 @@
+//! The host side of GPU actors: launch, the data path of an ask, the K2H
+//! poller, lifecycle, the watchdog and shutdown.
+//!
+//! A [`Runtime`] owns one **poller thread** (never a tokio task, never an
+//! actix arbiter) that drains every actor slot's K2H ring, merges each
+//! reply's HLC stamp and completes the waiting caller through its
+//! [`Waiter`] — the framework's own reply handle. [`Runtime::launch`] starts
+//! a kernel's actor slot on a backend and returns its [`GpuSlot`]: the one
+//! writer of the slot's H2K ring, owned by the framework actor.
+//!
+//! Guarantees (see `docs/semantics.md`): messages from one [`GpuSlot`] are
+//! processed in the order sent; every accepted ask resolves exactly once —
+//! with its reply, [`AskError::NoReply`], a fault, or termination; a message
+//! the kernel does not serve, a full ring and a closed slot are typed errors
+//! that hand the message back.
+
+use crate::control::{ControlBlock, FaultCode, LifecycleState, SlotStatus};
+use crate::doorbell::Doorbell;
+use crate::envelope::{EnvelopeHeader, Flags, HeaderCheck};
+use crate::error::{LayoutError, StateError};
+use crate::hlc::{Hlc, PhysicalClock};
+use crate::id::{ActorId, ActorKind, ClockDomain, CorrelationId};
+use crate::kernel::{BackendKind, Kernel, MAX_INLINE, Payload, Reply, SYS_NO_REPLY};
+use crate::ring::{Consumer, Producer, RingLayout, RingObserver};
+use crate::waiter::{SlabFull, WaiterSlab};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, Waker};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+/// How a caller waits for its reply: the framework's reply handle
+/// (ractor's `RpcReplyPort`, actix's response channel, kameo's reply sender).
+/// The poller thread calls [`Waiter::complete`] exactly once per accepted ask.
+pub trait Waiter: Send + 'static {
+    /// Delivers the outcome of the ask.
+    fn complete(self, outcome: Result<Reply, AskError>);
+
+    /// Whether the caller has gone away (then the ask is not sent at all).
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+/// Why an accepted ask resolved without a reply value.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AskError {
+    /// The handler ended without replying or deferring.
+    #[error("the handler ended without a reply")]
+    NoReply,
+    /// The actor slot faulted while the ask was in flight.
+    #[error("the kernel faulted ({0})")]
+    Faulted(Fault),
+    /// The actor was terminated while the ask was in flight.
+    #[error("the actor was terminated")]
+    Terminated,
+}
+
+/// A fault of an actor slot: its code and detail (see [`FaultCode`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    /// What happened.
+    pub code: FaultCode,
+    /// Code-specific detail (a handler's error code, a type id, …).
+    pub detail: u64,
+    /// The incarnation that faulted.
+    pub incarnation: u32,
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:?}, detail {}, incarnation {}",
+            self.code, self.detail, self.incarnation
+        )
+    }
+}
+
+/// A message the slot did not accept; it is handed back.
+#[non_exhaustive]
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError<T> {
+    /// The H2K ring (or the in-flight limit) is full: wait for
+    /// [`GpuSlot::space`] and send again, in order.
+    #[error("the actor's H2K ring is full")]
+    Full(T),
+    /// The kernel serves no message of this type.
+    #[error("the kernel does not serve message type {type_id:#x}")]
+    UnknownType {
+        /// The message.
+        value: T,
+        /// Its type id.
+        type_id: u32,
+    },
+    /// The actor faulted or was terminated.
+    #[error("the actor is closed")]
+    Closed(T),
+}
+
+impl<T> SubmitError<T> {
+    /// The message that was not sent.
+    pub fn into_inner(self) -> T {
+        match self {
+            SubmitError::Full(v)
+            | SubmitError::UnknownType { value: v, .. }
+            | SubmitError::Closed(v) => v,
+        }
+    }
+}
+
+impl<T> fmt::Debug for SubmitError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SubmitError::Full(_) => f.write_str("Full(..)"),
+            SubmitError::UnknownType { type_id, .. } => write!(f, "UnknownType({type_id:#x})"),
+            SubmitError::Closed(_) => f.write_str("Closed(..)"),
+        }
+    }
+}
+
+/// Why a kernel could not be launched.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LaunchError {
+    /// The kernel has no handler for the runtime's backend.
+    #[error("kernel {kernel} has no handler for the {backend:?} backend")]
+    NoHandler {
+        /// Kernel name.
+        kernel: &'static str,
+        /// The backend asked for.
+        backend: BackendKind,
+    },
+    /// A ring or waiter geometry is out of range.
+    #[error("launch option out of range: {0}")]
+    Layout(#[from] LayoutError),
+    /// Slots must hold a header and [`MAX_INLINE`] bytes.
+    #[error("slot size {slot_size} cannot hold a 64-byte header and {MAX_INLINE} payload bytes")]
+    SlotTooSmall {
+        /// The slot size asked for.
+        slot_size: u32,
+    },
+    /// The declared width is not one a backend can run.
+    #[error("invalid execution width {0:?}")]
+    InvalidWidth(crate::kernel::Width),
+    /// Two handlers were registered for one type id, or one uses a reserved id.
+    #[error("message type id {type_id:#x} is reserved or registered twice")]
+    BadTypeId {
+        /// The offending id.
+        type_id: u32,
+    },
+    /// The runtime already hosts its maximum number of actor slots.
+    #[error("the runtime hosts at most {max} actor slots")]
+    TooManySlots {
+        /// The limit.
+        max: usize,
+    },
+    /// The device thread could not be started.
+    #[error("starting the device loop failed: {0}")]
+    Spawn(String),
+}
+
+/// Options of one launch. Every option is validated; none is ignored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchOptions {
+    pub(crate) h2k_capacity: u32,
+    pub(crate) k2h_capacity: u32,
+    pub(crate) slot_size: u32,
+    pub(crate) max_in_flight: usize,
+    pub(crate) auto_activate: bool,
+}
+
+impl Default for LaunchOptions {
+    fn default() -> Self {
+        LaunchOptions {
+            h2k_capacity: 256,
+            k2h_capacity: 256,
+            slot_size: 128,
+            max_in_flight: 1024,
+            auto_activate: true,
+        }
+    }
+}
+
+impl LaunchOptions {
+    /// H2K ring capacity (power of two; default 256).
+    pub fn h2k_capacity(mut self, slots: u32) -> Self {
+        self.h2k_capacity = slots;
+        self
+    }
+
+    /// K2H ring capacity (power of two; default 256).
+    pub fn k2h_capacity(mut self, slots: u32) -> Self {
+        self.k2h_capacity = slots;
+        self
+    }
+
+    /// Slot size of both rings (multiple of 64, at least 128; default 128).
+    pub fn slot_size(mut self, bytes: u32) -> Self {
+        self.slot_size = bytes;
+        self
+    }
+
+    /// Asks in flight at once (the waiter slab; 1..=65 536; default 1024).
+    pub fn max_in_flight(mut self, asks: usize) -> Self {
+        self.max_in_flight = asks;
+        self
+    }
+
+    /// Whether the slot starts `Active` (default) or `Deactivated`.
+    pub fn auto_activate(mut self, yes: bool) -> Self {
+        self.auto_activate = yes;
+        self
+    }
+
+    fn validate(&self) -> Result<(RingLayout, RingLayout), LaunchError> {
+        let h2k = RingLayout::new(self.h2k_capacity, self.slot_size)?;
+        let k2h = RingLayout::new(self.k2h_capacity, self.slot_size)?;
+        if (h2k.max_payload() as usize) < MAX_INLINE {
+            return Err(LaunchError::SlotTooSmall {
+                slot_size: self.slot_size,
+            });
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > WaiterSlab::<()>::MAX_CAPACITY {
+            return Err(LayoutError::SlabCapacity {
+                capacity: self.max_in_flight,
+                max: WaiterSlab::<()>::MAX_CAPACITY,
+            }
+            .into());
+        }
+        Ok((h2k, k2h))
+    }
+}
+
+/// Monotonic time in ns since the clock was made: the watchdog's default
+/// clock (wall time may jump; a watchdog must not).
+#[derive(Debug)]
+pub struct MonotonicClock(Instant);
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        MonotonicClock(Instant::now())
+    }
+}
+
+impl PhysicalClock for MonotonicClock {
+    fn now_ns(&self) -> u64 {
+        self.0.elapsed().as_nanos() as u64
+    }
+}
+
+/// Builds a [`Runtime`].
+pub struct RuntimeBuilder {
+    node: u16,
+    backend: BackendKind,
+    max_slots: usize,
+    watchdog: Duration,
+    watchdog_clock: Arc<dyn PhysicalClock>,
+}
+
+impl fmt::Debug for RuntimeBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuntimeBuilder")
+            .field("node", &self.node)
+            .field("backend", &self.backend)
+            .field("max_slots", &self.max_slots)
+            .field("watchdog", &self.watchdog)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for RuntimeBuilder {
+    fn default() -> Self {
+        RuntimeBuilder {
+            node: 0,
+            backend: BackendKind::Cpu,
+            max_slots: 1024,
+            watchdog: Duration::from_secs(5),
+            watchdog_clock: Arc::new(MonotonicClock::default()),
+        }
+    }
+}
+
+impl RuntimeBuilder {
+    /// The node id of this runtime (default 0).
+    pub fn node(mut self, node: u16) -> Self {
+        self.node = node;
+        self
+    }
+
+    /// The backend kernels run on (default [`BackendKind::Cpu`]).
+    pub fn backend(mut self, backend: BackendKind) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// Most actor slots this runtime hosts at once (default 1024).
+    pub fn max_slots(mut self, slots: usize) -> Self {
+        self.max_slots = slots;
+        self
+    }
+
+    /// How long a slot with pending work may go without progress before the
+    /// watchdog faults it (default 5 s).
+    pub fn watchdog(mut self, limit: Duration) -> Self {
+        self.watchdog = limit;
+        self
+    }
+
+    /// The clock the watchdog measures with (default [`MonotonicClock`];
+    /// tests inject a [`ManualClock`](crate::hlc::ManualClock)).
+    pub fn watchdog_clock(mut self, clock: Arc<dyn PhysicalClock>) -> Self {
+        self.watchdog_clock = clock;
+        self
+    }
+
+    /// Starts the runtime and its poller thread.
+    ///
+    /// # Errors
+    /// [`LaunchError::NoHandler`] for a backend this build cannot run (only
+    /// `Cpu` lives in the core), [`LaunchError::Spawn`] if the poller thread
+    /// cannot start.
+    pub fn build(self) -> Result<Runtime, LaunchError> {
+        if self.backend != BackendKind::Cpu {
+            return Err(LaunchError::NoHandler {
+                kernel: "<runtime>",
+                backend: self.backend,
+            });
+        }
+        let shared = Arc::new(PollerShared {
+            bell: Doorbell::new(),
+            thread: OnceLock::new(),
+            incoming: Mutex::new(Vec::new()),
+            has_incoming: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            hlc: Hlc::new(ClockDomain::host(self.node)),
+            watchdog_ns: self.watchdog.as_nanos().min(u64::MAX as u128) as u64,
+            watchdog_clock: self.watchdog_clock,
+        });
+        let for_thread = shared.clone();
+        let join = std::thread::Builder::new()
+            .name(format!("ringkernel-poller-{}", self.node))
+            .spawn(move || poller_loop(&for_thread))
+            .map_err(|e| LaunchError::Spawn(e.to_string()))?;
+        let _ = shared.thread.set(join.thread().clone());
+        Ok(Runtime {
+            inner: Arc::new(RuntimeInner {
+                node: self.node,
+                backend: self.backend,
+                max_slots: self.max_slots,
+                live_slots: Arc::new(AtomicUsize::new(0)),
+                next_index: AtomicU32::new(0),
+                poller: shared,
+                join: Mutex::new(Some(join)),
+            }),
+        })
+    }
+}
+
+/// A GPU-actor runtime: one poller thread and the actor slots it serves.
+/// Cheap to clone; the poller stops when the runtime and every slot it
+/// launched are dropped.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<RuntimeInner>,
+}
+
+impl fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runtime")
+            .field("node", &self.inner.node)
+            .field("backend", &self.inner.backend)
+            .field("slots", &self.inner.live_slots.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+struct RuntimeInner {
+    node: u16,
+    backend: BackendKind,
+    max_slots: usize,
+    live_slots: Arc<AtomicUsize>,
+    next_index: AtomicU32,
+    poller: Arc<PollerShared>,
+    join: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for RuntimeInner {
+    fn drop(&mut self) {
+        self.poller.shutdown.store(true, Ordering::Release);
+        self.poller.wake();
+        let join = self.join.lock().map(|mut j| j.take()).unwrap_or(None);
+        if let Some(join) = join {
+            // The poller never blocks on user code, so this join is bounded.
+            let _ = join.join();
+        }
+    }
+}
+
+/// What the poller tells the framework adapter about a slot.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotEvent {
+    /// The slot faulted; every in-flight ask has been failed.
+    Faulted(Fault),
+}
+
+type EventSink = Box<dyn Fn(SlotEvent) + Send + Sync>;
+
+impl Runtime {
+    /// A runtime with default options on the cpu backend.
+    ///
+    /// # Errors
+    /// As [`RuntimeBuilder::build`].
+    pub fn new() -> Result<Self, LaunchError> {
+        RuntimeBuilder::default().build()
+    }
+
+    /// Configures a runtime.
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder::default()
+    }
+
+    /// The backend this runtime launches kernels on.
+    pub fn backend(&self) -> BackendKind {
+        self.inner.backend
+    }
+
+    /// The node id.
+    pub fn node(&self) -> u16 {
+        self.inner.node
+    }
+
+    /// Launches an actor slot of kernel `K` with initial `state`. The kernel
+    /// is launched once and keeps its state between messages. `events`
+    /// receives the slot's [`SlotEvent`]s on the poller thread (it must not
+    /// block).
+    ///
+    /// # Errors
+    /// [`LaunchError`]: no handler for this backend, an option out of range,
+    /// a bad declaration, too many slots, or a failed thread start.
+    pub fn launch<K: Kernel, W: Waiter>(
+        &self,
+        state: K::State,
+        options: &LaunchOptions,
+        events: impl Fn(SlotEvent) + Send + Sync + 'static,
+    ) -> Result<GpuSlot<W>, LaunchError> {
+        let (h2k_layout, k2h_layout) = options.validate()?;
+        if !K::WIDTH.is_valid() {
+            return Err(LaunchError::InvalidWidth(K::WIDTH));
+        }
+        let Some(handlers) = K::cpu_handlers() else {
+            return Err(LaunchError::NoHandler {
+                kernel: K::NAME,
+                backend: self.inner.backend,
+            });
+        };
+        let mut served = handlers.type_ids();
+        served.sort_unstable();
+        for pair in served.windows(2) {
+            if pair[0] == pair[1] {
+                return Err(LaunchError::BadTypeId { type_id: pair[0] });
+            }
+        }
+        if let Some(&bad) = served
+            .iter()
+            .find(|&&t| t == 0 || t >= crate::envelope::SYSTEM_TYPE_BASE)
+        {
+            return Err(LaunchError::BadTypeId { type_id: bad });
+        }
+        let live = &self.inner.live_slots;
+        if live.fetch_add(1, Ordering::AcqRel) >= self.inner.max_slots {
+            live.fetch_sub(1, Ordering::AcqRel);
+            return Err(LaunchError::TooManySlots {
+                max: self.inner.max_slots,
+            });
+        }
+        let guard = SlotCount(live.clone());
+
+        let index = self.inner.next_index.fetch_add(1, Ordering::Relaxed);
+        let id = ActorId::new(self.inner.node, ActorKind::Gpu, index, 0);
+        let control = Arc::new(ControlBlock::new());
+        let (h2k, h2k_rx) = crate::ring::Ring::new(h2k_layout);
+        let (k2h_tx, k2h) = crate::ring::Ring::new(k2h_layout);
+        let waiters = WaiterSlab::new(options.max_in_flight, 0)?;
+        let shared = Arc::new(SlotShared {
+            id,
+            name: K::NAME,
+            control: control.clone(),
+            waiters,
+            h2k: h2k.observer(),
+            closed: AtomicBool::new(false),
+            fault: OnceLock::new(),
+            device: OnceLock::new(),
+            space: Arc::new(SpaceWaker::default()),
+            late_replies: AtomicU64::new(0),
+            events: Box::new(events),
+            _count: guard,
+        });
+        control
+            .request(LifecycleState::Launched)
+            .map_err(|e| LaunchError::Spawn(e.to_string()))?;
+        let target = if options.auto_activate {
+            LifecycleState::Active
+        } else {
+            LifecycleState::Deactivated
+        };
+        control
+            .request(target)
+            .map_err(|e| LaunchError::Spawn(e.to_string()))?;
+        let device = crate::cpu::spawn::<K>(crate::cpu::SlotParts {
+            id,
+            node: self.inner.node,
+            state,
+            handlers,
+            served: served.clone(),
+            control,
+            h2k: h2k_rx,
+            k2h: k2h_tx,
+            poller: self.inner.poller.clone(),
+            space: shared.space.clone(),
+            max_in_flight: options.max_in_flight,
+        })
+        .map_err(|e| LaunchError::Spawn(e.to_string()))?;
+        let _ = shared.device.set(device.thread().clone());
+        self.inner.poller.add(Box::new(PolledSlot {
+            shared: shared.clone(),
+            k2h,
+            watch: Watch::default(),
+        }));
+        tracing::debug!(kernel = K::NAME, actor = ?id, "launched");
+        Ok(GpuSlot {
+            shared,
+            h2k,
+            served: served.into_boxed_slice(),
+            seq: 0,
+            device: Some(device),
+            runtime: self.inner.clone(),
+        })
+    }
+}
+
+/// Decrements the runtime's slot count when the slot is gone.
+struct SlotCount(Arc<AtomicUsize>);
+
+impl Drop for SlotCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Wakes a sender waiting for H2K space: the device loop calls
+/// [`SpaceWaker::wake_if_wanted`] after releasing H2K slots.
+#[derive(Default)]
+pub(crate) struct SpaceWaker {
+    wanted: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl SpaceWaker {
+    fn register(&self, waker: &Waker) {
+        if let Ok(mut w) = self.waker.lock() {
+            match &mut *w {
+                Some(old) if old.will_wake(waker) => {}
+                slot => *slot = Some(waker.clone()),
+            }
+        }
+        // SeqCst pairs with the poller's SeqCst load in `wake_if_wanted`
+        // after it observed space: either it sees `wanted`, or the sender's
+        // re-check after registering sees the space.
+        self.wanted.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn wake_if_wanted(&self) {
+        if self.wanted.load(Ordering::SeqCst) && self.wanted.swap(false, Ordering::SeqCst) {
+            let waker = self.waker.lock().ok().and_then(|mut w| w.take());
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// What the sender, the poller and the device loop share about one slot.
+pub(crate) struct SlotShared<W> {
+    id: ActorId,
+    name: &'static str,
+    control: Arc<ControlBlock>,
+    waiters: WaiterSlab<W>,
+    h2k: RingObserver,
+    closed: AtomicBool,
+    fault: OnceLock<Fault>,
+    device: OnceLock<Thread>,
+    space: Arc<SpaceWaker>,
+    late_replies: AtomicU64,
+    events: EventSink,
+    _count: SlotCount,
+}
+
+impl<W: Waiter> SlotShared<W> {
+    fn wake_device(&self) {
+        if let Some(t) = self.device.get() {
+            self.control.doorbell().ring(|| t.unpark());
+        }
+    }
+
+    /// Closes the slot and fails every waiter with `error`. Idempotent.
+    fn close_and_sweep(&self, error: AskError) -> usize {
+        self.closed.store(true, Ordering::Relaxed);
+        // Pairs with the fence in `GpuSlot::ask` after it published: either
+        // the sender sees `closed` and takes its waiter back, or this sweep
+        // sees the waiter it inserted.
+        fence(Ordering::SeqCst);
+        let swept = self.waiters.sweep(|_, w| w.complete(Err(error)));
+        self.space.wake_if_wanted();
+        swept
+    }
+}
+
+/// The writing end of one GPU actor: owned by the framework actor, the only
+/// writer of the slot's H2K ring.
+pub struct GpuSlot<W: Waiter> {
+    shared: Arc<SlotShared<W>>,
+    h2k: Producer,
+    served: Box<[u32]>,
+    seq: u64,
+    device: Option<JoinHandle<()>>,
+    runtime: Arc<RuntimeInner>,
+}
+
+impl<W: Waiter> fmt::Debug for GpuSlot<W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GpuSlot")
+            .field("id", &self.shared.id)
+            .field("kernel", &self.shared.name)
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+/// What [`GpuSlot::terminate`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TerminateReport {
+    /// Whether the device loop acknowledged `Terminated` within the timeout.
+    pub acknowledged: bool,
+    /// Messages left unprocessed in the H2K ring (their asks are among the
+    /// failed waiters; tells among them are dead letters).
+    pub unprocessed: u64,
+    /// Asks failed with [`AskError::Terminated`].
+    pub failed_asks: usize,
+}
+
+impl<W: Waiter> GpuSlot<W> {
+    /// The actor's id.
+    pub fn id(&self) -> ActorId {
+        self.shared.id
+    }
+
+    /// The kernel's name.
+    pub fn kernel_name(&self) -> &'static str {
+        self.shared.name
+    }
+
+    /// The message type ids the kernel serves.
+    pub fn served_types(&self) -> &[u32] {
+        &self.served
+    }
+
+    /// Whether the slot still accepts messages.
+    pub fn is_open(&self) -> bool {
+        !self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// The fault that closed the slot, if one did.
+    pub fn fault(&self) -> Option<Fault> {
+        self.shared.fault.get().copied()
+    }
+
+    /// The device side's status (state, heartbeat, processed count, fault).
+    pub fn status(&self) -> SlotStatus {
+        self.shared.control.status().unwrap_or(SlotStatus {
+            state: LifecycleState::Faulted,
+            incarnation: 0,
+            heartbeat: 0,
+            processed: 0,
+            fault: FaultCode::BadEnvelope,
+            fault_detail: u64::MAX,
+        })
+    }
+
+    /// Messages published to the kernel and not yet consumed.
+    pub fn h2k_depth(&self) -> u64 {
+        self.shared.h2k.len()
+    }
+
+    /// Replies that arrived for asks already resolved (late, or after a sweep).
+    pub fn late_replies(&self) -> u64 {
+        self.shared.late_replies.load(Ordering::Relaxed) + self.shared.waiters.stats().late
+    }
+
+    fn check<T>(&self, value: T, type_id: u32) -> Result<T, SubmitError<T>> {
+        if !self.is_open() {
+            return Err(SubmitError::Closed(value));
+        }
+        if self.served.binary_search(&type_id).is_err() {
+            return Err(SubmitError::UnknownType { value, type_id });
+        }
+        Ok(value)
+    }
+
+    fn header(&mut self, payload: &Payload, flags: Flags, src: ActorId) -> EnvelopeHeader {
+        let stamp = self.runtime.poller.hlc.tick();
+        self.seq += 1;
+        EnvelopeHeader::new(payload.type_id(), flags)
+            .with_src(src)
+            .with_dst(self.shared.id)
+            .with_seq(self.seq)
+            .with_stamp(stamp.hlc, stamp.domain)
+    }
+
+    fn publish(&mut self, header: &EnvelopeHeader, payload: &Payload) -> bool {
+        let pushed = self
+            .h2k
+            .try_push_with(|slot| {
+                let mut h = *header;
+                h.payload_len = payload.bytes().len() as u32;
+                h.encode_into(slot).is_ok() && {
+                    slot[crate::envelope::HEADER_SIZE..][..payload.bytes().len()]
+                        .copy_from_slice(payload.bytes());
+                    true
+                }
+            })
+            .unwrap_or(false);
+        if pushed {
+            self.shared.wake_device();
+        }
+        pushed
+    }
+
+    /// Sends an ask: parks `waiter` in the waiter slab, stamps the envelope
+    /// and publishes it to H2K, synchronously. Returns the correlation id,
+    /// or [`CorrelationId::NONE`] when the waiter was already closed (then
+    /// nothing is sent).
+    ///
+    /// # Errors
+    /// [`SubmitError`] with the message and the waiter: `Full` (await
+    /// [`GpuSlot::space`] and retry, keeping order), `UnknownType`, `Closed`.
+    pub fn ask(
+        &mut self,
+        payload: Payload,
+        waiter: W,
+        src: ActorId,
+    ) -> Result<CorrelationId, SubmitError<(Payload, W)>> {
+        let (payload, waiter) = self.check((payload, waiter), payload.type_id())?;
+        if waiter.is_closed() {
+            return Ok(CorrelationId::NONE);
+        }
+        if self.h2k.free_slots() == 0 {
+            return Err(SubmitError::Full((payload, waiter)));
+        }
+        let correlation = match self.shared.waiters.insert(waiter) {
+            Ok(c) => c,
+            Err(SlabFull(waiter)) => return Err(SubmitError::Full((payload, waiter))),
+        };
+        let header = self
+            .header(&payload, Flags::ASK, src)
+            .with_correlation(correlation);
+        let _span = tracing::trace_span!("ask", actor = ?self.shared.id, ?correlation, trace_id = header.trace_id, hlc = header.hlc).entered();
+        let published = self.publish(&header, &payload);
+        // The doorbell's SeqCst fence (in `publish`) orders the insert above
+        // before this load; pairs with the fence in `close_and_sweep`.
+        fence(Ordering::SeqCst);
+        if !published || !self.is_open() {
+            // Either not sent, or the slot closed concurrently: take the
+            // waiter back unless the sweep already failed it.
+            if let Ok(waiter) = self.shared.waiters.take(correlation) {
+                return Err(if published {
+                    SubmitError::Closed((payload, waiter))
+                } else {
+                    SubmitError::Full((payload, waiter))
+                });
+            }
+        }
+        Ok(correlation)
+    }
+
+    /// Sends a tell: stamps the envelope and publishes it to H2K.
+    ///
+    /// # Errors
+    /// [`SubmitError`] with the message: `Full`, `UnknownType`, `Closed`.
+    pub fn tell(&mut self, payload: Payload, src: ActorId) -> Result<(), SubmitError<Payload>> {
+        let payload = self.check(payload, payload.type_id())?;
+        if self.h2k.free_slots() == 0 {
+            return Err(SubmitError::Full(payload));
+        }
+        let header = self.header(&payload, Flags::empty(), src);
+        let _span = tracing::trace_span!("tell", actor = ?self.shared.id, trace_id = header.trace_id, hlc = header.hlc).entered();
+        if self.publish(&header, &payload) {
+            Ok(())
+        } else {
+            Err(SubmitError::Full(payload))
+        }
+    }
+
+    /// Polls for room to send: ready when the H2K ring has a free slot and a
+    /// waiter is free, or the slot closed (the next send then says why).
+    pub fn poll_space(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.has_space() {
+            return Poll::Ready(());
+        }
+        self.shared.space.register(cx.waker());
+        if self.has_space() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn has_space(&mut self) -> bool {
+        !self.is_open() || self.h2k.free_slots() > 0
+    }
+
+    /// Waits until [`GpuSlot::poll_space`] is ready.
+    pub fn space(&mut self) -> Space<'_, W> {
+        Space { slot: self }
+    }
+
+    /// Requests `Active`: the device loop serves the messages waiting in H2K.
+    ///
+    /// # Errors
+    /// [`StateError::InvalidTransition`] from a state that cannot activate.
+    pub fn activate(&self) -> Result<(), StateError> {
+        self.shared.control.request(LifecycleState::Active)?;
+        self.shared.wake_device();
+        Ok(())
+    }
+
+    /// Requests `Deactivated`: the device loop stops dequeuing; asks wait in
+    /// H2K (up to their callers' timeouts) and are served on activation.
+    ///
+    /// # Errors
+    /// [`StateError::InvalidTransition`] from a state that cannot deactivate.
+    pub fn deactivate(&self) -> Result<(), StateError> {
+        self.shared.control.request(LifecycleState::Deactivated)?;
+        self.shared.wake_device();
+        Ok(())
+    }
+
+    /// Waits until the device side acknowledges `state` (or `timeout`).
+    pub fn wait_for_state(&self, state: LifecycleState, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut spins = 0u32;
+        loop {
+            if self.shared.control.acked_state() == Ok(state) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            spins += 1;
+            if spins < 100 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+
+    /// Terminates the actor in the shutdown order: stop intake, request
+    /// `Terminated` and wait for the acknowledgement (up to `timeout`), fail
+    /// the remaining waiters, join the device loop (a loop that did not
+    /// acknowledge is left running and fenced: the slot is closed).
+    pub fn terminate(&mut self, timeout: Duration) -> TerminateReport {
+        self.shared.closed.store(true, Ordering::Release);
+        let _ = self.shared.control.request(LifecycleState::Terminated);
+        self.shared.wake_device();
+        let acknowledged = self.wait_for_state(LifecycleState::Terminated, timeout)
+            || self.shared.control.acked_state() == Ok(LifecycleState::Faulted);
+        let unprocessed = self.h2k_depth();
+        let failed_asks = self.shared.close_and_sweep(AskError::Terminated);
+        if acknowledged && let Some(device) = self.device.take() {
+            let _ = device.join();
+        }
+        tracing::debug!(actor = ?self.shared.id, acknowledged, unprocessed, failed_asks, "terminated");
+        TerminateReport {
+            acknowledged,
+            unprocessed,
+            failed_asks,
+        }
+    }
+}
+
+impl<W: Waiter> Drop for GpuSlot<W> {
+    /// Non-blocking backstop (e.g. a ractor actor killed without
+    /// `post_stop`): closes the slot, fails its waiters and asks the device
+    /// loop to terminate, without waiting for it.
+    fn drop(&mut self) {
+        if self.device.is_some() || self.is_open() {
+            let _ = self.shared.control.request(LifecycleState::Terminated);
+            self.shared.wake_device();
+            self.shared.close_and_sweep(AskError::Terminated);
+        }
+    }
+}
+
+/// Future of [`GpuSlot::space`].
+pub struct Space<'a, W: Waiter> {
+    slot: &'a mut GpuSlot<W>,
+}
+
+impl<W: Waiter> std::future::Future for Space<'_, W> {
+    type Output = ();
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.slot.poll_space(cx)
+    }
+}
+
+impl<W: Waiter> fmt::Debug for Space<'_, W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Space")
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The poller.
+
+pub(crate) struct PollerShared {
+    bell: Doorbell,
+    thread: OnceLock<Thread>,
+    incoming: Mutex<Vec<Box<dyn PollSlot>>>,
+    has_incoming: AtomicBool,
+    shutdown: AtomicBool,
+    pub(crate) hlc: Hlc,
+    watchdog_ns: u64,
+    watchdog_clock: Arc<dyn PhysicalClock>,
+}
+
+impl PollerShared {
+    /// Wakes the poller if it is parked (device loops call this after
+    /// publishing to K2H or changing state).
+    pub(crate) fn wake(&self) {
+        if let Some(t) = self.thread.get() {
+            self.bell.ring(|| t.unpark());
+        }
+    }
+
+    fn add(&self, slot: Box<dyn PollSlot>) {
+        if let Ok(mut v) = self.incoming.lock() {
+            v.push(slot);
+        }
+        self.has_incoming.store(true, Ordering::Release);
+        self.wake();
+    }
+}
+
+trait PollSlot: Send {
+    /// Drains K2H and checks state and watchdog; returns work done.
+    fn poll(&mut self, p: &PollerShared) -> usize;
+    /// Whether K2H holds replies.
+    fn has_replies(&mut self) -> bool;
+    /// Whether the slot is gone for good and may be dropped by the poller.
+    fn finished(&self) -> bool;
+}
+
+#[derive(Default)]
+struct Watch {
+    heartbeat: u64,
+    since_ns: u64,
+}
+
+struct PolledSlot<W> {
+    shared: Arc<SlotShared<W>>,
+    k2h: Consumer,
+    watch: Watch,
+}
+
+impl<W: Waiter> PolledSlot<W> {
+    fn fault(&self, fault: Fault) {
+        if self.shared.fault.set(fault).is_ok() {
+            tracing::warn!(actor = ?self.shared.id, kernel = self.shared.name, %fault, "actor slot faulted");
+            self.shared.close_and_sweep(AskError::Faulted(fault));
+            (self.shared.events)(SlotEvent::Faulted(fault));
+        }
+    }
+}
+
+impl<W: Waiter> PollSlot for PolledSlot<W> {
+    fn poll(&mut self, p: &PollerShared) -> usize {
+        let shared = &*self.shared;
+        let check = HeaderCheck::any_type(MAX_INLINE as u32);
+        let mut done = 0;
+        let mut batch = self.k2h.batch();
+        while let Some(env) = batch.try_recv_with(&check, |e| Reply::new(e.header, e.payload)) {
+            done += 1;
+            let Ok(reply) = env else {
+                shared.late_replies.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let h = *reply.header();
+            // Merge at the domain boundary before completing the waiter.
+            p.hlc.receive(h.hlc);
+            let _span = tracing::trace_span!("reply", actor = ?shared.id, correlation = ?h.correlation, trace_id = h.trace_id, hlc = h.hlc).entered();
+            match shared.waiters.take(h.correlation) {
+                Ok(w) if h.flags.contains(Flags::ERROR) && h.type_id == SYS_NO_REPLY => {
+                    w.complete(Err(AskError::NoReply))
+                }
+                Ok(w) => w.complete(Ok(reply)),
+                Err(_) => {
+                    shared.late_replies.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        drop(batch);
+        if done > 0 {
+            // The device loop may be parked waiting for K2H room.
+            shared.wake_device();
+        }
+        if shared.fault.get().is_none()
+            && let Ok(status) = shared.control.status()
+        {
+            if status.state == LifecycleState::Faulted {
+                self.fault(Fault {
+                    code: status.fault,
+                    detail: status.fault_detail,
+                    incarnation: status.incarnation,
+                });
+            } else if status.state == LifecycleState::Active && !shared.h2k.is_empty() {
+                let now = p.watchdog_clock.now_ns();
+                if status.heartbeat != self.watch.heartbeat || self.watch.since_ns == 0 {
+                    self.watch = Watch {
+                        heartbeat: status.heartbeat,
+                        since_ns: now.max(1),
+                    };
+                } else if now.saturating_sub(self.watch.since_ns) >= p.watchdog_ns {
+                    self.fault(Fault {
+                        code: FaultCode::Watchdog,
+                        detail: p.watchdog_ns,
+                        incarnation: status.incarnation,
+                    });
+                }
+            } else {
+                self.watch.since_ns = 0;
+            }
+        }
+        done
+    }
+
+    fn has_replies(&mut self) -> bool {
+        !self.k2h.is_empty()
+    }
+
+    fn finished(&self) -> bool {
+        // Only the poller holds the slot once the sender side is gone.
+        Arc::strong_count(&self.shared) == 1 && self.shared.closed.load(Ordering::Acquire)
+    }
+}
+
+fn poller_loop(p: &PollerShared) {
+    let mut slots: Vec<Box<dyn PollSlot>> = Vec::new();
+    let mut idle_rounds = 0u32;
+    let tick = Duration::from_nanos((p.watchdog_ns / 4).clamp(1_000_000, 1_000_000_000));
+    loop {
+        if p.has_incoming.swap(false, Ordering::AcqRel)
+            && let Ok(mut v) = p.incoming.lock()
+        {
+            slots.append(&mut v);
+        }
+        let mut done = 0;
+        for s in slots.iter_mut() {
+            done += s.poll(p);
+        }
+        slots.retain(|s| !s.finished());
+        if p.shutdown.load(Ordering::Acquire) && slots.is_empty() {
+            return;
+        }
+        if done > 0 {
+            idle_rounds = 0;
+            continue;
+        }
+        idle_rounds += 1;
+        if idle_rounds < 64 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let has_work = || {
+            p.has_incoming.load(Ordering::Acquire)
+                || p.shutdown.load(Ordering::Acquire)
+                || slots.iter_mut().any(|s| s.has_replies())
+        };
+        p.bell.park(has_work, || std::thread::park_timeout(tick));
+        idle_rounds = 0;
+    }
+}

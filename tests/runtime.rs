@@ -1,0 +1,197 @@
+//! Runtime behaviour beyond the conformance list: launch errors, the
+//! watchdog (with an injected clock), limits.
+
+use bytemuck::{Pod, Zeroable};
+use ringkernel::LayoutError;
+use ringkernel::conformance::{self, ChannelWaiter, Echo, Probe};
+use ringkernel::control::{FaultCode, LifecycleState};
+use ringkernel::hlc::ManualClock;
+use ringkernel::kernel::{BackendKind, CpuHandlers, Kernel, Message, Width};
+use ringkernel::runtime::{AskError, LaunchError, LaunchOptions, Runtime, SlotEvent};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+struct NoCpu;
+impl Kernel for NoCpu {
+    type State = u64;
+    const NAME: &'static str = "no-cpu";
+}
+
+struct Wide;
+impl Kernel for Wide {
+    type State = u64;
+    const NAME: &'static str = "wide";
+    const WIDTH: Width = Width::Block(4096);
+    fn cpu_handlers() -> Option<CpuHandlers<Self>> {
+        Some(CpuHandlers::<Self>::new())
+    }
+}
+
+struct Twice;
+impl Kernel for Twice {
+    type State = u64;
+    const NAME: &'static str = "twice";
+    fn cpu_handlers() -> Option<CpuHandlers<Self>> {
+        Some(
+            CpuHandlers::<Self>::new()
+                .on::<Echo>(|_, _, _| Ok(()))
+                .on::<Echo>(|_, _, _| Ok(())),
+        )
+    }
+}
+
+fn launch<K: Kernel>(
+    rt: &Runtime,
+    opts: &LaunchOptions,
+) -> Result<ringkernel::runtime::GpuSlot<ChannelWaiter>, LaunchError> {
+    rt.launch::<K, ChannelWaiter>(Zeroable::zeroed(), opts, |_| {})
+}
+
+#[test]
+fn launch_errors_are_typed() {
+    let rt = Runtime::new().unwrap();
+    assert_eq!(
+        launch::<NoCpu>(&rt, &LaunchOptions::default()).unwrap_err(),
+        LaunchError::NoHandler {
+            kernel: "no-cpu",
+            backend: BackendKind::Cpu
+        }
+    );
+    assert_eq!(
+        launch::<Wide>(&rt, &LaunchOptions::default()).unwrap_err(),
+        LaunchError::InvalidWidth(Width::Block(4096))
+    );
+    assert_eq!(
+        launch::<Twice>(&rt, &LaunchOptions::default()).unwrap_err(),
+        LaunchError::BadTypeId { type_id: 1 }
+    );
+    assert_eq!(
+        launch::<Probe>(&rt, &LaunchOptions::default().h2k_capacity(100)).unwrap_err(),
+        LaunchError::Layout(LayoutError::CapacityNotPowerOfTwo { capacity: 100 })
+    );
+    assert_eq!(
+        launch::<Probe>(&rt, &LaunchOptions::default().slot_size(64)).unwrap_err(),
+        LaunchError::SlotTooSmall { slot_size: 64 }
+    );
+    assert!(matches!(
+        launch::<Probe>(&rt, &LaunchOptions::default().max_in_flight(0)).unwrap_err(),
+        LaunchError::Layout(LayoutError::SlabCapacity { .. })
+    ));
+    assert_eq!(
+        Runtime::builder()
+            .backend(BackendKind::Cuda)
+            .build()
+            .unwrap_err(),
+        LaunchError::NoHandler {
+            kernel: "<runtime>",
+            backend: BackendKind::Cuda
+        }
+    );
+}
+
+#[test]
+fn slot_limit_is_enforced_and_freed() {
+    let rt = Runtime::builder().max_slots(2).build().unwrap();
+    let mut a = launch::<Probe>(&rt, &LaunchOptions::default()).unwrap();
+    let _b = launch::<Probe>(&rt, &LaunchOptions::default()).unwrap();
+    assert_eq!(
+        launch::<Probe>(&rt, &LaunchOptions::default()).unwrap_err(),
+        LaunchError::TooManySlots { max: 2 }
+    );
+    a.terminate(conformance::DEADLINE);
+    drop(a);
+    // The poller lets go of a terminated slot; then a new one fits.
+    let deadline = std::time::Instant::now() + conformance::DEADLINE;
+    loop {
+        match launch::<Probe>(&rt, &LaunchOptions::default()) {
+            Ok(_) => break,
+            Err(LaunchError::TooManySlots { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+static GATE: AtomicBool = AtomicBool::new(false);
+
+#[derive(Clone, Copy, Pod, Zeroable)]
+#[repr(C)]
+struct Block;
+impl Message for Block {
+    const TYPE_ID: u32 = 1;
+    type Reply = u64;
+}
+
+struct Hang;
+impl Kernel for Hang {
+    type State = u64;
+    const NAME: &'static str = "hang";
+    fn cpu_handlers() -> Option<CpuHandlers<Self>> {
+        Some(CpuHandlers::<Self>::new().on::<Block>(|_, _, ctx| {
+            while !GATE.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            ctx.reply(1);
+            Ok(())
+        }))
+    }
+}
+
+/// The watchdog fires on a slot with pending work and no progress — and not
+/// on an idle or deactivated one — measured on an injected clock.
+#[test]
+fn watchdog_fires_only_on_pending_work_without_progress() {
+    let clock = Arc::new(ManualClock::new(1));
+    let rt = Runtime::builder()
+        .watchdog(Duration::from_secs(10))
+        .watchdog_clock(clock.clone())
+        .build()
+        .unwrap();
+    let (tx, events) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let mut idle = launch::<Probe>(&rt, &LaunchOptions::default()).unwrap();
+    let mut parked = launch::<Probe>(&rt, &LaunchOptions::default().auto_activate(false)).unwrap();
+    let mut hung = rt
+        .launch::<Hang, ChannelWaiter>(0, &LaunchOptions::default(), move |e| {
+            let _ = tx.lock().map(|t| t.send(e));
+        })
+        .unwrap();
+    let waiting = conformance::ask(&mut parked, Echo(1));
+    let blocked = conformance::ask(&mut hung, Block);
+    // Let every slot settle, then jump the clock past the limit repeatedly.
+    std::thread::sleep(Duration::from_millis(50));
+    for _ in 0..20 {
+        clock.advance(Duration::from_secs(11));
+        if let Ok(event) = events.recv_timeout(Duration::from_millis(300)) {
+            let SlotEvent::Faulted(fault) = event else {
+                panic!("{event:?}")
+            };
+            assert_eq!(fault.code, FaultCode::Watchdog);
+            break;
+        }
+    }
+    assert_eq!(
+        hung.fault().map(|f| f.code),
+        Some(FaultCode::Watchdog),
+        "the hung slot was not detected"
+    );
+    assert!(matches!(blocked.wait(), Err(AskError::Faulted(_))));
+    assert!(
+        idle.is_open() && idle.fault().is_none(),
+        "an idle slot must not fire"
+    );
+    assert!(
+        parked.is_open() && parked.fault().is_none(),
+        "a deactivated slot must not fire"
+    );
+    assert_eq!(parked.status().state, LifecycleState::Deactivated);
+    parked.activate().unwrap();
+    assert_eq!(waiting.wait().unwrap().decode::<u64>().unwrap(), 1);
+    GATE.store(true, Ordering::Release);
+    idle.terminate(conformance::DEADLINE);
+    parked.terminate(conformance::DEADLINE);
+    hung.terminate(conformance::DEADLINE);
+}
