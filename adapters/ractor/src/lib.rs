@@ -1,0 +1,495 @@
+//! # ringkernel-ractor — GPU actors in ractor supervision trees
+//!
+//! [`GpuActor<K>`] is a ractor [`Actor`] whose work is done by a persistent
+//! kernel `K`: spawning it launches `K` once (on the runtime's backend), and
+//! every message becomes an envelope written into the kernel's H2K ring
+//! *synchronously in the actor's handler*. Replies come back through the
+//! runtime's poller thread straight into the caller's [`RpcReplyPort`], so
+//! `call!`/`call_t!` and `cast!` work as for any ractor actor:
+//!
+//! | ractor | GPU actor |
+//! |---|---|
+//! | `call!(actor, GpuMsg::Ask, payload)` | ask: the `RpcReplyPort` waits in the waiter slab, the envelope goes to H2K |
+//! | `cast!(actor, GpuMsg::Tell(payload))` | tell: the envelope goes to H2K |
+//! | full H2K ring | the handler awaits space; later mailbox messages wait behind it, in order |
+//! | kernel fault | the actor fails: its supervisor receives `SupervisionEvent::ActorFailed` |
+//! | stop / kill | `post_stop` terminates the slot; on a kill, dropping the state is a non-blocking backstop |
+//!
+//! [`GpuActorRef<K>`] adds typed helpers: `ask(msg).await` returns the
+//! message's reply type, and a message type the kernel does not serve is a
+//! typed error that hands the message back. ractor mailboxes are unbounded:
+//! backpressure from a full ring holds the actor's handler, not the senders
+//! (see `docs/semantics.md`).
+//!
+//! # Examples
+//!
+//! ```
+//! use ractor::{Actor, call};
+//! use ringkernel::conformance::{Echo, Probe};
+//! use ringkernel::runtime::Runtime;
+//! use ringkernel_ractor::{GpuActor, GpuActorRef, GpuMsg};
+//!
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let runtime = Runtime::new()?;
+//! let (actor, handle) = Actor::spawn(None, GpuActor::<Probe>::new(runtime), Default::default()).await?;
+//!
+//! // Exactly as any ractor actor: `call!` with the erased payload …
+//! let reply = call!(actor, GpuMsg::Ask, Echo(7).into())??;
+//! assert_eq!(reply.decode::<u64>()?, 7);
+//!
+//! // … or typed.
+//! let gpu = GpuActorRef::<Probe>::new(actor.clone());
+//! assert_eq!(gpu.ask(Echo(8)).await?, 8);
+//!
+//! actor.stop(None);
+//! handle.await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ringkernel::control::LifecycleState;
+use ringkernel::id::ActorId;
+use ringkernel::kernel::{Kernel, Message, Payload, Reply};
+use ringkernel::runtime::{
+    AskError, Fault, GpuSlot, LaunchOptions, Runtime, SlotEvent, SubmitError, Waiter,
+};
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Errors a GPU actor's caller can see.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GpuError {
+    /// The ask was accepted and resolved without a value (no reply, a
+    /// fault, termination).
+    #[error(transparent)]
+    Ask(#[from] AskError),
+    /// The kernel serves no message of this type.
+    #[error("the kernel does not serve message type {type_id:#x}")]
+    UnknownType {
+        /// The type id.
+        type_id: u32,
+    },
+    /// The actor's slot is closed (faulted or terminated).
+    #[error("the GPU actor is closed")]
+    Closed,
+    /// The reply did not decode as the message's reply type.
+    #[error("reply does not decode: {0}")]
+    Decode(#[from] ringkernel::DecodeError),
+    /// ractor could not deliver the message or the reply (the actor is gone,
+    /// or a `call_t!` timed out).
+    #[error("ractor: {0}")]
+    Rpc(String),
+    /// A lifecycle request was refused.
+    #[error(transparent)]
+    State(#[from] ringkernel::StateError),
+}
+
+/// A send the typed handle refused; the message is handed back.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TellError<M> {
+    /// The kernel serves no message of this type.
+    #[error("the kernel does not serve this message type")]
+    UnknownType(M),
+    /// The actor is not running.
+    #[error("the GPU actor is not running")]
+    Stopped(M),
+}
+
+/// The messages a [`GpuActor`] handles.
+#[derive(Debug)]
+pub enum GpuMsg {
+    /// An ask; the reply (or why there is none) goes to the port.
+    Ask(Payload, RpcReplyPort<Result<Reply, GpuError>>),
+    /// A tell.
+    Tell(Payload),
+    /// Stop dequeuing: messages wait in H2K until [`GpuMsg::Activate`].
+    Deactivate(RpcReplyPort<Result<(), GpuError>>),
+    /// Serve again.
+    Activate(RpcReplyPort<Result<(), GpuError>>),
+    /// The slot's status (state, heartbeat, processed, H2K depth).
+    Status(RpcReplyPort<GpuStatus>),
+    /// From the runtime's poller: the slot faulted. Fails the actor.
+    #[doc(hidden)]
+    Event(SlotEvent),
+}
+
+/// What [`GpuMsg::Status`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuStatus {
+    /// The device side's state.
+    pub state: LifecycleState,
+    /// Messages processed by this incarnation.
+    pub processed: u64,
+    /// Messages waiting in H2K.
+    pub h2k_depth: u64,
+    /// The actor id of the slot.
+    pub id: ActorId,
+}
+
+/// The caller's reply port, parked in the waiter slab.
+struct Port(RpcReplyPort<Result<Reply, GpuError>>);
+
+impl Waiter for Port {
+    fn complete(self, outcome: Result<Reply, AskError>) {
+        // The caller may have timed out and gone: nothing to deliver then.
+        let _ = self.0.send(outcome.map_err(GpuError::from));
+    }
+
+    fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+/// A ractor actor backed by an actor slot of kernel `K`.
+///
+/// `Arguments` is the kernel's initial state.
+pub struct GpuActor<K: Kernel> {
+    runtime: Runtime,
+    options: LaunchOptions,
+    terminate_timeout: Duration,
+    _kernel: PhantomData<fn() -> K>,
+}
+
+impl<K: Kernel> std::fmt::Debug for GpuActor<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuActor")
+            .field("kernel", &K::NAME)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+impl<K: Kernel> GpuActor<K> {
+    /// A GPU actor on `runtime` with default [`LaunchOptions`].
+    pub fn new(runtime: Runtime) -> Self {
+        Self::with_options(runtime, LaunchOptions::default())
+    }
+
+    /// A GPU actor on `runtime` launched with `options`.
+    pub fn with_options(runtime: Runtime, options: LaunchOptions) -> Self {
+        GpuActor {
+            runtime,
+            options,
+            terminate_timeout: Duration::from_secs(5),
+            _kernel: PhantomData,
+        }
+    }
+
+    /// How long `post_stop` waits for the kernel to acknowledge termination
+    /// (default 5 s; a kernel that does not is fenced and left behind).
+    pub fn terminate_timeout(mut self, timeout: Duration) -> Self {
+        self.terminate_timeout = timeout;
+        self
+    }
+}
+
+/// The actor's state: its slot (the one writer of its H2K ring).
+pub struct GpuActorState {
+    slot: Option<GpuSlot<Port>>,
+}
+
+impl std::fmt::Debug for GpuActorState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuActorState")
+            .field("slot", &self.slot)
+            .finish()
+    }
+}
+
+fn closed_error(slot: &GpuSlot<Port>) -> GpuError {
+    slot.fault()
+        .map_or(GpuError::Closed, |f| GpuError::Ask(AskError::Faulted(f)))
+}
+
+/// The actor failed because its kernel faulted.
+#[derive(Debug, thiserror::Error)]
+#[error("GPU actor {kernel} faulted: {fault}")]
+pub struct KernelFaulted {
+    /// Kernel name.
+    pub kernel: &'static str,
+    /// The fault.
+    pub fault: Fault,
+}
+
+impl<K: Kernel> Actor for GpuActor<K> {
+    type Msg = GpuMsg;
+    type State = GpuActorState;
+    type Arguments = K::State;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<GpuMsg>,
+        state: K::State,
+    ) -> Result<GpuActorState, ActorProcessingErr> {
+        let me = myself.clone();
+        let slot = self
+            .runtime
+            .launch::<K, Port>(state, &self.options, move |event| {
+                // Non-blocking: the poller thread must never wait on a mailbox.
+                let _ = me.send_message(GpuMsg::Event(event));
+            })?;
+        tracing::debug!(kernel = K::NAME, actor = ?slot.id(), ractor = %myself.get_id(), "GPU actor started");
+        Ok(GpuActorState { slot: Some(slot) })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<GpuMsg>,
+        msg: GpuMsg,
+        state: &mut GpuActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(slot) = state.slot.as_mut() else {
+            return Ok(());
+        };
+        let me = ActorId::cpu(
+            self.runtime.node(),
+            (myself.get_id().pid() & 0xFF_FFFF) as u32,
+        );
+        match msg {
+            GpuMsg::Ask(payload, port) => {
+                let mut item = (payload, Port(port));
+                loop {
+                    match slot.ask(item.0, item.1, me) {
+                        Ok(_) => break,
+                        Err(SubmitError::Full(back)) => {
+                            // Backpressure: hold this handler (and so the
+                            // mailbox behind it) until the ring drains.
+                            item = back;
+                            slot.space().await;
+                        }
+                        Err(SubmitError::UnknownType {
+                            value: (_, port),
+                            type_id,
+                        }) => {
+                            let _ = port.0.send(Err(GpuError::UnknownType { type_id }));
+                            break;
+                        }
+                        Err(SubmitError::Closed((_, port))) => {
+                            let _ = port.0.send(Err(closed_error(slot)));
+                            break;
+                        }
+                        Err(e) => return Err(format!("unexpected submit error {e:?}").into()),
+                    }
+                }
+            }
+            GpuMsg::Tell(payload) => {
+                let mut payload = payload;
+                loop {
+                    match slot.tell(payload, me) {
+                        Ok(()) => break,
+                        Err(SubmitError::Full(back)) => {
+                            payload = back;
+                            slot.space().await;
+                        }
+                        Err(e) => {
+                            // ractor's cast has no way back to the sender:
+                            // the refusal is logged (the typed handle checks
+                            // before sending).
+                            tracing::warn!(actor = ?slot.id(), error = %e, "tell refused");
+                            break;
+                        }
+                    }
+                }
+            }
+            GpuMsg::Deactivate(port) => {
+                let _ = port.send(slot.deactivate().map_err(GpuError::from));
+            }
+            GpuMsg::Activate(port) => {
+                let _ = port.send(slot.activate().map_err(GpuError::from));
+            }
+            GpuMsg::Status(port) => {
+                let st = slot.status();
+                let _ = port.send(GpuStatus {
+                    state: st.state,
+                    processed: st.processed,
+                    h2k_depth: slot.h2k_depth(),
+                    id: slot.id(),
+                });
+            }
+            GpuMsg::Event(SlotEvent::Faulted(fault)) => {
+                return Err(Box::new(KernelFaulted {
+                    kernel: K::NAME,
+                    fault,
+                }));
+            }
+            GpuMsg::Event(other) => tracing::debug!(?other, "slot event"),
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<GpuMsg>,
+        state: &mut GpuActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(mut slot) = state.slot.take() {
+            let timeout = self.terminate_timeout;
+            // Waiting for the kernel's acknowledgement blocks: not on a
+            // tokio worker.
+            let report = tokio::task::spawn_blocking(move || slot.terminate(timeout)).await?;
+            tracing::debug!(kernel = K::NAME, ?report, "GPU actor stopped");
+        }
+        Ok(())
+    }
+}
+
+/// A typed handle on a [`GpuActor<K>`]: asks return the message's reply
+/// type, and messages `K` does not serve are refused before sending.
+pub struct GpuActorRef<K: Kernel> {
+    actor: ActorRef<GpuMsg>,
+    served: Arc<[u32]>,
+    _kernel: PhantomData<fn() -> K>,
+}
+
+impl<K: Kernel> Clone for GpuActorRef<K> {
+    fn clone(&self) -> Self {
+        GpuActorRef {
+            actor: self.actor.clone(),
+            served: self.served.clone(),
+            _kernel: PhantomData,
+        }
+    }
+}
+
+impl<K: Kernel> std::fmt::Debug for GpuActorRef<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuActorRef")
+            .field("kernel", &K::NAME)
+            .field("actor", &self.actor.get_id())
+            .finish()
+    }
+}
+
+impl<K: Kernel> GpuActorRef<K> {
+    /// Wraps the ref of a spawned [`GpuActor<K>`].
+    pub fn new(actor: ActorRef<GpuMsg>) -> Self {
+        let mut served = K::cpu_handlers().map(|h| h.type_ids()).unwrap_or_default();
+        served.sort_unstable();
+        GpuActorRef {
+            actor,
+            served: served.into(),
+            _kernel: PhantomData,
+        }
+    }
+
+    /// The underlying ractor ref (for `call!`, `cast!`, supervision).
+    pub fn actor(&self) -> &ActorRef<GpuMsg> {
+        &self.actor
+    }
+
+    fn serves(&self, type_id: u32) -> bool {
+        self.served.binary_search(&type_id).is_ok()
+    }
+
+    /// Asks and waits for the typed reply.
+    ///
+    /// # Errors
+    /// [`GpuError`]: an unserved type, the actor gone, or the ask resolving
+    /// without a reply.
+    pub async fn ask<M: Message>(&self, msg: M) -> Result<M::Reply, GpuError> {
+        self.ask_inner(msg, None).await
+    }
+
+    /// As [`GpuActorRef::ask`], giving up after `timeout` (then the reply,
+    /// if it comes, is dropped and counted late).
+    ///
+    /// # Errors
+    /// As [`GpuActorRef::ask`], and [`GpuError::Rpc`] on timeout.
+    pub async fn ask_timeout<M: Message>(
+        &self,
+        msg: M,
+        timeout: Duration,
+    ) -> Result<M::Reply, GpuError> {
+        self.ask_inner(msg, Some(timeout)).await
+    }
+
+    async fn ask_inner<M: Message>(
+        &self,
+        msg: M,
+        timeout: Option<Duration>,
+    ) -> Result<M::Reply, GpuError> {
+        if !self.serves(M::TYPE_ID) {
+            return Err(GpuError::UnknownType {
+                type_id: M::TYPE_ID,
+            });
+        }
+        let payload = Payload::new(msg);
+        let reply = self
+            .actor
+            .call(|port| GpuMsg::Ask(payload, port), timeout)
+            .await
+            .map_err(|e| GpuError::Rpc(e.to_string()))?;
+        match reply {
+            ractor::rpc::CallResult::Success(r) => Ok(r?.decode::<M::Reply>()?),
+            ractor::rpc::CallResult::Timeout => Err(GpuError::Rpc("timed out".into())),
+            ractor::rpc::CallResult::SenderError => {
+                Err(GpuError::Rpc("the actor dropped the reply port".into()))
+            }
+        }
+    }
+
+    /// Tells, handing the message back if it cannot be sent.
+    ///
+    /// # Errors
+    /// [`TellError`] with the message.
+    pub fn tell<M: Message>(&self, msg: M) -> Result<(), TellError<M>> {
+        if !self.serves(M::TYPE_ID) {
+            return Err(TellError::UnknownType(msg));
+        }
+        self.actor
+            .send_message(GpuMsg::Tell(Payload::new(msg)))
+            .map_err(|_| TellError::Stopped(msg))
+    }
+
+    /// Deactivates the kernel: messages wait in H2K until activation.
+    ///
+    /// # Errors
+    /// [`GpuError`].
+    pub async fn deactivate(&self) -> Result<(), GpuError> {
+        self.control(GpuMsg::Deactivate).await
+    }
+
+    /// Activates the kernel.
+    ///
+    /// # Errors
+    /// [`GpuError`].
+    pub async fn activate(&self) -> Result<(), GpuError> {
+        self.control(GpuMsg::Activate).await
+    }
+
+    async fn control(
+        &self,
+        f: fn(RpcReplyPort<Result<(), GpuError>>) -> GpuMsg,
+    ) -> Result<(), GpuError> {
+        match self
+            .actor
+            .call(f, None)
+            .await
+            .map_err(|e| GpuError::Rpc(e.to_string()))?
+        {
+            ractor::rpc::CallResult::Success(r) => r,
+            _ => Err(GpuError::Rpc("no answer".into())),
+        }
+    }
+
+    /// The slot's status.
+    ///
+    /// # Errors
+    /// [`GpuError::Rpc`] if the actor is gone.
+    pub async fn status(&self) -> Result<GpuStatus, GpuError> {
+        match self
+            .actor
+            .call(GpuMsg::Status, None)
+            .await
+            .map_err(|e| GpuError::Rpc(e.to_string()))?
+        {
+            ractor::rpc::CallResult::Success(s) => Ok(s),
+            _ => Err(GpuError::Rpc("no answer".into())),
+        }
+    }
+}
