@@ -9,7 +9,7 @@ use crate::hlc::Hlc;
 use crate::id::{ActorId, ClockDomain, CorrelationId};
 use crate::kernel::{CpuHandlers, Kernel, MAX_INLINE, ReplySink, SYS_NO_REPLY};
 use crate::ring::{Consumer, Producer};
-use crate::runtime::{PollerShared, SpaceWaker};
+use crate::runtime::{Idle, PollerShared, SpaceWaker};
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -108,8 +108,6 @@ struct DeviceLoop<K: Kernel> {
 
 /// Messages served between two looks at the control block.
 const BATCH: usize = 64;
-/// Empty polls before parking on the doorbell.
-const SPINS: u32 = 200;
 
 enum Step {
     Worked,
@@ -155,18 +153,17 @@ impl<K: Kernel> DeviceLoop<K> {
 
     fn run(mut self) {
         self.ack(LifecycleState::Launched);
-        let mut idle = 0u32;
+        let mut idle = Idle::default();
         loop {
             match self.step() {
                 Step::Exit => return,
-                Step::Worked => idle = 0,
+                Step::Worked => idle.reset(),
                 Step::Idle => {
-                    idle += 1;
-                    if idle < SPINS {
+                    if !idle.should_park() {
                         std::hint::spin_loop();
                         continue;
                     }
-                    idle = 0;
+                    idle.reset();
                     let acked = self.acked;
                     let (control, h2k, k2h) = (&self.control, &mut self.h2k, &mut self.k2h);
                     let outbox_blocked = !self.outbox.is_empty();

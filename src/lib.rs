@@ -14,6 +14,9 @@
 //! | [`waiter`] | the preallocated waiter slab that matches replies to callers |
 //! | [`id`] | actor ids, correlation ids, clock domains |
 //! | [`layout`] | the C mirror of every shared struct (`device/include/ringkernel_protocol.h`) |
+//! | [`kernel`] | kernel definitions: messages, state, handlers |
+//! | [`runtime`] | the host side: launch, asks and tells, the K2H poller, lifecycle, watchdog |
+//! | [`conformance`] | the behaviours every backend must show, written once |
 //!
 //! The protocol is described byte by byte in `docs/protocol.md`.
 //!
@@ -65,10 +68,5 @@ pub mod ring;
 pub mod runtime;
 mod sync;
 pub mod waiter;
-
-/// The README's quick start, compiled and run as a doctest.
-#[doc = include_str!("../README.md")]
-#[cfg(doctest)]
-pub struct ReadmeDoctests;
 
 pub use error::{DecodeError, EncodeError, HlcError, LayoutError, StateError};

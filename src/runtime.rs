@@ -1057,9 +1057,39 @@ impl<W: Waiter> PollSlot for PolledSlot<W> {
     }
 }
 
+/// How long an idle loop (poller, device loop) spins before it parks: long
+/// enough to stay awake between the asks of a steady caller, short enough
+/// not to burn a core when traffic stops.
+pub(crate) const SPIN_BEFORE_PARK: Duration = Duration::from_micros(15);
+
+/// Tracks how long a loop has been idle.
+#[derive(Default)]
+pub(crate) struct Idle {
+    since: Option<Instant>,
+}
+
+impl Idle {
+    /// The loop did work.
+    pub(crate) fn reset(&mut self) {
+        self.since = None;
+    }
+
+    /// Called on an idle round: whether the loop has spun long enough.
+    pub(crate) fn should_park(&mut self) -> bool {
+        let now = Instant::now();
+        match self.since {
+            None => {
+                self.since = Some(now);
+                false
+            }
+            Some(t) => now.duration_since(t) >= SPIN_BEFORE_PARK,
+        }
+    }
+}
+
 fn poller_loop(p: &PollerShared) {
     let mut slots: Vec<Box<dyn PollSlot>> = Vec::new();
-    let mut idle_rounds = 0u32;
+    let mut idle = Idle::default();
     let tick = Duration::from_nanos((p.watchdog_ns / 4).clamp(1_000_000, 1_000_000_000));
     loop {
         if p.has_incoming.swap(false, Ordering::AcqRel)
@@ -1076,11 +1106,10 @@ fn poller_loop(p: &PollerShared) {
             return;
         }
         if done > 0 {
-            idle_rounds = 0;
+            idle.reset();
             continue;
         }
-        idle_rounds += 1;
-        if idle_rounds < 64 {
+        if !idle.should_park() {
             std::hint::spin_loop();
             continue;
         }
@@ -1090,6 +1119,6 @@ fn poller_loop(p: &PollerShared) {
                 || slots.iter_mut().any(|s| s.has_replies())
         };
         p.bell.park(has_work, || std::thread::park_timeout(tick));
-        idle_rounds = 0;
+        idle.reset();
     }
 }

@@ -4,6 +4,8 @@
 //! Unpublished: it exists so the comparison crates (rtrb, uhlc) never become
 //! dependencies of the library.
 
+pub mod actors;
+
 use bytemuck::{Pod, Zeroable};
 use ringkernel::doorbell::Doorbell;
 use ringkernel::envelope::{Envelope, EnvelopeHeader, Flags, HEADER_SIZE, HeaderCheck, encode_pod};
@@ -305,5 +307,10 @@ mod tests {
         hlc_uhlc(&uhlc::HLC::default(), 100);
         codec_ours(100);
         codec_bytemuck(100);
+        let pair = actors::RactorPair::new();
+        pair.gpu_asks(100);
+        pair.native_calls(100);
+        pair.gpu_tells(1000);
+        pair.native_casts(1000);
     }
 }

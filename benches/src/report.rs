@@ -14,6 +14,7 @@
 
 use ringkernel::hlc::Hlc;
 use ringkernel::id::ClockDomain;
+use ringkernel_bench::actors;
 use ringkernel_bench::*;
 use std::time::{Duration, Instant};
 
@@ -112,6 +113,7 @@ fn main() {
     let mut rtrb128 = RtrbRing::<128>::default();
     let ours_hlc = Hlc::new(ClockDomain::host(0));
     let uhlc = uhlc::HLC::default();
+    let ractor_pair = actors::RactorPair::new();
 
     let mut comparisons = vec![
         Comparison {
@@ -166,6 +168,20 @@ fn main() {
             ops: 2_000_000 * scale,
             ours: Box::new(codec_ours),
             base: Box::new(codec_bytemuck),
+        },
+        Comparison {
+            name: "ractor_ask",
+            config: "sequential asks from a tokio task (2 workers): GpuActorRef::ask(Echo) to a GPU actor on the cpu backend; base ractor call! to a native actor".into(),
+            ops: 20_000 * scale,
+            ours: Box::new(|n| ractor_pair.gpu_asks(n)),
+            base: Box::new(|n| ractor_pair.native_calls(n)),
+        },
+        Comparison {
+            name: "ractor_tell",
+            config: "n tells then one ask that sees them processed: GpuActorRef::tell(Add) vs ractor cast! to a native actor; time per tell".into(),
+            ops: 200_000 * scale,
+            ours: Box::new(|n| ractor_pair.gpu_tells(n)),
+            base: Box::new(|n| ractor_pair.native_casts(n)),
         },
     ];
     for c in &mut comparisons {

@@ -493,3 +493,8 @@ impl<K: Kernel> GpuActorRef<K> {
         }
     }
 }
+
+/// The README's quick starts, compiled and run as doctests.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

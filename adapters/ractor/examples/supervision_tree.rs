@@ -1,0 +1,239 @@
+//! A small ractor supervision tree with a GPU actor serving CPU actors, on
+//! the cpu backend (no GPU needed).
+//!
+//! ```text
+//! Supervisor ─┬─ Scorer   (GPU actor: kernel `Stats`, launched once, keeps its state)
+//!             ├─ Sensor 0 (CPU actor: casts readings to the scorer, then asks for a summary)
+//!             ├─ Sensor 1
+//!             └─ Sensor 2
+//! ```
+//!
+//! Then a bad reading makes the kernel's handler fault; the supervisor sees
+//! `ActorFailed` and starts a new scorer, which serves again.
+//!
+//! `cargo run --release -p ringkernel-ractor --example supervision_tree`
+
+use bytemuck::{Pod, Zeroable};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent, call};
+use ringkernel::kernel::{CpuHandlers, HandlerError, Kernel, Message};
+use ringkernel::runtime::Runtime;
+use ringkernel_ractor::{GpuActor, GpuActorRef, GpuMsg};
+use std::time::Duration;
+
+/// Tell: one sensor reading (milli-units). A negative reading is a fault.
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+#[repr(C)]
+struct Reading {
+    sensor: u32,
+    value: i32,
+}
+impl Message for Reading {
+    const TYPE_ID: u32 = 1;
+    type Reply = ();
+}
+
+/// Ask: (count, sum, max) over all readings so far.
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+#[repr(C)]
+struct Summary;
+impl Message for Summary {
+    const TYPE_ID: u32 = 2;
+    type Reply = [i64; 3];
+}
+
+/// The kernel's state, kept on the device between messages.
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+#[repr(C)]
+struct StatsState {
+    count: i64,
+    sum: i64,
+    max: i64,
+}
+
+struct Stats;
+impl Kernel for Stats {
+    type State = StatsState;
+    const NAME: &'static str = "stats";
+    fn cpu_handlers() -> Option<CpuHandlers<Self>> {
+        Some(
+            CpuHandlers::<Self>::new()
+                .on::<Reading>(|s, r, _| {
+                    if r.value < 0 {
+                        return Err(HandlerError(r.sensor));
+                    }
+                    s.count += 1;
+                    s.sum += i64::from(r.value);
+                    s.max = s.max.max(i64::from(r.value));
+                    Ok(())
+                })
+                .on::<Summary>(|s, _, ctx| {
+                    ctx.reply([s.count, s.sum, s.max]);
+                    Ok(())
+                }),
+        )
+    }
+}
+
+/// A CPU actor that feeds readings to the scorer.
+struct Sensor;
+impl Actor for Sensor {
+    type Msg = RpcReplyPort<[i64; 3]>;
+    type State = (u32, GpuActorRef<Stats>);
+    type Arguments = (u32, GpuActorRef<Stats>);
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<Self::Msg>,
+        port: Self::Msg,
+        (id, scorer): &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        for i in 0..1000 {
+            scorer
+                .tell(Reading {
+                    sensor: *id,
+                    value: (*id as i32 + 1) * 10 + i % 7,
+                })
+                .map_err(|e| e.to_string())?;
+        }
+        let summary = scorer.ask(Summary).await?;
+        let _ = port.send(summary);
+        Ok(())
+    }
+}
+
+enum SupMsg {
+    Scorer(RpcReplyPort<ActorRef<GpuMsg>>),
+}
+
+struct Supervisor;
+impl Actor for Supervisor {
+    type Msg = SupMsg;
+    type State = (Runtime, Option<ActorRef<GpuMsg>>);
+    type Arguments = Runtime;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<SupMsg>,
+        rt: Runtime,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let (scorer, _) = Actor::spawn_linked(
+            Some("scorer".into()),
+            GpuActor::<Stats>::new(rt.clone()),
+            StatsState::default(),
+            myself.get_cell(),
+        )
+        .await?;
+        Ok((rt, Some(scorer)))
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<SupMsg>,
+        msg: SupMsg,
+        (_, scorer): &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let SupMsg::Scorer(port) = msg;
+        if let Some(s) = scorer {
+            let _ = port.send(s.clone());
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<SupMsg>,
+        evt: SupervisionEvent,
+        (rt, scorer): &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorFailed(cell, err) = evt {
+            println!(
+                "supervisor: {} failed: {err}",
+                cell.get_name().unwrap_or_default()
+            );
+            let (fresh, _) = Actor::spawn_linked(
+                Some("scorer-2".into()),
+                GpuActor::<Stats>::new(rt.clone()),
+                StatsState::default(),
+                myself.get_cell(),
+            )
+            .await?;
+            println!(
+                "supervisor: restarted the scorer as {}",
+                fresh.get_name().unwrap_or_default()
+            );
+            *scorer = Some(fresh);
+        }
+        Ok(())
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let rt = Runtime::new()?;
+    println!("runtime: {:?} backend, node {}", rt.backend(), rt.node());
+    let (sup, sup_handle) = Actor::spawn(Some("supervisor".into()), Supervisor, rt.clone()).await?;
+    let scorer = GpuActorRef::<Stats>::new(call!(sup, SupMsg::Scorer)?);
+
+    let mut sensors = Vec::new();
+    for id in 0..3 {
+        let (s, _) = Actor::spawn_linked(
+            Some(format!("sensor-{id}")),
+            Sensor,
+            (id, scorer.clone()),
+            sup.get_cell(),
+        )
+        .await?;
+        sensors.push(s);
+    }
+    for (id, s) in sensors.iter().enumerate() {
+        let [count, sum, max] = call!(s, |port| port)?;
+        println!("sensor-{id}: scorer has seen {count} readings so far (sum {sum}, max {max})");
+    }
+    let [count, sum, max] = scorer.ask(Summary).await?;
+    println!(
+        "scorer (GPU actor, state kept across {count} messages): mean {:.2}, max {max}",
+        sum as f64 / count as f64
+    );
+
+    println!("sending a bad reading: the kernel's handler faults");
+    scorer
+        .tell(Reading {
+            sensor: 9,
+            value: -1,
+        })
+        .map_err(|e| e.to_string())?;
+    let after = scorer.ask(Summary).await;
+    println!("an ask racing the fault resolves, never hangs: {after:?}");
+    let mut fresh = None;
+    for _ in 0..200 {
+        let s = call!(sup, SupMsg::Scorer)?;
+        if s.get_id() != scorer.actor().get_id() {
+            fresh = Some(GpuActorRef::<Stats>::new(s));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let fresh = fresh.ok_or("the supervisor did not restart the scorer")?;
+    fresh
+        .tell(Reading {
+            sensor: 0,
+            value: 42,
+        })
+        .map_err(|e| e.to_string())?;
+    println!("new scorer serves again: {:?}", fresh.ask(Summary).await?);
+
+    for s in sensors {
+        s.stop(None);
+    }
+    sup.stop(None);
+    sup_handle.await?;
+    Ok(())
+}

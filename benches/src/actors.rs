@@ -1,0 +1,129 @@
+//! GPU actor (cpu backend) vs native actor workloads, per framework.
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ringkernel::conformance::{Add, Echo, Probe, Total};
+use ringkernel::runtime::Runtime;
+use ringkernel_ractor::{GpuActor, GpuActorRef};
+use std::hint::black_box;
+
+/// A native ractor actor doing what the `Probe` kernel does for `Echo`,
+/// `Add` and `Total`.
+pub struct NativeProbe;
+
+/// Messages of [`NativeProbe`].
+pub enum NativeMsg {
+    /// Ask: echo.
+    Echo(u64, RpcReplyPort<u64>),
+    /// Tell: add.
+    Add(u64),
+    /// Ask: total.
+    Total(RpcReplyPort<u64>),
+}
+
+impl Actor for NativeProbe {
+    type Msg = NativeMsg;
+    type State = u64;
+    type Arguments = ();
+
+    async fn pre_start(&self, _: ActorRef<NativeMsg>, _: ()) -> Result<u64, ActorProcessingErr> {
+        Ok(0)
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<NativeMsg>,
+        msg: NativeMsg,
+        total: &mut u64,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            NativeMsg::Echo(v, port) => {
+                let _ = port.send(v);
+            }
+            NativeMsg::Add(v) => *total += v,
+            NativeMsg::Total(port) => {
+                let _ = port.send(*total);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Both actors of the ractor comparison, on one tokio runtime.
+pub struct RactorPair {
+    /// The tokio runtime the callers run on.
+    pub tokio: tokio::runtime::Runtime,
+    gpu: GpuActorRef<Probe>,
+    native: ActorRef<NativeMsg>,
+    _rk: Runtime,
+}
+
+impl RactorPair {
+    /// Spawns a GPU actor (cpu backend) and a native actor.
+    pub fn new() -> Self {
+        let tokio = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio");
+        let rk = Runtime::new().expect("ringkernel runtime");
+        let (gpu, native) = tokio.block_on(async {
+            let (g, _) = Actor::spawn(None, GpuActor::<Probe>::new(rk.clone()), Default::default())
+                .await
+                .expect("spawn gpu");
+            let (n, _) = Actor::spawn(None, NativeProbe, ())
+                .await
+                .expect("spawn native");
+            (GpuActorRef::new(g), n)
+        });
+        RactorPair {
+            tokio,
+            gpu,
+            native,
+            _rk: rk,
+        }
+    }
+
+    /// `n` sequential asks to the GPU actor.
+    pub fn gpu_asks(&self, n: u64) {
+        self.tokio.block_on(async {
+            for i in 0..n {
+                black_box(self.gpu.ask(Echo(i)).await.expect("reply"));
+            }
+        })
+    }
+
+    /// `n` sequential `call`s to the native actor.
+    pub fn native_calls(&self, n: u64) {
+        self.tokio.block_on(async {
+            for i in 0..n {
+                black_box(ractor::call!(self.native, NativeMsg::Echo, i).expect("reply"));
+            }
+        })
+    }
+
+    /// `n` tells to the GPU actor, then one ask that sees them all processed.
+    pub fn gpu_tells(&self, n: u64) {
+        self.tokio.block_on(async {
+            for i in 0..n {
+                self.gpu.tell(Add(i)).expect("tell");
+            }
+            black_box(self.gpu.ask(Total()).await.expect("total"));
+        })
+    }
+
+    /// `n` casts to the native actor, then one call that sees them all.
+    pub fn native_casts(&self, n: u64) {
+        self.tokio.block_on(async {
+            for i in 0..n {
+                ractor::cast!(self.native, NativeMsg::Add(i)).expect("cast");
+            }
+            black_box(ractor::call!(self.native, NativeMsg::Total).expect("total"));
+        })
+    }
+}
+
+impl Default for RactorPair {
+    fn default() -> Self {
+        Self::new()
+    }
+}
