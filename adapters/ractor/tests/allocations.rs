@@ -84,9 +84,12 @@ async fn a_gpu_ask_allocates_no_more_than_a_native_call() {
     }
     let ours = *ours.iter().min().unwrap() as f64 / N as f64;
     let base = *base.iter().min().unwrap() as f64 / N as f64;
-    println!("allocations per ask: GPU actor {ours:.2}, native ractor call {base:.2}");
+    println!("allocations per ask: GPU actor {ours:.4}, native ractor call {base:.4}");
+    // Tolerance of 1 allocation per 100 asks: background work of the tokio
+    // runtime (timers, worker bookkeeping) lands in either window; anything
+    // made per ask shows as a whole allocation per ask.
     assert!(
-        ours <= base,
+        ours <= base + 0.01,
         "GPU actor ask allocates {ours:.2} per ask, native call {base:.2}"
     );
     gpu.actor().stop(None);
