@@ -9,7 +9,7 @@ use crate::hlc::Hlc;
 use crate::id::{ActorId, ClockDomain, CorrelationId};
 use crate::kernel::{CpuHandlers, Kernel, MAX_INLINE, ReplySink, SYS_NO_REPLY};
 use crate::ring::{Consumer, Producer};
-use crate::runtime::{Idle, PollerShared, SpaceWaker};
+use crate::runtime::{DEVICE_SPIN_CAP, Idle, PollerShared, SpaceWaker};
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -153,7 +153,7 @@ impl<K: Kernel> DeviceLoop<K> {
 
     fn run(mut self) {
         self.ack(LifecycleState::Launched);
-        let mut idle = Idle::default();
+        let mut idle = Idle::adaptive(DEVICE_SPIN_CAP);
         loop {
             match self.step() {
                 Step::Exit => return,
@@ -163,7 +163,6 @@ impl<K: Kernel> DeviceLoop<K> {
                         std::hint::spin_loop();
                         continue;
                     }
-                    idle.reset();
                     let acked = self.acked;
                     let (control, h2k, k2h) = (&self.control, &mut self.h2k, &mut self.k2h);
                     let outbox_blocked = !self.outbox.is_empty();
@@ -175,6 +174,8 @@ impl<K: Kernel> DeviceLoop<K> {
                             || (outbox_blocked && k2h.free_slots() > 0)
                     };
                     control.doorbell().park(has_work, std::thread::park);
+                    // The wait so far (spin and park) sizes the next spin.
+                    idle.reset();
                 }
             }
         }

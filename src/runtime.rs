@@ -1057,39 +1057,78 @@ impl<W: Waiter> PollSlot for PolledSlot<W> {
     }
 }
 
-/// How long an idle loop (poller, device loop) spins before it parks: long
-/// enough to stay awake between the asks of a steady caller, short enough
-/// not to burn a core when traffic stops.
-pub(crate) const SPIN_BEFORE_PARK: Duration = Duration::from_micros(15);
+/// How long the poller spins, idle, before it parks: a reply usually follows
+/// an ask within a few µs, and catching it awake saves a futex wake.
+pub(crate) const POLLER_SPIN: Duration = Duration::from_micros(50);
 
-/// Tracks how long a loop has been idle.
-#[derive(Default)]
+/// The most a device loop spins, idle, before it parks.
+pub(crate) const DEVICE_SPIN_CAP: Duration = Duration::from_micros(15);
+
+/// Decides when an idle loop parks.
+///
+/// A fixed budget spins for that long. An adaptive one spins about twice
+/// as long as the loop last waited for work, and not at all when that wait
+/// exceeded the cap: a stream of tells keeps the device loop awake, while
+/// sequential asks (whose gaps exceed the cap) let it park at once and
+/// leave the CPU to the threads that produce the next ask.
 pub(crate) struct Idle {
     since: Option<Instant>,
+    cap: Duration,
+    adaptive: bool,
+    last_wait: Duration,
 }
 
 impl Idle {
-    /// The loop did work.
-    pub(crate) fn reset(&mut self) {
-        self.since = None;
+    /// Spins for `budget` before parking.
+    pub(crate) fn fixed(budget: Duration) -> Self {
+        Idle {
+            since: None,
+            cap: budget,
+            adaptive: false,
+            last_wait: Duration::ZERO,
+        }
     }
 
-    /// Called on an idle round: whether the loop has spun long enough.
+    /// Spins about twice the last wait for work, at most `cap`.
+    pub(crate) fn adaptive(cap: Duration) -> Self {
+        Idle {
+            since: None,
+            cap,
+            adaptive: true,
+            last_wait: Duration::ZERO,
+        }
+    }
+
+    /// The loop did work.
+    pub(crate) fn reset(&mut self) {
+        if let Some(t) = self.since.take() {
+            self.last_wait = t.elapsed();
+        }
+    }
+
+    /// Called on an idle round: whether the loop should park now.
     pub(crate) fn should_park(&mut self) -> bool {
         let now = Instant::now();
+        let budget = if !self.adaptive {
+            self.cap
+        } else if self.last_wait > self.cap {
+            Duration::ZERO
+        } else {
+            (self.last_wait * 2).clamp(Duration::from_micros(1), self.cap)
+        };
         match self.since {
             None => {
                 self.since = Some(now);
-                false
+                budget.is_zero()
             }
-            Some(t) => now.duration_since(t) >= SPIN_BEFORE_PARK,
+            Some(t) => now.duration_since(t) >= budget,
         }
     }
 }
 
 fn poller_loop(p: &PollerShared) {
     let mut slots: Vec<Box<dyn PollSlot>> = Vec::new();
-    let mut idle = Idle::default();
+    let mut idle = Idle::fixed(POLLER_SPIN);
     let tick = Duration::from_nanos((p.watchdog_ns / 4).clamp(1_000_000, 1_000_000_000));
     loop {
         if p.has_incoming.swap(false, Ordering::AcqRel)
@@ -1120,5 +1159,26 @@ fn poller_loop(p: &PollerShared) {
         };
         p.bell.park(has_work, || std::thread::park_timeout(tick));
         idle.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adaptive_idle_parks_at_once_after_long_waits_and_spins_after_short_ones() {
+        let mut idle = Idle::adaptive(Duration::from_micros(15));
+        // Never waited yet: spins at least a little before parking.
+        assert!(!idle.should_park());
+        std::thread::sleep(Duration::from_millis(1));
+        assert!(idle.should_park(), "the budget is capped");
+        idle.reset(); // waited ~1 ms: longer than the cap
+        assert!(idle.should_park(), "after a long wait it parks at once");
+        idle.reset(); // waited ~0
+        assert!(!idle.should_park(), "after a short wait it spins again");
+        let mut fixed = Idle::fixed(Duration::from_secs(3600));
+        assert!(!fixed.should_park());
+        assert!(!fixed.should_park());
     }
 }
