@@ -50,6 +50,7 @@ struct Pending {
 struct Replies<'a> {
     k2h: &'a mut Producer,
     outbox: &'a mut VecDeque<Pending>,
+    outbox_limit: usize,
     clock: &'a Hlc,
     src: ActorId,
     sent: usize,
@@ -82,6 +83,10 @@ impl ReplySink for Replies<'_> {
                 .is_ok();
         if pushed {
             self.sent += 1;
+        } else if self.outbox.len() >= self.outbox_limit {
+            // More replies than asks can be in flight: a handler answered a
+            // deferred ask twice. The extra reply could only be late.
+            tracing::warn!(actor = ?self.src, correlation = ?to, "reply beyond the in-flight limit dropped");
         } else {
             let mut bytes = [0u8; MAX_INLINE];
             bytes[..len].copy_from_slice(&payload[..len]);
@@ -101,6 +106,7 @@ struct DeviceLoop<K: Kernel> {
     poller: Arc<PollerShared>,
     space: Arc<SpaceWaker>,
     outbox: VecDeque<Pending>,
+    outbox_limit: usize,
     clock: Hlc,
     acked: LifecycleState,
     processed: u64,
@@ -128,6 +134,9 @@ impl<K: Kernel> DeviceLoop<K> {
             poller: p.poller,
             space: p.space,
             outbox: VecDeque::with_capacity(p.max_in_flight),
+            // Every queued reply answers a distinct ask in flight (at most
+            // the waiter slab's capacity), plus the one being served.
+            outbox_limit: p.max_in_flight + 1,
             clock: Hlc::new(ClockDomain::unit(
                 p.node,
                 (p.id.index() as u16).wrapping_add(1),
@@ -152,6 +161,16 @@ impl<K: Kernel> DeviceLoop<K> {
     }
 
     fn run(mut self) {
+        // Anything that escapes the loop (a panic outside a handler, or a
+        // return that did not acknowledge a final state) is a fault the
+        // host must hear of: every in-flight ask then resolves.
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.serve()));
+        if outcome.is_err() || !self.acked.is_final() {
+            self.fault(FaultCode::UnexpectedExit, u64::from(outcome.is_err()));
+        }
+    }
+
+    fn serve(&mut self) {
         self.ack(LifecycleState::Launched);
         let mut idle = Idle::adaptive(DEVICE_SPIN_CAP);
         loop {
@@ -192,6 +211,9 @@ impl<K: Kernel> DeviceLoop<K> {
         };
         match requested {
             LifecycleState::Terminated | LifecycleState::Faulted => {
+                // Best effort: replies already made reach their callers
+                // rather than resolving as `Terminated`.
+                self.flush_outbox();
                 self.ack(LifecycleState::Terminated);
                 return Step::Exit;
             }
@@ -227,6 +249,7 @@ impl<K: Kernel> DeviceLoop<K> {
                 let mut replies = Replies {
                     k2h: &mut self.k2h,
                     outbox: &mut self.outbox,
+                    outbox_limit: self.outbox_limit,
                     clock: &self.clock,
                     src: self.id,
                     sent: 0,

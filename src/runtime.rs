@@ -495,7 +495,7 @@ impl Runtime {
             fault: OnceLock::new(),
             device: OnceLock::new(),
             space: Arc::new(SpaceWaker::default()),
-            late_replies: AtomicU64::new(0),
+            bad_replies: AtomicU64::new(0),
             events: Box::new(events),
             _count: guard,
         });
@@ -567,19 +567,32 @@ impl SpaceWaker {
                 slot => *slot = Some(waker.clone()),
             }
         }
-        // SeqCst pairs with the poller's SeqCst load in `wake_if_wanted`
-        // after it observed space: either it sees `wanted`, or the sender's
-        // re-check after registering sees the space.
-        self.wanted.store(true, Ordering::SeqCst);
+        self.wanted.store(true, Ordering::Relaxed);
+        // Store→load handshake, as the doorbell: this fence orders the store
+        // of `wanted` before the sender's re-check of the ring; it pairs with
+        // the fence in `wake_if_wanted`, which orders the release of H2K
+        // slots (or of a waiter) before the load of `wanted`. Either the
+        // waker sees `wanted`, or the re-check sees the space.
+        fence(Ordering::SeqCst);
     }
 
     pub(crate) fn wake_if_wanted(&self) {
-        if self.wanted.load(Ordering::SeqCst) && self.wanted.swap(false, Ordering::SeqCst) {
+        fence(Ordering::SeqCst);
+        if self.wanted.load(Ordering::Relaxed) && self.wanted.swap(false, Ordering::AcqRel) {
             let waker = self.waker.lock().ok().and_then(|mut w| w.take());
             if let Some(w) = waker {
                 w.wake();
             }
         }
+    }
+}
+
+/// Completes a waiter; a panicking `Waiter` implementation must not take
+/// the poller (and every other slot's callers) down with it.
+fn complete<W: Waiter>(waiter: W, outcome: Result<Reply, AskError>) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| waiter.complete(outcome))).is_err()
+    {
+        tracing::error!("a Waiter::complete implementation panicked");
     }
 }
 
@@ -594,7 +607,7 @@ pub(crate) struct SlotShared<W> {
     fault: OnceLock<Fault>,
     device: OnceLock<Thread>,
     space: Arc<SpaceWaker>,
-    late_replies: AtomicU64,
+    bad_replies: AtomicU64,
     events: EventSink,
     _count: SlotCount,
 }
@@ -613,7 +626,7 @@ impl<W: Waiter> SlotShared<W> {
         // the sender sees `closed` and takes its waiter back, or this sweep
         // sees the waiter it inserted.
         fence(Ordering::SeqCst);
-        let swept = self.waiters.sweep(|_, w| w.complete(Err(error)));
+        let swept = self.waiters.sweep(|_, w| complete(w, Err(error)));
         self.space.wake_if_wanted();
         swept
     }
@@ -637,6 +650,69 @@ impl<W: Waiter> fmt::Debug for GpuSlot<W> {
             .field("kernel", &self.shared.name)
             .field("status", &self.status())
             .finish()
+    }
+}
+
+/// A handle on a slot's lifecycle that does not own its H2K ring: cheap to
+/// clone and usable from any thread, e.g. to activate an actor whose own
+/// handler is held by a full ring.
+#[derive(Clone)]
+pub struct SlotController {
+    control: Arc<ControlBlock>,
+    h2k: RingObserver,
+    device: Option<Thread>,
+    id: ActorId,
+}
+
+impl fmt::Debug for SlotController {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlotController")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SlotController {
+    fn request(&self, state: LifecycleState) -> Result<(), StateError> {
+        self.control.request(state)?;
+        if let Some(t) = &self.device {
+            self.control.doorbell().ring(|| t.unpark());
+        }
+        Ok(())
+    }
+
+    /// Requests `Active`.
+    ///
+    /// # Errors
+    /// [`StateError::InvalidTransition`].
+    pub fn activate(&self) -> Result<(), StateError> {
+        self.request(LifecycleState::Active)
+    }
+
+    /// Requests `Deactivated`.
+    ///
+    /// # Errors
+    /// [`StateError::InvalidTransition`].
+    pub fn deactivate(&self) -> Result<(), StateError> {
+        self.request(LifecycleState::Deactivated)
+    }
+
+    /// The device side's status.
+    ///
+    /// # Errors
+    /// [`StateError::UnknownState`] for a corrupt control block.
+    pub fn status(&self) -> Result<SlotStatus, StateError> {
+        self.control.status()
+    }
+
+    /// Messages waiting in H2K.
+    pub fn h2k_depth(&self) -> u64 {
+        self.h2k.len()
+    }
+
+    /// The actor's id.
+    pub fn id(&self) -> ActorId {
+        self.id
     }
 }
 
@@ -668,6 +744,16 @@ impl<W: Waiter> GpuSlot<W> {
         &self.served
     }
 
+    /// A lifecycle handle that does not own the H2K ring.
+    pub fn controller(&self) -> SlotController {
+        SlotController {
+            control: self.shared.control.clone(),
+            h2k: self.shared.h2k.clone(),
+            device: self.shared.device.get().cloned(),
+            id: self.shared.id,
+        }
+    }
+
     /// Whether the slot still accepts messages.
     pub fn is_open(&self) -> bool {
         !self.shared.closed.load(Ordering::Acquire)
@@ -695,9 +781,16 @@ impl<W: Waiter> GpuSlot<W> {
         self.shared.h2k.len()
     }
 
-    /// Replies that arrived for asks already resolved (late, or after a sweep).
+    /// Replies that arrived for asks already resolved (late, or after a
+    /// sweep), or with ids of another incarnation.
     pub fn late_replies(&self) -> u64 {
-        self.shared.late_replies.load(Ordering::Relaxed) + self.shared.waiters.stats().late
+        let s = self.shared.waiters.stats();
+        s.late + s.foreign + s.invalid
+    }
+
+    /// K2H envelopes that failed validation (a device bug), dropped.
+    pub fn bad_replies(&self) -> u64 {
+        self.shared.bad_replies.load(Ordering::Relaxed)
     }
 
     fn check<T>(&self, value: T, type_id: u32) -> Result<T, SubmitError<T>> {
@@ -819,7 +912,7 @@ impl<W: Waiter> GpuSlot<W> {
     }
 
     fn has_space(&mut self) -> bool {
-        !self.is_open() || self.h2k.free_slots() > 0
+        !self.is_open() || (self.h2k.free_slots() > 0 && self.shared.waiters.has_free())
     }
 
     /// Waits until [`GpuSlot::poll_space`] is ready.
@@ -958,7 +1051,7 @@ impl PollerShared {
 trait PollSlot: Send {
     /// Drains K2H and checks state and watchdog; returns work done.
     fn poll(&mut self, p: &PollerShared) -> usize;
-    /// Whether K2H holds replies.
+    /// Whether K2H holds replies or the slot has a fault not yet handled.
     fn has_replies(&mut self) -> bool;
     /// Whether the slot is gone for good and may be dropped by the poller.
     fn finished(&self) -> bool;
@@ -981,13 +1074,25 @@ impl<W: Waiter> PolledSlot<W> {
         if self.shared.fault.set(fault).is_ok() {
             tracing::warn!(actor = ?self.shared.id, kernel = self.shared.name, %fault, "actor slot faulted");
             self.shared.close_and_sweep(AskError::Faulted(fault));
-            (self.shared.events)(SlotEvent::Faulted(fault));
+            // The adapter's callback must not take the poller down with it.
+            let events = &self.shared.events;
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                events(SlotEvent::Faulted(fault))
+            }))
+            .is_err()
+            {
+                tracing::error!(actor = ?self.shared.id, "the slot event callback panicked");
+            }
         }
     }
 }
 
 impl<W: Waiter> PollSlot for PolledSlot<W> {
     fn poll(&mut self, p: &PollerShared) -> usize {
+        // The state is read before draining: a device publishes its replies
+        // before it acknowledges `Faulted` (store-release), so every reply
+        // made before a fault is drained before the fault's sweep below.
+        let status = self.shared.control.status();
         let shared = &*self.shared;
         let check = HeaderCheck::any_type(MAX_INLINE as u32);
         let mut done = 0;
@@ -995,7 +1100,7 @@ impl<W: Waiter> PollSlot for PolledSlot<W> {
         while let Some(env) = batch.try_recv_with(&check, |e| Reply::new(e.header, e.payload)) {
             done += 1;
             let Ok(reply) = env else {
-                shared.late_replies.fetch_add(1, Ordering::Relaxed);
+                shared.bad_replies.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
             let h = *reply.header();
@@ -1004,21 +1109,22 @@ impl<W: Waiter> PollSlot for PolledSlot<W> {
             let _span = tracing::trace_span!("reply", actor = ?shared.id, correlation = ?h.correlation, trace_id = h.trace_id, hlc = h.hlc).entered();
             match shared.waiters.take(h.correlation) {
                 Ok(w) if h.flags.contains(Flags::ERROR) && h.type_id == SYS_NO_REPLY => {
-                    w.complete(Err(AskError::NoReply))
+                    complete(w, Err(AskError::NoReply))
                 }
-                Ok(w) => w.complete(Ok(reply)),
-                Err(_) => {
-                    shared.late_replies.fetch_add(1, Ordering::Relaxed);
-                }
+                Ok(w) => complete(w, Ok(reply)),
+                // Late, foreign or invalid: counted by the slab.
+                Err(_) => {}
             }
         }
         drop(batch);
         if done > 0 {
-            // The device loop may be parked waiting for K2H room.
+            // The device loop may be parked waiting for K2H room, and a
+            // sender for a free waiter.
             shared.wake_device();
+            shared.space.wake_if_wanted();
         }
         if shared.fault.get().is_none()
-            && let Ok(status) = shared.control.status()
+            && let Ok(status) = status
         {
             if status.state == LifecycleState::Faulted {
                 self.fault(Fault {
@@ -1049,6 +1155,8 @@ impl<W: Waiter> PollSlot for PolledSlot<W> {
 
     fn has_replies(&mut self) -> bool {
         !self.k2h.is_empty()
+            || (self.shared.fault.get().is_none()
+                && self.shared.control.acked_state() == Ok(LifecycleState::Faulted))
     }
 
     fn finished(&self) -> bool {

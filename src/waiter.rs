@@ -175,6 +175,12 @@ impl<W> WaiterSlab<W> {
         }
     }
 
+    /// Whether an insert would find a free entry right now (a snapshot).
+    pub fn has_free(&self) -> bool {
+        // Pairs with the Release CAS in `push_free`.
+        self.free_head.load(Ordering::Acquire) as u32 != NIL
+    }
+
     fn pop_free(&self) -> Option<usize> {
         // Acquire pairs with the Release CAS in `push_free`: the entry's
         // `next_free`, its FREE state and the previous owner's read of the

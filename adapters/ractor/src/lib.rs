@@ -53,10 +53,11 @@ use ringkernel::control::LifecycleState;
 use ringkernel::id::ActorId;
 use ringkernel::kernel::{Kernel, Message, Payload, Reply};
 use ringkernel::runtime::{
-    AskError, Fault, GpuSlot, LaunchOptions, Runtime, SlotEvent, SubmitError, Waiter,
+    AskError, Fault, GpuSlot, LaunchOptions, Runtime, SlotController, SlotEvent, SubmitError,
+    Waiter,
 };
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// Errors a GPU actor's caller can see.
@@ -152,6 +153,7 @@ pub struct GpuActor<K: Kernel> {
     runtime: Runtime,
     options: LaunchOptions,
     terminate_timeout: Duration,
+    controller: Arc<OnceLock<SlotController>>,
     _kernel: PhantomData<fn() -> K>,
 }
 
@@ -176,8 +178,17 @@ impl<K: Kernel> GpuActor<K> {
             runtime,
             options,
             terminate_timeout: Duration::from_secs(5),
+            controller: Arc::new(OnceLock::new()),
             _kernel: PhantomData,
         }
+    }
+
+    /// A lifecycle handle that bypasses the mailbox, available once the
+    /// actor has started. Take it before spawning: while a full H2K ring
+    /// holds the actor's handler, a `GpuMsg::Activate` waits in the mailbox
+    /// behind the blocked message, but this handle still reaches the kernel.
+    pub fn controller(&self) -> GpuController {
+        GpuController(self.controller.clone())
     }
 
     /// How long `post_stop` waits for the kernel to acknowledge termination
@@ -233,6 +244,7 @@ impl<K: Kernel> Actor for GpuActor<K> {
                 // Non-blocking: the poller thread must never wait on a mailbox.
                 let _ = me.send_message(GpuMsg::Event(event));
             })?;
+        let _ = self.controller.set(slot.controller());
         tracing::debug!(kernel = K::NAME, actor = ?slot.id(), ractor = %myself.get_id(), "GPU actor started");
         Ok(GpuActorState { slot: Some(slot) })
     }
@@ -335,6 +347,44 @@ impl<K: Kernel> Actor for GpuActor<K> {
             tracing::debug!(kernel = K::NAME, ?report, "GPU actor stopped");
         }
         Ok(())
+    }
+}
+
+/// The mailbox-bypassing lifecycle handle of a [`GpuActor`] (see
+/// [`GpuActor::controller`]).
+#[derive(Clone, Debug)]
+pub struct GpuController(Arc<OnceLock<SlotController>>);
+
+impl GpuController {
+    fn get(&self) -> Result<&SlotController, GpuError> {
+        self.0
+            .get()
+            .ok_or(GpuError::Rpc("the GPU actor has not started".into()))
+    }
+
+    /// Activates the kernel.
+    ///
+    /// # Errors
+    /// [`GpuError::State`] for a refused transition, [`GpuError::Rpc`]
+    /// before the actor started.
+    pub fn activate(&self) -> Result<(), GpuError> {
+        Ok(self.get()?.activate()?)
+    }
+
+    /// Deactivates the kernel.
+    ///
+    /// # Errors
+    /// As [`GpuController::activate`].
+    pub fn deactivate(&self) -> Result<(), GpuError> {
+        Ok(self.get()?.deactivate()?)
+    }
+
+    /// Messages waiting in H2K.
+    ///
+    /// # Errors
+    /// [`GpuError::Rpc`] before the actor started.
+    pub fn h2k_depth(&self) -> Result<u64, GpuError> {
+        Ok(self.get()?.h2k_depth())
     }
 }
 

@@ -303,3 +303,42 @@ async fn killed_actor_resolves_its_callers() {
         assert!(r.is_err(), "{r:?}");
     }
 }
+
+/// Deactivated with more messages than its ring holds: the actor's handler
+/// waits for space, `GpuMsg::Activate` would wait behind it in the mailbox,
+/// and the controller (which bypasses the mailbox) still activates it; every
+/// message is then processed, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_activates_an_actor_held_by_a_full_ring() {
+    let rt = Runtime::new().unwrap();
+    let actor_def = GpuActor::<Probe>::with_options(
+        rt,
+        LaunchOptions::default()
+            .h2k_capacity(8)
+            .auto_activate(false),
+    );
+    let controller = actor_def.controller();
+    let (actor, handle) = Actor::spawn(None, actor_def, Default::default())
+        .await
+        .unwrap();
+    let gpu = GpuActorRef::<Probe>::new(actor.clone());
+    for i in 0..100u64 {
+        gpu.tell(Seq(i)).unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while controller.h2k_depth().unwrap() < 8 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the ring never filled"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    controller.activate().unwrap();
+    let report = tokio::time::timeout(DEADLINE, gpu.ask(SeqReport()))
+        .await
+        .expect("no hang")
+        .unwrap();
+    assert_eq!(report, [100, 0]);
+    actor.stop(None);
+    handle.await.unwrap();
+}
