@@ -4,7 +4,7 @@
 //! the GPU backends must match byte for byte.
 
 use crate::control::{ControlBlock, FaultCode, LifecycleState};
-use crate::envelope::{EnvelopeHeader, Flags, HEADER_SIZE, HeaderCheck};
+use crate::envelope::{EnvelopeHeader, Flags, HeaderCheck};
 use crate::hlc::Hlc;
 use crate::id::{ActorId, ClockDomain, CorrelationId};
 use crate::kernel::{CpuHandlers, Kernel, MAX_INLINE, ReplySink, SYS_NO_REPLY};
@@ -73,14 +73,8 @@ impl ReplySink for Replies<'_> {
             .with_stamp(stamp.hlc, stamp.domain);
         let len = payload.len().min(MAX_INLINE);
         header.payload_len = len as u32;
-        let pushed = self.outbox.is_empty()
-            && self
-                .k2h
-                .try_push_with(|slot| {
-                    slot[..HEADER_SIZE].copy_from_slice(header.as_bytes());
-                    slot[HEADER_SIZE..HEADER_SIZE + len].copy_from_slice(&payload[..len]);
-                })
-                .is_ok();
+        let pushed =
+            self.outbox.is_empty() && self.k2h.try_send_bytes(&header, &payload[..len]).is_ok();
         if pushed {
             self.sent += 1;
         } else if self.outbox.len() >= self.outbox_limit {
@@ -334,14 +328,11 @@ impl<K: Kernel> DeviceLoop<K> {
     fn flush_outbox(&mut self) -> usize {
         let mut moved = 0;
         while let Some(p) = self.outbox.front() {
-            let pushed = self
+            if self
                 .k2h
-                .try_push_with(|slot| {
-                    slot[..HEADER_SIZE].copy_from_slice(p.header.as_bytes());
-                    slot[HEADER_SIZE..HEADER_SIZE + p.len].copy_from_slice(&p.bytes[..p.len]);
-                })
-                .is_ok();
-            if !pushed {
+                .try_send_bytes(&p.header, &p.bytes[..p.len])
+                .is_err()
+            {
                 break;
             }
             self.outbox.pop_front();

@@ -418,6 +418,32 @@ pub fn encode_pod<T: Pod>(
     Ok(header)
 }
 
+/// Writes `header` followed by the raw `payload` bytes into `slot`, setting
+/// `payload_len`. Returns the header as written. (For typed payloads use
+/// [`encode_pod`].)
+///
+/// # Errors
+/// [`EncodeError::PayloadTooLarge`] if header and payload do not fit in `slot`.
+#[inline]
+pub fn encode_bytes(
+    slot: &mut [u8],
+    header: &EnvelopeHeader,
+    payload: &[u8],
+) -> Result<EnvelopeHeader, EncodeError> {
+    let end = HEADER_SIZE + payload.len();
+    if slot.len() < end {
+        return Err(EncodeError::PayloadTooLarge {
+            len: payload.len(),
+            max: slot.len().saturating_sub(HEADER_SIZE),
+        });
+    }
+    let mut header = *header;
+    header.payload_len = payload.len() as u32;
+    slot[..HEADER_SIZE].copy_from_slice(header.as_bytes());
+    slot[HEADER_SIZE..end].copy_from_slice(payload);
+    Ok(header)
+}
+
 #[cfg(feature = "rkyv")]
 pub use archived::OwnedEnvelope;
 

@@ -27,7 +27,9 @@
 //! loom-tracked slot cells (see the `loom` tests).
 
 use crate::LayoutError;
-use crate::envelope::{Envelope, EnvelopeHeader, HEADER_SIZE, HeaderCheck, encode_pod};
+use crate::envelope::{
+    Envelope, EnvelopeHeader, HEADER_SIZE, HeaderCheck, encode_bytes, encode_pod,
+};
 use crate::error::DecodeError;
 use crate::sync::{AtomicU64, Ordering};
 use bytemuck::Pod;
@@ -714,6 +716,35 @@ impl Producer {
         payload: T,
     ) -> Result<EnvelopeHeader, SendError<T>> {
         send_staged(self, 0, header, payload).inspect(|_| self.publish(1))
+    }
+
+    /// Encodes `header` and raw `payload` bytes into the next free slot and
+    /// publishes it. Returns the header as written.
+    ///
+    /// # Errors
+    /// [`PushError::TooLarge`] or [`PushError::Full`]; the caller keeps the bytes.
+    #[inline]
+    pub fn try_send_bytes(
+        &mut self,
+        header: &EnvelopeHeader,
+        payload: &[u8],
+    ) -> Result<EnvelopeHeader, PushError> {
+        let max = self.slot_size() - HEADER_SIZE;
+        if payload.len() > max {
+            return Err(PushError::TooLarge {
+                len: payload.len(),
+                max,
+            });
+        }
+        match self.try_push_with(|slot| encode_bytes(slot, header, payload)) {
+            Ok(Ok(written)) => Ok(written),
+            // The size was checked above, so encoding into a slot cannot fail.
+            Ok(Err(_)) => Err(PushError::TooLarge {
+                len: payload.len(),
+                max,
+            }),
+            Err(RingFull) => Err(PushError::Full),
+        }
     }
 
     /// Starts a batch: slots written through it are published with one store

@@ -814,18 +814,7 @@ impl<W: Waiter> GpuSlot<W> {
     }
 
     fn publish(&mut self, header: &EnvelopeHeader, payload: &Payload) -> bool {
-        let pushed = self
-            .h2k
-            .try_push_with(|slot| {
-                let mut h = *header;
-                h.payload_len = payload.bytes().len() as u32;
-                h.encode_into(slot).is_ok() && {
-                    slot[crate::envelope::HEADER_SIZE..][..payload.bytes().len()]
-                        .copy_from_slice(payload.bytes());
-                    true
-                }
-            })
-            .unwrap_or(false);
+        let pushed = self.h2k.try_send_bytes(header, payload.bytes()).is_ok();
         if pushed {
             self.shared.wake_device();
         }

@@ -155,6 +155,27 @@ fn envelopes_round_trip_and_bad_ones_do_not_jam_the_ring() {
 }
 
 #[test]
+fn raw_byte_payloads_round_trip_and_are_bounded() {
+    let l = layout(2, 128);
+    let (mut tx, mut rx) = Ring::new(l);
+    let h = EnvelopeHeader::new(9, Flags::empty());
+    let written = tx.try_send_bytes(&h, &[1, 2, 3]).unwrap();
+    assert_eq!(written.payload_len, 3);
+    assert_eq!(
+        tx.try_send_bytes(&h, &[0; 65]),
+        Err(PushError::TooLarge { len: 65, max: 64 })
+    );
+    tx.try_send_bytes(&h, &[]).unwrap();
+    assert_eq!(tx.try_send_bytes(&h, &[7]), Err(PushError::Full));
+    let check = HeaderCheck::any_type(64);
+    assert_eq!(
+        rx.try_recv_with(&check, |e| e.payload.to_vec()),
+        Some(Ok(vec![1, 2, 3]))
+    );
+    assert_eq!(rx.try_recv_with(&check, |e| e.payload.len()), Some(Ok(0)));
+}
+
+#[test]
 fn init_in_checks_bounds_and_alignment() {
     let l = layout(4, 128);
     let mem: Arc<dyn SharedMemory> = Arc::new(HeapRegion::zeroed(l.region_bytes() + 128));
