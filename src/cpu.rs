@@ -237,7 +237,7 @@ impl<K: Kernel> DeviceLoop<K> {
             let mut batch = self.h2k.batch();
             // Dequeue only with a K2H slot reserved (and nothing queued
             // before it), so the reply this message may need has room.
-            while taken < BATCH && self.outbox.is_empty() && self.k2h.free_slots() > 0 {
+            while taken < BATCH && self.outbox.is_empty() && self.k2h.has_room() {
                 let handlers = &self.handlers;
                 let state = &mut self.state;
                 let mut replies = Replies {

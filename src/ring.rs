@@ -632,6 +632,14 @@ impl Producer {
         (self.capacity - (self.tail - self.cached_head)) as usize
     }
 
+    /// Whether a slot is free. Cheap: reads the consumer's counter (a line
+    /// the other side writes) only when the cached copy says full; use
+    /// [`Producer::free_slots`] for a fresh count.
+    #[inline]
+    pub fn has_room(&mut self) -> bool {
+        self.has_room_at(0)
+    }
+
     #[inline]
     fn refresh_head(&mut self) {
         // Pairs with the consumer's store-release of head: its reads of the
@@ -641,7 +649,7 @@ impl Producer {
 
     /// Whether the slot `offset` places after the published tail is free.
     #[inline(always)]
-    fn has_room(&mut self, offset: u64) -> bool {
+    fn has_room_at(&mut self, offset: u64) -> bool {
         if self.tail + offset - self.cached_head < self.capacity {
             return true;
         }
@@ -656,7 +664,7 @@ impl Producer {
         offset: u64,
         f: impl FnOnce(&mut [u8]) -> R,
     ) -> Result<R, RingFull> {
-        if !self.has_room(offset) {
+        if !self.has_room_at(offset) {
             return Err(RingFull);
         }
         // SAFETY: `tail + offset < head + capacity` (checked), so the slot is

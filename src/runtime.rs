@@ -839,7 +839,7 @@ impl<W: Waiter> GpuSlot<W> {
         if waiter.is_closed() {
             return Ok(CorrelationId::NONE);
         }
-        if self.h2k.free_slots() == 0 {
+        if !self.h2k.has_room() {
             return Err(SubmitError::Full((payload, waiter)));
         }
         let correlation = match self.shared.waiters.insert(waiter) {
@@ -874,7 +874,7 @@ impl<W: Waiter> GpuSlot<W> {
     /// [`SubmitError`] with the message: `Full`, `UnknownType`, `Closed`.
     pub fn tell(&mut self, payload: Payload, src: ActorId) -> Result<(), SubmitError<Payload>> {
         let payload = self.check(payload, payload.type_id())?;
-        if self.h2k.free_slots() == 0 {
+        if !self.h2k.has_room() {
             return Err(SubmitError::Full(payload));
         }
         let header = self.header(&payload, Flags::empty(), src);
