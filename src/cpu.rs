@@ -9,7 +9,7 @@ use crate::hlc::Hlc;
 use crate::id::{ActorId, ClockDomain, CorrelationId};
 use crate::kernel::{CpuHandlers, Kernel, MAX_INLINE, ReplySink, SYS_NO_REPLY};
 use crate::ring::{Consumer, Producer};
-use crate::runtime::{DEVICE_SPIN_CAP, Idle, PollerShared, SpaceWaker};
+use crate::runtime::{Idle, PollerShared, SpaceWaker, device_spin_budget};
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -104,6 +104,9 @@ struct DeviceLoop<K: Kernel> {
     clock: Hlc,
     acked: LifecycleState,
     processed: u64,
+    /// Send stamp of the last message served, and its gap to the one before.
+    last_send: u64,
+    send_gap_ns: u64,
 }
 
 /// Messages served between two looks at the control block.
@@ -137,6 +140,8 @@ impl<K: Kernel> DeviceLoop<K> {
             )),
             acked: LifecycleState::Created,
             processed: 0,
+            last_send: 0,
+            send_gap_ns: u64::MAX,
         }
     }
 
@@ -166,11 +171,14 @@ impl<K: Kernel> DeviceLoop<K> {
 
     fn serve(&mut self) {
         self.ack(LifecycleState::Launched);
-        let mut idle = Idle::adaptive(DEVICE_SPIN_CAP);
+        let mut idle = Idle::new(std::time::Duration::ZERO);
         loop {
             match self.step() {
                 Step::Exit => return,
-                Step::Worked => idle.reset(),
+                Step::Worked => {
+                    idle.reset();
+                    idle.set_budget(device_spin_budget(self.send_gap_ns));
+                }
                 Step::Idle => {
                     if !idle.should_park() {
                         std::hint::spin_loop();
@@ -187,7 +195,6 @@ impl<K: Kernel> DeviceLoop<K> {
                             || (outbox_blocked && k2h.free_slots() > 0)
                     };
                     control.doorbell().park(has_work, std::thread::park);
-                    // The wait so far (spin and park) sizes the next spin.
                     idle.reset();
                 }
             }
@@ -249,7 +256,11 @@ impl<K: Kernel> DeviceLoop<K> {
                     sent: 0,
                 };
                 let clock = &self.clock;
+                let (last_send, send_gap) = (&mut self.last_send, &mut self.send_gap_ns);
                 let Some(outcome) = batch.try_recv_with(&check, |env| {
+                    // The sender's pace sizes the idle spin (see `Idle`).
+                    *send_gap = env.header.hlc.saturating_sub(*last_send);
+                    *last_send = env.header.hlc;
                     let stamp = clock.receive(env.header.hlc);
                     let Some((_, handler)) = handlers
                         .entries

@@ -1161,71 +1161,74 @@ pub(crate) const POLLER_SPIN: Duration = Duration::from_micros(50);
 /// The most a device loop spins, idle, before it parks.
 pub(crate) const DEVICE_SPIN_CAP: Duration = Duration::from_micros(15);
 
-/// Decides when an idle loop parks.
+/// Decides when an idle loop parks: after spinning for its budget.
 ///
-/// A fixed budget spins for that long. An adaptive one spins about twice
-/// as long as the loop last waited for work, and not at all when that wait
-/// exceeded the cap: a stream of tells keeps the device loop awake, while
-/// sequential asks (whose gaps exceed the cap) let it park at once and
-/// leave the CPU to the threads that produce the next ask.
+/// The poller's budget is fixed. A device loop sets its own from the gap
+/// between the send stamps of the last two messages it served: a sender
+/// streaming tells (gaps far below the cap) keeps it spinning, so no tell
+/// pays a futex wake; a caller asking one at a time (each ask waits for the
+/// previous reply, so gaps exceed the cap) lets it park at once and leave
+/// the CPU to the threads that produce the next ask.
 pub(crate) struct Idle {
     since: Option<Instant>,
-    cap: Duration,
-    adaptive: bool,
-    last_wait: Duration,
+    budget: Duration,
+    rounds: u32,
 }
 
 impl Idle {
     /// Spins for `budget` before parking.
-    pub(crate) fn fixed(budget: Duration) -> Self {
+    pub(crate) fn new(budget: Duration) -> Self {
         Idle {
             since: None,
-            cap: budget,
-            adaptive: false,
-            last_wait: Duration::ZERO,
+            budget,
+            rounds: 0,
         }
     }
 
-    /// Spins about twice the last wait for work, at most `cap`.
-    pub(crate) fn adaptive(cap: Duration) -> Self {
-        Idle {
-            since: None,
-            cap,
-            adaptive: true,
-            last_wait: Duration::ZERO,
-        }
+    /// Changes the budget of the next idle period.
+    pub(crate) fn set_budget(&mut self, budget: Duration) {
+        self.budget = budget;
     }
 
     /// The loop did work.
     pub(crate) fn reset(&mut self) {
-        if let Some(t) = self.since.take() {
-            self.last_wait = t.elapsed();
-        }
+        self.since = None;
     }
 
-    /// Called on an idle round: whether the loop should park now.
+    /// Called on an idle round: whether the loop should park now. Reads the
+    /// clock every 32 rounds only (a clock read costs more than a spin).
     pub(crate) fn should_park(&mut self) -> bool {
-        let now = Instant::now();
-        let budget = if !self.adaptive {
-            self.cap
-        } else if self.last_wait > self.cap {
-            Duration::ZERO
-        } else {
-            (self.last_wait * 2).clamp(Duration::from_micros(1), self.cap)
-        };
+        if self.budget.is_zero() {
+            return true;
+        }
         match self.since {
             None => {
-                self.since = Some(now);
-                budget.is_zero()
+                self.since = Some(Instant::now());
+                self.rounds = 0;
+                false
             }
-            Some(t) => now.duration_since(t) >= budget,
+            Some(t) => {
+                self.rounds = self.rounds.wrapping_add(1);
+                self.rounds % 32 == 0 && t.elapsed() >= self.budget
+            }
         }
+    }
+}
+
+/// The spin budget for a device loop whose last two messages were sent
+/// `gap_ns` apart (see [`Idle`]).
+pub(crate) fn device_spin_budget(gap_ns: u64) -> Duration {
+    let gap = Duration::from_nanos(gap_ns);
+    if gap > DEVICE_SPIN_CAP {
+        Duration::ZERO
+    } else {
+        (gap * 4).clamp(Duration::from_micros(2), DEVICE_SPIN_CAP)
     }
 }
 
 fn poller_loop(p: &PollerShared) {
     let mut slots: Vec<Box<dyn PollSlot>> = Vec::new();
-    let mut idle = Idle::fixed(POLLER_SPIN);
+    let mut idle = Idle::new(POLLER_SPIN);
     let tick = Duration::from_nanos((p.watchdog_ns / 4).clamp(1_000_000, 1_000_000_000));
     loop {
         if p.has_incoming.swap(false, Ordering::AcqRel)
@@ -1264,18 +1267,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn adaptive_idle_parks_at_once_after_long_waits_and_spins_after_short_ones() {
-        let mut idle = Idle::adaptive(Duration::from_micros(15));
-        // Never waited yet: spins at least a little before parking.
+    fn idle_spins_its_budget_and_device_budget_follows_the_send_gap() {
+        let mut idle = Idle::new(Duration::from_millis(1));
         assert!(!idle.should_park());
-        std::thread::sleep(Duration::from_millis(1));
-        assert!(idle.should_park(), "the budget is capped");
-        idle.reset(); // waited ~1 ms: longer than the cap
-        assert!(idle.should_park(), "after a long wait it parks at once");
-        idle.reset(); // waited ~0
-        assert!(!idle.should_park(), "after a short wait it spins again");
-        let mut fixed = Idle::fixed(Duration::from_secs(3600));
-        assert!(!fixed.should_park());
-        assert!(!fixed.should_park());
+        std::thread::sleep(Duration::from_millis(2));
+        // The clock is read every 32 rounds.
+        assert!((0..32).any(|_| idle.should_park()), "the budget is spent");
+        idle.reset();
+        assert!(!idle.should_park(), "a new idle period spins again");
+        idle.set_budget(Duration::ZERO);
+        assert!(idle.should_park(), "a zero budget parks at once");
+
+        assert_eq!(
+            device_spin_budget(u64::MAX),
+            Duration::ZERO,
+            "sparse asks: park at once"
+        );
+        assert_eq!(device_spin_budget(20_000), Duration::ZERO);
+        assert_eq!(
+            device_spin_budget(300),
+            Duration::from_micros(2),
+            "a tell stream: spin"
+        );
+        assert_eq!(device_spin_budget(10_000), DEVICE_SPIN_CAP);
     }
 }
