@@ -402,20 +402,11 @@ pub fn encode_pod<T: Pod>(
     header: &EnvelopeHeader,
     payload: &T,
 ) -> Result<EnvelopeHeader, EncodeError> {
-    let bytes = bytemuck::bytes_of(payload);
-    let end = HEADER_SIZE + bytes.len();
-    if slot.len() < end {
-        return Err(EncodeError::PayloadTooLarge {
-            len: bytes.len(),
-            max: slot.len().saturating_sub(HEADER_SIZE),
-        });
-    }
-    let mut header = *header;
-    header.payload_len = bytes.len() as u32;
-    header.flags = header.flags.without(Flags::ARCHIVED);
-    slot[..HEADER_SIZE].copy_from_slice(header.as_bytes());
-    slot[HEADER_SIZE..end].copy_from_slice(bytes);
-    Ok(header)
+    let header = EnvelopeHeader {
+        flags: header.flags.without(Flags::ARCHIVED),
+        ..*header
+    };
+    encode_bytes(slot, &header, bytemuck::bytes_of(payload))
 }
 
 /// Writes `header` followed by the raw `payload` bytes into `slot`, setting

@@ -127,3 +127,66 @@ impl Default for RactorPair {
         Self::new()
     }
 }
+
+/// The core path of an ask without any actor framework: a plain thread
+/// asks a GPU actor slot (cpu backend) and blocks on a std channel; the
+/// baseline is the same round trip to an echo thread over std channels.
+pub struct CorePair {
+    slot: ringkernel::runtime::GpuSlot<ringkernel::conformance::ChannelWaiter>,
+    to_echo: std::sync::mpsc::SyncSender<u64>,
+    from_echo: std::sync::mpsc::Receiver<u64>,
+    _rk: Runtime,
+}
+
+impl CorePair {
+    /// Launches a `Probe` slot and an echo thread.
+    pub fn new() -> Self {
+        let rk = Runtime::new().expect("ringkernel runtime");
+        let slot = rk
+            .launch::<Probe, ringkernel::conformance::ChannelWaiter>(
+                Default::default(),
+                &ringkernel::runtime::LaunchOptions::default(),
+                |_| {},
+            )
+            .expect("launch");
+        let (to_echo, rx) = std::sync::mpsc::sync_channel::<u64>(1);
+        let (tx, from_echo) = std::sync::mpsc::sync_channel::<u64>(1);
+        std::thread::spawn(move || {
+            while let Ok(v) = rx.recv() {
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        });
+        CorePair {
+            slot,
+            to_echo,
+            from_echo,
+            _rk: rk,
+        }
+    }
+
+    /// `n` sequential blocking asks to the slot.
+    pub fn slot_asks(&mut self, n: u64) {
+        for i in 0..n {
+            let r = ringkernel::conformance::ask(&mut self.slot, Echo(i))
+                .wait()
+                .expect("reply");
+            black_box(r.decode::<u64>().expect("u64"));
+        }
+    }
+
+    /// `n` sequential round trips to the echo thread.
+    pub fn echo_thread_round_trips(&mut self, n: u64) {
+        for i in 0..n {
+            self.to_echo.send(i).expect("echo thread");
+            black_box(self.from_echo.recv().expect("echo thread"));
+        }
+    }
+}
+
+impl Default for CorePair {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -307,6 +307,9 @@ mod tests {
         hlc_uhlc(&uhlc::HLC::default(), 100);
         codec_ours(100);
         codec_bytemuck(100);
+        let mut core = actors::CorePair::new();
+        core.slot_asks(100);
+        core.echo_thread_round_trips(100);
         let pair = actors::RactorPair::new();
         pair.gpu_asks(100);
         pair.native_calls(100);

@@ -114,6 +114,7 @@ fn main() {
     let ours_hlc = Hlc::new(ClockDomain::host(0));
     let uhlc = uhlc::HLC::default();
     let ractor_pair = actors::RactorPair::new();
+    let core_pair = std::cell::RefCell::new(actors::CorePair::new());
 
     let mut comparisons = vec![
         Comparison {
@@ -168,6 +169,13 @@ fn main() {
             ops: 2_000_000 * scale,
             ours: Box::new(codec_ours),
             base: Box::new(codec_bytemuck),
+        },
+        Comparison {
+            name: "runtime_ask_core",
+            config: "a plain thread asks a GPU actor slot (cpu backend) and blocks on a std channel; base: the same round trip to an echo thread over std sync_channels".into(),
+            ops: 20_000 * scale,
+            ours: Box::new(|n| core_pair.borrow_mut().slot_asks(n)),
+            base: Box::new(|n| core_pair.borrow_mut().echo_thread_round_trips(n)),
         },
         Comparison {
             name: "ractor_ask",
