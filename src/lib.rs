@@ -66,6 +66,7 @@ pub mod region;
 pub mod ring;
 #[cfg(not(ringkernel_loom))]
 pub mod runtime;
+mod space;
 mod sync;
 pub mod waiter;
 

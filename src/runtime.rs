@@ -22,11 +22,12 @@ use crate::hlc::{Hlc, PhysicalClock};
 use crate::id::{ActorId, ActorKind, ClockDomain, CorrelationId};
 use crate::kernel::{BackendKind, Kernel, MAX_INLINE, Payload, Reply, SYS_NO_REPLY};
 use crate::ring::{Consumer, Producer, RingLayout, RingObserver};
+use crate::space::SpaceWaker;
 use crate::waiter::{SlabFull, WaiterSlab};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
@@ -548,42 +549,6 @@ struct SlotCount(Arc<AtomicUsize>);
 impl Drop for SlotCount {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Wakes a sender waiting for H2K space: the device loop calls
-/// [`SpaceWaker::wake_if_wanted`] after releasing H2K slots.
-#[derive(Default)]
-pub(crate) struct SpaceWaker {
-    wanted: AtomicBool,
-    waker: Mutex<Option<Waker>>,
-}
-
-impl SpaceWaker {
-    fn register(&self, waker: &Waker) {
-        if let Ok(mut w) = self.waker.lock() {
-            match &mut *w {
-                Some(old) if old.will_wake(waker) => {}
-                slot => *slot = Some(waker.clone()),
-            }
-        }
-        self.wanted.store(true, Ordering::Relaxed);
-        // Store→load handshake, as the doorbell: this fence orders the store
-        // of `wanted` before the sender's re-check of the ring; it pairs with
-        // the fence in `wake_if_wanted`, which orders the release of H2K
-        // slots (or of a waiter) before the load of `wanted`. Either the
-        // waker sees `wanted`, or the re-check sees the space.
-        fence(Ordering::SeqCst);
-    }
-
-    pub(crate) fn wake_if_wanted(&self) {
-        fence(Ordering::SeqCst);
-        if self.wanted.load(Ordering::Relaxed) && self.wanted.swap(false, Ordering::AcqRel) {
-            let waker = self.waker.lock().ok().and_then(|mut w| w.take());
-            if let Some(w) = waker {
-                w.wake();
-            }
-        }
     }
 }
 

@@ -6,9 +6,13 @@
 //! are not rebuilt under loom.
 
 #[cfg(ringkernel_loom)]
-pub(crate) use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+pub(crate) use loom::sync::Mutex;
+#[cfg(ringkernel_loom)]
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
 #[cfg(not(ringkernel_loom))]
-pub(crate) use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+pub(crate) use std::sync::Mutex;
+#[cfg(not(ringkernel_loom))]
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
 
 #[cfg(ringkernel_loom)]
 pub(crate) use loom::cell::UnsafeCell;
