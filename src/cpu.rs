@@ -238,7 +238,6 @@ impl<K: Kernel> DeviceLoop<K> {
             return if worked > 0 { Step::Worked } else { Step::Idle };
         }
         let check = HeaderCheck::only(MAX_INLINE as u32, &self.served);
-        let mut sent = 0;
         let mut taken = 0;
         let mut fault = None;
         {
@@ -301,7 +300,11 @@ impl<K: Kernel> DeviceLoop<K> {
                 }) else {
                     break;
                 };
-                sent += replies.sent;
+                if replies.sent > 0 {
+                    // Now, not at the end of the batch: a slow handler later
+                    // in the batch must not delay this message's reply.
+                    self.poller.wake();
+                }
                 taken += 1;
                 match outcome {
                     Ok(Ok(())) => {
@@ -325,9 +328,6 @@ impl<K: Kernel> DeviceLoop<K> {
         worked += taken;
         if taken > 0 {
             self.space.wake_if_wanted();
-        }
-        if sent > 0 {
-            self.poller.wake();
         }
         if let Some((code, detail)) = fault {
             self.fault(code, detail);
