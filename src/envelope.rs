@@ -18,7 +18,7 @@
 //!
 //! Payloads are `Pod` values copied inline after the header (no allocation
 //! per message), or — for variable-size host/network messages, with the
-//! `rkyv` feature — validated rkyv archives in an [`OwnedEnvelope`].
+//! `rkyv` feature — validated rkyv archives in an `OwnedEnvelope`.
 //!
 //! Both sides validate every header they read ([`EnvelopeHeader::decode`]):
 //! a bad one is a typed [`DecodeError`], never a panic or an out-of-bounds read.
