@@ -1,0 +1,403 @@
+//! # ringkernel-actix — GPU actors for actix
+//!
+//! [`GpuActor<K>`] is an actix [`Actor`] whose work is done by a persistent
+//! kernel `K`, launched once when the actor starts.
+//!
+//! | actix | GPU actor |
+//! |---|---|
+//! | `addr.send(Ask(msg)).await` | the envelope is written into H2K synchronously while actix processes the message; the reply sender waits in the waiter slab until the correlated reply arrives |
+//! | `addr.do_send(Tell(msg))` / `try_send` | a tell (actix's `try_send` sees only its mailbox) |
+//! | full H2K ring | an ordered overflow and `ctx.wait`: the actor takes no further mailbox message until the ring drains |
+//! | kernel fault | the actor stops; under `actix::Supervisor`, `Supervised::restarting` launches a new slot |
+//!
+//! Replies reach actix callers from the runtime's poller thread through the
+//! reply sender; nothing polls on the arbiter.
+//!
+//! # Examples
+//!
+//! ```
+//! use actix::Actor;
+//! use ringkernel::conformance::{Echo, Probe};
+//! use ringkernel::runtime::Runtime;
+//! use ringkernel_actix::{Ask, GpuActor};
+//!
+//! # actix_rt::System::new().block_on(async {
+//! let addr = GpuActor::<Probe>::new(Runtime::new()?, Default::default()).start();
+//! assert_eq!(addr.send(Ask(Echo(7))).await??, 7);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+
+use actix::dev::{MessageResponse, OneshotSender};
+use actix::prelude::*;
+use ringkernel::kernel::{Kernel, Message as KernelMessage, Payload, Reply};
+use ringkernel::runtime::{
+    AskError, GpuSlot, LaunchOptions, Runtime, SlotEvent, SubmitError, Waiter,
+};
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::marker::PhantomData;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// Errors an actix caller of a GPU actor can see.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GpuError {
+    /// The ask was accepted and resolved without a value.
+    #[error(transparent)]
+    Ask(#[from] AskError),
+    /// The kernel serves no message of this type.
+    #[error("the kernel does not serve message type {type_id:#x}")]
+    UnknownType {
+        /// The type id.
+        type_id: u32,
+    },
+    /// The actor's slot is closed (faulted, terminated, or never launched).
+    #[error("the GPU actor is closed")]
+    Closed,
+    /// The reply did not decode as the message's reply type.
+    #[error("reply does not decode: {0}")]
+    Decode(#[from] ringkernel::DecodeError),
+}
+
+/// An ask: `addr.send(Ask(msg)).await` resolves with `M::Reply`.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<M>(pub M);
+
+impl<M: KernelMessage> actix::Message for Ask<M> {
+    type Result = Result<M::Reply, GpuError>;
+}
+
+/// A tell: `addr.do_send(Tell(msg))`. Its result says whether the kernel
+/// accepted it (useful with `send`).
+#[derive(Debug, Clone, Copy)]
+pub struct Tell<M>(pub M);
+
+impl<M: KernelMessage> actix::Message for Tell<M> {
+    type Result = Result<(), GpuError>;
+}
+
+/// Internal: the poller reports a slot event to the actor.
+struct Event(SlotEvent);
+
+impl actix::Message for Event {
+    type Result = ();
+}
+
+/// A reply sender of any reply type, parked in the waiter slab.
+trait Sink: Send {
+    fn complete(self: Box<Self>, outcome: Result<Reply, AskError>);
+    fn is_closed(&self) -> bool;
+}
+
+struct Typed<R>(OneshotSender<Result<R, GpuError>>);
+
+impl<R: bytemuck::Pod + Send> Sink for Typed<R> {
+    fn complete(self: Box<Self>, outcome: Result<Reply, AskError>) {
+        let value = match outcome {
+            Ok(reply) => reply.decode::<R>().map_err(GpuError::from),
+            Err(e) => Err(GpuError::Ask(e)),
+        };
+        let _ = self.0.send(value);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+/// The waiter type of actix GPU actors.
+pub struct ActixWaiter(Box<dyn Sink>);
+
+impl Waiter for ActixWaiter {
+    fn complete(self, outcome: Result<Reply, AskError>) {
+        self.0.complete(outcome);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+impl std::fmt::Debug for ActixWaiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ActixWaiter")
+    }
+}
+
+/// A message waiting for ring room, in mailbox order.
+enum Queued {
+    Ask(Payload, ActixWaiter),
+    Tell(Payload),
+}
+
+/// The slot and the ordered overflow, shared by the actor and the
+/// responses it returns (all on the actor's arbiter thread).
+struct Inner {
+    slot: Option<GpuSlot<ActixWaiter>>,
+    overflow: VecDeque<Queued>,
+    waiting: bool,
+}
+
+/// An actix actor backed by an actor slot of kernel `K`.
+pub struct GpuActor<K: Kernel> {
+    runtime: Runtime,
+    options: LaunchOptions,
+    // Boxed: actix actors must be `Unpin`, a kernel state need not be.
+    initial: Box<K::State>,
+    terminate_timeout: Duration,
+    inner: Rc<RefCell<Inner>>,
+    _kernel: PhantomData<fn() -> K>,
+}
+
+impl<K: Kernel> std::fmt::Debug for GpuActor<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuActor")
+            .field("kernel", &K::NAME)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: Kernel> GpuActor<K> {
+    /// A GPU actor on `runtime` whose kernel starts from `initial` (and
+    /// restarts from it under a supervisor).
+    pub fn new(runtime: Runtime, initial: K::State) -> Self {
+        Self::with_options(runtime, initial, LaunchOptions::default())
+    }
+
+    /// As [`GpuActor::new`], launched with `options`.
+    pub fn with_options(runtime: Runtime, initial: K::State, options: LaunchOptions) -> Self {
+        GpuActor {
+            runtime,
+            options,
+            initial: Box::new(initial),
+            terminate_timeout: Duration::from_secs(5),
+            inner: Rc::new(RefCell::new(Inner {
+                slot: None,
+                overflow: VecDeque::new(),
+                waiting: false,
+            })),
+            _kernel: PhantomData,
+        }
+    }
+
+    fn launch(&mut self, ctx: &mut Context<Self>) {
+        let addr = ctx.address();
+        let launched =
+            self.runtime
+                .launch::<K, ActixWaiter>(*self.initial, &self.options, move |event| {
+                    // Non-blocking: the poller thread never waits on a mailbox.
+                    let _ = addr.try_send(Event(event));
+                });
+        match launched {
+            Ok(slot) => self.inner.borrow_mut().slot = Some(slot),
+            Err(e) => {
+                tracing::error!(kernel = K::NAME, error = %e, "launching the GPU actor failed");
+                ctx.stop();
+            }
+        }
+    }
+
+    fn shut_down(&mut self) {
+        let mut inner = self.inner.borrow_mut();
+        for q in inner.overflow.drain(..) {
+            if let Queued::Ask(_, w) = q {
+                w.complete(Err(AskError::Terminated));
+            }
+        }
+        if let Some(mut slot) = inner.slot.take() {
+            let timeout = self.terminate_timeout;
+            // Waiting for the kernel's acknowledgement blocks: not on the
+            // arbiter.
+            let _ = std::thread::Builder::new()
+                .name("ringkernel-terminate".into())
+                .spawn(move || slot.terminate(timeout));
+        }
+    }
+}
+
+impl<K: Kernel> Actor for GpuActor<K> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.launch(ctx);
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.shut_down();
+    }
+}
+
+impl<K: Kernel> Supervised for GpuActor<K> {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        // The faulted slot is closed; a fresh one is launched in `started`.
+        self.shut_down();
+    }
+}
+
+impl<K: Kernel> Handler<Event> for GpuActor<K> {
+    type Result = ();
+
+    fn handle(&mut self, Event(event): Event, ctx: &mut Context<Self>) {
+        if let SlotEvent::Faulted(fault) = event {
+            tracing::warn!(kernel = K::NAME, %fault, "GPU actor stops: its kernel faulted");
+            ctx.stop();
+        }
+    }
+}
+
+/// Submits `item` now if nothing waits before it, else queues it; on a
+/// full ring, makes the actor wait (in order) until the ring drains.
+fn submit<K: Kernel>(inner: &Rc<RefCell<Inner>>, item: Queued, ctx: &mut Context<GpuActor<K>>) {
+    let mut guard = inner.borrow_mut();
+    if !guard.overflow.is_empty() {
+        guard.overflow.push_back(item);
+        return;
+    }
+    match try_submit(&mut guard, item) {
+        None => {}
+        Some(back) => {
+            guard.overflow.push_back(back);
+            drop(guard);
+            wait_for_room::<K>(inner, ctx);
+        }
+    }
+}
+
+/// Tries one item; hands it back when the ring is full.
+fn try_submit(inner: &mut Inner, item: Queued) -> Option<Queued> {
+    let Some(slot) = inner.slot.as_mut() else {
+        if let Queued::Ask(_, w) = item {
+            w.complete(Err(AskError::Terminated));
+        }
+        return None;
+    };
+    let me = ringkernel::id::ActorId::NONE;
+    match item {
+        Queued::Ask(payload, waiter) => match slot.ask(payload, waiter, me) {
+            Ok(_) => None,
+            Err(SubmitError::Full((p, w))) => Some(Queued::Ask(p, w)),
+            Err(SubmitError::UnknownType { value: (_, w), .. }) => {
+                // Checked by the handler before; kept for completeness.
+                w.complete(Err(AskError::Terminated));
+                None
+            }
+            Err(SubmitError::Closed((_, w))) => {
+                let e = slot.fault().map_or(AskError::Terminated, AskError::Faulted);
+                w.complete(Err(e));
+                None
+            }
+            Err(_) => None,
+        },
+        Queued::Tell(payload) => match slot.tell(payload, me) {
+            Err(SubmitError::Full(p)) => Some(Queued::Tell(p)),
+            _ => None,
+        },
+    }
+}
+
+/// `ctx.wait` until the ring has room, then drains the overflow in order.
+fn wait_for_room<K: Kernel>(inner: &Rc<RefCell<Inner>>, ctx: &mut Context<GpuActor<K>>) {
+    if std::mem::replace(&mut inner.borrow_mut().waiting, true) {
+        return;
+    }
+    let poll_inner = inner.clone();
+    let room = std::future::poll_fn(move |cx| {
+        let mut guard = poll_inner.borrow_mut();
+        match guard.slot.as_mut() {
+            Some(slot) => slot.poll_space(cx),
+            None => std::task::Poll::Ready(()),
+        }
+    });
+    ctx.wait(
+        actix::fut::wrap_future::<_, GpuActor<K>>(room).map(|(), act, ctx| {
+            let inner = act.inner.clone();
+            inner.borrow_mut().waiting = false;
+            loop {
+                let mut guard = inner.borrow_mut();
+                let Some(item) = guard.overflow.pop_front() else {
+                    break;
+                };
+                if let Some(back) = try_submit(&mut guard, item) {
+                    guard.overflow.push_front(back);
+                    drop(guard);
+                    wait_for_room::<K>(&inner, ctx);
+                    break;
+                }
+            }
+        }),
+    );
+}
+
+/// The response of an ask: pushes to H2K with actix's reply sender as the
+/// waiter, synchronously, before the actor takes its next message.
+pub struct GpuResponse<M: KernelMessage> {
+    payload: Payload,
+    refused: Option<GpuError>,
+    inner: Rc<RefCell<Inner>>,
+    _message: PhantomData<fn() -> M>,
+}
+
+impl<K: Kernel, M: KernelMessage> MessageResponse<GpuActor<K>, Ask<M>> for GpuResponse<M> {
+    fn handle(
+        self,
+        ctx: &mut Context<GpuActor<K>>,
+        tx: Option<OneshotSender<Result<M::Reply, GpuError>>>,
+    ) {
+        let Some(tx) = tx else { return };
+        if let Some(e) = self.refused {
+            let _ = tx.send(Err(e));
+            return;
+        }
+        submit::<K>(
+            &self.inner,
+            Queued::Ask(self.payload, ActixWaiter(Box::new(Typed(tx)))),
+            ctx,
+        );
+    }
+}
+
+impl<K: Kernel, M: KernelMessage> Handler<Ask<M>> for GpuActor<K> {
+    type Result = GpuResponse<M>;
+
+    fn handle(&mut self, Ask(msg): Ask<M>, _: &mut Context<Self>) -> GpuResponse<M> {
+        let refused = self.refusal(M::TYPE_ID);
+        GpuResponse {
+            payload: Payload::new(msg),
+            refused,
+            inner: self.inner.clone(),
+            _message: PhantomData,
+        }
+    }
+}
+
+impl<K: Kernel> GpuActor<K> {
+    fn refusal(&self, type_id: u32) -> Option<GpuError> {
+        let inner = self.inner.borrow();
+        match inner.slot.as_ref() {
+            None => Some(GpuError::Closed),
+            Some(slot) if !slot.is_open() => Some(
+                slot.fault()
+                    .map_or(GpuError::Closed, |f| GpuError::Ask(AskError::Faulted(f))),
+            ),
+            Some(slot) if slot.served_types().binary_search(&type_id).is_err() => {
+                Some(GpuError::UnknownType { type_id })
+            }
+            Some(_) => None,
+        }
+    }
+}
+
+impl<K: Kernel, M: KernelMessage> Handler<Tell<M>> for GpuActor<K> {
+    type Result = Result<(), GpuError>;
+
+    fn handle(&mut self, Tell(msg): Tell<M>, ctx: &mut Context<Self>) -> Result<(), GpuError> {
+        if let Some(e) = self.refusal(M::TYPE_ID) {
+            return Err(e);
+        }
+        let inner = self.inner.clone();
+        submit::<K>(&inner, Queued::Tell(Payload::new(msg)), ctx);
+        Ok(())
+    }
+}

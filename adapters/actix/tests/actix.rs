@@ -1,0 +1,138 @@
+//! GPU actors through actix: the conformance behaviours through the
+//! adapter, backpressure through a tiny ring, 16 concurrent callers, a
+//! fault stopping the actor and the supervisor restarting it, and no caller
+//! left hanging.
+
+use actix::prelude::*;
+use ringkernel::conformance::{
+    Add, Echo, Explode, Probe, REVERSE_BATCH, Reverse, Reversed, Seq, SeqReport, Silent, Total,
+};
+use ringkernel::control::FaultCode;
+use ringkernel::runtime::{AskError, LaunchOptions, Runtime};
+use ringkernel_actix::{Ask, GpuActor, GpuError, Tell};
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+#[actix_rt::test]
+async fn conformance_through_the_adapter() {
+    let addr = GpuActor::<Probe>::new(Runtime::new().unwrap(), Default::default()).start();
+    assert_eq!(addr.send(Ask(Echo(3))).await.unwrap(), Ok(3));
+    for v in 1..=10 {
+        addr.do_send(Tell(Add(v)));
+    }
+    assert_eq!(addr.send(Ask(Total())).await.unwrap(), Ok(55));
+    for i in 0..100_000u64 {
+        addr.do_send(Tell(Seq(i)));
+    }
+    assert_eq!(addr.send(Ask(SeqReport())).await.unwrap(), Ok([100_000, 0]));
+    assert_eq!(
+        addr.send(Ask(Silent())).await.unwrap(),
+        Err(GpuError::Ask(AskError::NoReply))
+    );
+}
+
+#[actix_rt::test]
+async fn unserved_types_are_refused() {
+    let reverse = GpuActor::<Reverse>::new(Runtime::new().unwrap(), Default::default()).start();
+    assert_eq!(
+        reverse.send(Ask(Add(1))).await.unwrap(),
+        Err(GpuError::UnknownType { type_id: 2 })
+    );
+    assert_eq!(
+        reverse.send(Tell(Add(1))).await.unwrap(),
+        Err(GpuError::UnknownType { type_id: 2 })
+    );
+}
+
+/// A ring of 8 slots and 20 000 tells: the overflow and `ctx.wait` keep
+/// every one, in order.
+#[actix_rt::test]
+async fn a_full_ring_holds_the_actor_in_order() {
+    let addr = GpuActor::<Probe>::with_options(
+        Runtime::new().unwrap(),
+        Default::default(),
+        LaunchOptions::default().h2k_capacity(8),
+    )
+    .start();
+    for i in 0..20_000u64 {
+        addr.do_send(Tell(Seq(i)));
+    }
+    let report = tokio::time::timeout(DEADLINE, addr.send(Ask(SeqReport())))
+        .await
+        .expect("no hang")
+        .unwrap();
+    assert_eq!(report, Ok([20_000, 0]));
+}
+
+/// 16 concurrent callers against the reverse-order kernel: each gets its
+/// own reply.
+#[actix_rt::test]
+async fn sixteen_concurrent_callers_each_get_their_own_reply() {
+    let addr = GpuActor::<Reverse>::new(Runtime::new().unwrap(), Default::default()).start();
+    assert_eq!(16 % REVERSE_BATCH, 0);
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(16));
+    let callers: Vec<_> = (0..16u64)
+        .map(|c| {
+            let (addr, barrier) = (addr.clone(), barrier.clone());
+            actix_rt::spawn(async move {
+                for r in 0..100u64 {
+                    barrier.wait().await;
+                    let v = c * 1_000_000 + r;
+                    assert_eq!(addr.send(Ask(Reversed(v))).await.unwrap(), Ok(v * 10));
+                }
+            })
+        })
+        .collect();
+    for c in callers {
+        tokio::time::timeout(DEADLINE * 3, c)
+            .await
+            .expect("a caller hung")
+            .unwrap();
+    }
+}
+
+/// A handler panic stops the actor; under `actix::Supervisor` it restarts
+/// as a new slot and serves again. No caller hangs.
+#[actix_rt::test]
+async fn fault_restarts_under_a_supervisor() {
+    let rt = Runtime::new().unwrap();
+    let addr =
+        actix::Supervisor::start(move |_| GpuActor::<Probe>::new(rt.clone(), Default::default()));
+    assert_eq!(addr.send(Ask(Echo(1))).await.unwrap(), Ok(1));
+    match addr.send(Ask(Explode())).await.unwrap() {
+        Err(GpuError::Ask(AskError::Faulted(f))) => assert_eq!(f.code, FaultCode::HandlerPanic),
+        other => panic!("expected a fault, got {other:?}"),
+    }
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match tokio::time::timeout(DEADLINE, addr.send(Ask(Echo(2))))
+            .await
+            .expect("a caller hung")
+        {
+            Ok(Ok(2)) => break,
+            _ if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(2)).await
+            }
+            other => panic!("the supervised actor did not come back: {other:?}"),
+        }
+    }
+}
+
+/// An ask to a stopped actor is an error, not a hang.
+#[actix_rt::test]
+async fn ask_after_stop_is_an_error() {
+    let addr = GpuActor::<Probe>::new(Runtime::new().unwrap(), Default::default()).start();
+    assert_eq!(addr.send(Ask(Echo(1))).await.unwrap(), Ok(1));
+    // A kernel fault stops an unsupervised actor for good.
+    let _ = addr.send(Ask(Explode())).await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while addr.connected() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the faulted actor never stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(addr.send(Ask(Echo(1))).await.is_err());
+}
