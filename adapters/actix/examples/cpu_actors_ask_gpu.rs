@@ -1,0 +1,105 @@
+//! An actix app where several CPU actors ask one GPU actor (cpu backend).
+//!
+//! Four `Client` actors each ask the `counter` GPU actor to add numbers and
+//! report its running total; the GPU actor keeps its state between
+//! messages and serves the clients' asks in mailbox order.
+//!
+//! `cargo run --release -p ringkernel-actix --example cpu_actors_ask_gpu`
+
+use actix::prelude::*;
+use bytemuck::{Pod, Zeroable};
+use ringkernel::kernel::{CpuHandlers, Kernel, Message as KernelMessage};
+use ringkernel::runtime::Runtime;
+use ringkernel_actix::{Ask, GpuActor};
+
+/// Ask: add to the total, reply with the new total.
+#[derive(Clone, Copy, Pod, Zeroable)]
+#[repr(C)]
+struct AddAndGet(u64);
+impl KernelMessage for AddAndGet {
+    const TYPE_ID: u32 = 1;
+    type Reply = u64;
+}
+
+struct Counter;
+impl Kernel for Counter {
+    type State = u64;
+    const NAME: &'static str = "counter";
+    fn cpu_handlers() -> Option<CpuHandlers<Self>> {
+        Some(
+            CpuHandlers::<Self>::new().on::<AddAndGet>(|total, AddAndGet(n), ctx| {
+                *total += n;
+                ctx.reply(*total);
+                Ok(())
+            }),
+        )
+    }
+}
+
+/// A CPU actor that asks the GPU actor.
+struct Client {
+    id: u64,
+    gpu: Addr<GpuActor<Counter>>,
+}
+
+impl Actor for Client {
+    type Context = Context<Self>;
+}
+
+/// Run `n` asks, return the last total seen.
+struct Work(u64);
+impl actix::Message for Work {
+    type Result = Result<u64, String>;
+}
+
+impl Handler<Work> for Client {
+    type Result = ResponseFuture<Result<u64, String>>;
+
+    fn handle(&mut self, Work(n): Work, _: &mut Context<Self>) -> Self::Result {
+        let (gpu, id) = (self.gpu.clone(), self.id);
+        Box::pin(async move {
+            let mut last = 0;
+            for _ in 0..n {
+                last = gpu
+                    .send(Ask(AddAndGet(id)))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(last)
+        })
+    }
+}
+
+#[actix_rt::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let gpu = GpuActor::<Counter>::new(Runtime::new()?, 0).start();
+    let clients: Vec<_> = (1..=4)
+        .map(|id| {
+            Client {
+                id,
+                gpu: gpu.clone(),
+            }
+            .start()
+        })
+        .collect();
+    let asks = 2_500;
+    let started = std::time::Instant::now();
+    let mut pending = Vec::new();
+    for c in &clients {
+        pending.push(c.send(Work(asks)));
+    }
+    for (i, p) in pending.into_iter().enumerate() {
+        println!("client {}: last total it saw {}", i + 1, p.await??);
+    }
+    let total = gpu.send(Ask(AddAndGet(0))).await??;
+    let expected: u64 = (1..=4).map(|id| id * asks).sum();
+    println!(
+        "GPU actor (cpu backend) served {} asks from 4 CPU actors in {:.1} ms; total {total} (expected {expected})",
+        4 * asks + 1,
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    assert_eq!(total, expected);
+    System::current().stop();
+    Ok(())
+}
