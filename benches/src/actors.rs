@@ -190,3 +190,141 @@ impl Default for CorePair {
         Self::new()
     }
 }
+
+/// A native actix actor doing what `Probe` does for `Echo` and `Add`.
+pub struct NativeActix {
+    total: u64,
+}
+
+impl actix::Actor for NativeActix {
+    type Context = actix::Context<Self>;
+}
+
+/// Native actix ask.
+pub struct NEcho(pub u64);
+impl actix::Message for NEcho {
+    type Result = u64;
+}
+
+/// Native actix tell.
+pub struct NAdd(pub u64);
+impl actix::Message for NAdd {
+    type Result = ();
+}
+
+/// Native actix ask of the total.
+pub struct NTotal;
+impl actix::Message for NTotal {
+    type Result = u64;
+}
+
+impl actix::Handler<NEcho> for NativeActix {
+    type Result = u64;
+    fn handle(&mut self, NEcho(v): NEcho, _: &mut Self::Context) -> u64 {
+        v
+    }
+}
+
+impl actix::Handler<NAdd> for NativeActix {
+    type Result = ();
+    fn handle(&mut self, NAdd(v): NAdd, _: &mut Self::Context) {
+        self.total += v;
+    }
+}
+
+impl actix::Handler<NTotal> for NativeActix {
+    type Result = u64;
+    fn handle(&mut self, _: NTotal, _: &mut Self::Context) -> u64 {
+        self.total
+    }
+}
+
+/// A GPU actor and a native actor, each on its own arbiter (thread), asked
+/// from the system's thread: "an actor on another thread" for both.
+pub struct ActixPair {
+    system: actix_rt::SystemRunner,
+    gpu: actix::Addr<ringkernel_actix::GpuActor<Probe>>,
+    native: actix::Addr<NativeActix>,
+}
+
+impl ActixPair {
+    /// Starts both actors on arbiters of a new actix system.
+    pub fn new() -> Self {
+        let system = actix_rt::System::new();
+        let rk = Runtime::new().expect("ringkernel runtime");
+        let (gpu, native) = system.block_on(async move {
+            let gpu_arbiter = actix::Arbiter::new();
+            let native_arbiter = actix::Arbiter::new();
+            let gpu = <ringkernel_actix::GpuActor<Probe> as actix::Actor>::start_in_arbiter(
+                &gpu_arbiter.handle(),
+                move |_| ringkernel_actix::GpuActor::new(rk, Default::default()),
+            );
+            let native =
+                <NativeActix as actix::Actor>::start_in_arbiter(&native_arbiter.handle(), |_| {
+                    NativeActix { total: 0 }
+                });
+            (gpu, native)
+        });
+        ActixPair {
+            system,
+            gpu,
+            native,
+        }
+    }
+
+    /// `n` sequential asks to the GPU actor.
+    pub fn gpu_asks(&self, n: u64) {
+        self.system.block_on(async {
+            for i in 0..n {
+                black_box(
+                    self.gpu
+                        .send(ringkernel_actix::Ask(Echo(i)))
+                        .await
+                        .expect("mailbox")
+                        .expect("reply"),
+                );
+            }
+        })
+    }
+
+    /// `n` sequential asks to the native actor.
+    pub fn native_asks(&self, n: u64) {
+        self.system.block_on(async {
+            for i in 0..n {
+                black_box(self.native.send(NEcho(i)).await.expect("reply"));
+            }
+        })
+    }
+
+    /// `n` tells (`do_send`) to the GPU actor, then an ask that sees them.
+    pub fn gpu_tells(&self, n: u64) {
+        self.system.block_on(async {
+            for i in 0..n {
+                self.gpu.do_send(ringkernel_actix::Tell(Add(i)));
+            }
+            black_box(
+                self.gpu
+                    .send(ringkernel_actix::Ask(Total()))
+                    .await
+                    .expect("mailbox")
+                    .expect("total"),
+            );
+        })
+    }
+
+    /// `n` tells (`do_send`) to the native actor, then an ask that sees them.
+    pub fn native_tells(&self, n: u64) {
+        self.system.block_on(async {
+            for i in 0..n {
+                self.native.do_send(NAdd(i));
+            }
+            black_box(self.native.send(NTotal).await.expect("total"));
+        })
+    }
+}
+
+impl Default for ActixPair {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -310,6 +310,11 @@ mod tests {
         let mut core = actors::CorePair::new();
         core.slot_asks(100);
         core.echo_thread_round_trips(100);
+        let actix = actors::ActixPair::new();
+        actix.gpu_asks(100);
+        actix.native_asks(100);
+        actix.gpu_tells(1000);
+        actix.native_tells(1000);
         let pair = actors::RactorPair::new();
         pair.gpu_asks(100);
         pair.native_calls(100);

@@ -115,6 +115,7 @@ fn main() {
     let uhlc = uhlc::HLC::default();
     let ractor_pair = actors::RactorPair::new();
     let core_pair = std::cell::RefCell::new(actors::CorePair::new());
+    let actix_pair = actors::ActixPair::new();
 
     let mut comparisons = vec![
         Comparison {
@@ -190,6 +191,20 @@ fn main() {
             ops: 200_000 * scale,
             ours: Box::new(|n| ractor_pair.gpu_tells(n)),
             base: Box::new(|n| ractor_pair.native_casts(n)),
+        },
+        Comparison {
+            name: "actix_ask",
+            config: "sequential asks from the actix system thread: addr.send(Ask(Echo)) to a GPU actor (cpu backend) on its own arbiter; base addr.send to a native actor on its own arbiter".into(),
+            ops: 20_000 * scale,
+            ours: Box::new(|n| actix_pair.gpu_asks(n)),
+            base: Box::new(|n| actix_pair.native_asks(n)),
+        },
+        Comparison {
+            name: "actix_tell",
+            config: "n do_send tells then one ask that sees them processed: Tell(Add) to a GPU actor vs a native actor, each on its own arbiter; time per tell".into(),
+            ops: 200_000 * scale,
+            ours: Box::new(|n| actix_pair.gpu_tells(n)),
+            base: Box::new(|n| actix_pair.native_tells(n)),
         },
     ];
     for c in &mut comparisons {
