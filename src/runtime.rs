@@ -897,10 +897,14 @@ impl<W: Waiter> GpuSlot<W> {
 
     /// Waits until the device side acknowledges `state` (or `timeout`).
     pub fn wait_for_state(&self, state: LifecycleState, timeout: Duration) -> bool {
+        self.wait_until(timeout, |s| s == state)
+    }
+
+    fn wait_until(&self, timeout: Duration, done: impl Fn(LifecycleState) -> bool) -> bool {
         let deadline = Instant::now() + timeout;
         let mut spins = 0u32;
         loop {
-            if self.shared.control.acked_state() == Ok(state) {
+            if self.shared.control.acked_state().is_ok_and(&done) {
                 return true;
             }
             if Instant::now() >= deadline {
@@ -923,8 +927,9 @@ impl<W: Waiter> GpuSlot<W> {
         self.shared.closed.store(true, Ordering::Release);
         let _ = self.shared.control.request(LifecycleState::Terminated);
         self.shared.wake_device();
-        let acknowledged = self.wait_for_state(LifecycleState::Terminated, timeout)
-            || self.shared.control.acked_state() == Ok(LifecycleState::Faulted);
+        // A faulted loop has already exited: its final state is the
+        // acknowledgement.
+        let acknowledged = self.wait_until(timeout, |s| s.is_final());
         let unprocessed = self.h2k_depth();
         let failed_asks = self.shared.close_and_sweep(AskError::Terminated);
         if acknowledged && let Some(device) = self.device.take() {

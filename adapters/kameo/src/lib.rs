@@ -1,0 +1,288 @@
+//! # ringkernel-kameo — GPU actors for kameo
+//!
+//! [`GpuActor<K>`] is a kameo [`Actor`] whose work is done by a persistent
+//! kernel `K`, launched once in `on_start`.
+//!
+//! | kameo | GPU actor |
+//! |---|---|
+//! | `actor_ref.ask(Ask(msg)).await` | the envelope is written into H2K in the handler; the reply sender (`ctx.reply_sender()`, a `DelegatedReply`) waits in the waiter slab and the runtime's poller answers it |
+//! | `actor_ref.tell(Tell(msg))` | a tell |
+//! | full H2K ring | the handler awaits space; kameo's bounded mailbox then backs up (and `mailbox_timeout` applies to senders) |
+//! | kernel fault | the actor fails (kameo's panic path): `on_panic`, and linked actors see `on_link_died` |
+//!
+//! Errors come back in kameo's own shape: `SendError::HandlerError(GpuError)`.
+//!
+//! # Examples
+//!
+//! ```
+//! use kameo::actor::Spawn;
+//! use ringkernel::conformance::{Echo, Probe};
+//! use ringkernel::runtime::Runtime;
+//! use ringkernel_kameo::{Ask, GpuActor, GpuArgs};
+//!
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let gpu = GpuActor::<Probe>::spawn(GpuArgs::new(Runtime::new()?, Default::default()));
+//! assert_eq!(gpu.ask(Ask(Echo(7))).await?, 7);
+//! # Ok(())
+//! # }
+//! ```
+
+use kameo::Actor;
+use kameo::actor::{ActorRef, WeakActorRef};
+use kameo::error::ActorStopReason;
+use kameo::message::{Context, Message};
+use kameo::prelude::DelegatedReply;
+use kameo::reply::ReplySender;
+use ringkernel::id::ActorId;
+use ringkernel::kernel::{Kernel, Message as KernelMessage, Payload, Reply};
+use ringkernel::runtime::{
+    AskError, GpuSlot, LaunchOptions, Runtime, SlotEvent, SubmitError, Waiter,
+};
+use std::time::Duration;
+
+/// Errors a kameo caller of a GPU actor can see (inside kameo's
+/// `SendError::HandlerError`).
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GpuError {
+    /// The ask was accepted and resolved without a value.
+    #[error(transparent)]
+    Ask(#[from] AskError),
+    /// The kernel serves no message of this type.
+    #[error("the kernel does not serve message type {type_id:#x}")]
+    UnknownType {
+        /// The type id.
+        type_id: u32,
+    },
+    /// The actor's slot is closed.
+    #[error("the GPU actor is closed")]
+    Closed,
+    /// The reply did not decode as the message's reply type.
+    #[error("reply does not decode: {0}")]
+    Decode(#[from] ringkernel::DecodeError),
+    /// The kernel could not be launched.
+    #[error("launch failed: {0}")]
+    Launch(#[from] ringkernel::runtime::LaunchError),
+}
+
+/// An ask: `actor_ref.ask(Ask(msg)).await` resolves with `M::Reply`.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<M>(pub M);
+
+/// A tell: `actor_ref.tell(Tell(msg))`.
+#[derive(Debug, Clone, Copy)]
+pub struct Tell<M>(pub M);
+
+/// Internal: a slot event from the runtime's poller.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Event(SlotEvent);
+
+trait Sink: Send {
+    fn complete(self: Box<Self>, outcome: Result<Reply, AskError>);
+    fn fail(self: Box<Self>, error: GpuError);
+}
+
+struct Typed<R: Send + 'static>(ReplySender<Result<R, GpuError>>);
+
+impl<R: bytemuck::Pod + Send + Sync> Sink for Typed<R> {
+    fn complete(self: Box<Self>, outcome: Result<Reply, AskError>) {
+        let value = match outcome {
+            Ok(reply) => reply.decode::<R>().map_err(GpuError::from),
+            Err(e) => Err(GpuError::Ask(e)),
+        };
+        self.0.send(value);
+    }
+
+    fn fail(self: Box<Self>, error: GpuError) {
+        self.0.send(Err(error));
+    }
+}
+
+/// The waiter type of kameo GPU actors: kameo's reply sender, type-erased.
+pub struct KameoWaiter(Box<dyn Sink>);
+
+impl Waiter for KameoWaiter {
+    fn complete(self, outcome: Result<Reply, AskError>) {
+        self.0.complete(outcome);
+    }
+}
+
+impl std::fmt::Debug for KameoWaiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KameoWaiter")
+    }
+}
+
+/// What [`GpuActor`] is spawned with.
+pub struct GpuArgs<K: Kernel> {
+    runtime: Runtime,
+    initial: K::State,
+    options: LaunchOptions,
+}
+
+impl<K: Kernel> GpuArgs<K> {
+    /// A kernel on `runtime` starting from `initial`, default options.
+    pub fn new(runtime: Runtime, initial: K::State) -> Self {
+        GpuArgs {
+            runtime,
+            initial,
+            options: LaunchOptions::default(),
+        }
+    }
+
+    /// Launch options.
+    pub fn options(mut self, options: LaunchOptions) -> Self {
+        self.options = options;
+        self
+    }
+}
+
+/// A kameo actor backed by an actor slot of kernel `K`.
+pub struct GpuActor<K: Kernel> {
+    // `None` once stopped.
+    slot: Option<GpuSlot<KameoWaiter>>,
+    _kernel: std::marker::PhantomData<fn() -> K>,
+}
+
+impl<K: Kernel> std::fmt::Debug for GpuActor<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuActor")
+            .field("kernel", &K::NAME)
+            .field("slot", &self.slot)
+            .finish()
+    }
+}
+
+impl<K: Kernel> Actor for GpuActor<K> {
+    type Args = GpuArgs<K>;
+    type Error = GpuError;
+
+    async fn on_start(args: GpuArgs<K>, actor_ref: ActorRef<Self>) -> Result<Self, GpuError> {
+        let me = actor_ref.downgrade();
+        let slot =
+            args.runtime
+                .launch::<K, KameoWaiter>(args.initial, &args.options, move |event| {
+                    // Non-blocking: the poller thread never waits on a mailbox.
+                    if let Some(me) = me.upgrade() {
+                        let _ = me.tell(Event(event)).try_send();
+                    }
+                })?;
+        Ok(GpuActor {
+            slot: Some(slot),
+            _kernel: std::marker::PhantomData,
+        })
+    }
+
+    async fn on_stop(&mut self, _: WeakActorRef<Self>, _: ActorStopReason) -> Result<(), GpuError> {
+        if let Some(mut slot) = self.slot.take() {
+            // Waiting for the kernel's acknowledgement blocks: not on an
+            // async worker.
+            if let Ok(report) =
+                tokio::task::spawn_blocking(move || slot.terminate(Duration::from_secs(5))).await
+            {
+                tracing::debug!(kernel = K::NAME, ?report, "GPU actor stopped");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn closed<W: Waiter>(slot: &GpuSlot<W>) -> GpuError {
+    slot.fault()
+        .map_or(GpuError::Closed, |f| GpuError::Ask(AskError::Faulted(f)))
+}
+
+impl<K: Kernel, M: KernelMessage> Message<Ask<M>> for GpuActor<K>
+where
+    M::Reply: Sync,
+{
+    type Reply = DelegatedReply<Result<M::Reply, GpuError>>;
+
+    async fn handle(
+        &mut self,
+        Ask(msg): Ask<M>,
+        ctx: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
+        let (delegated, sender) = ctx.reply_sender();
+        let Some(tx) = sender else { return delegated };
+        let mut item = (Payload::new(msg), KameoWaiter(Box::new(Typed(tx))));
+        let Some(slot) = self.slot.as_mut() else {
+            fail(item.1, GpuError::Closed);
+            return delegated;
+        };
+        loop {
+            match slot.ask(item.0, item.1, ActorId::NONE) {
+                Ok(_) => break,
+                Err(SubmitError::Full(back)) => {
+                    item = back;
+                    slot.space().await;
+                }
+                Err(SubmitError::UnknownType {
+                    value: (_, w),
+                    type_id,
+                }) => {
+                    fail(w, GpuError::UnknownType { type_id });
+                    break;
+                }
+                Err(SubmitError::Closed((_, w))) => {
+                    fail(w, closed(slot));
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        delegated
+    }
+}
+
+/// Answers a waiter that was refused before reaching the kernel.
+fn fail(w: KameoWaiter, e: GpuError) {
+    w.0.fail(e);
+}
+
+impl<K: Kernel, M: KernelMessage> Message<Tell<M>> for GpuActor<K> {
+    type Reply = Result<(), GpuError>;
+
+    async fn handle(
+        &mut self,
+        Tell(msg): Tell<M>,
+        _: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
+        let mut payload = Payload::new(msg);
+        let Some(slot) = self.slot.as_mut() else {
+            return Err(GpuError::Closed);
+        };
+        loop {
+            match slot.tell(payload, ActorId::NONE) {
+                Ok(()) => return Ok(()),
+                Err(SubmitError::Full(back)) => {
+                    payload = back;
+                    slot.space().await;
+                }
+                Err(SubmitError::UnknownType { type_id, .. }) => {
+                    return Err(GpuError::UnknownType { type_id });
+                }
+                Err(_) => return Err(closed(slot)),
+            }
+        }
+    }
+}
+
+impl<K: Kernel> Message<Event> for GpuActor<K> {
+    type Reply = Result<(), GpuError>;
+
+    async fn handle(
+        &mut self,
+        Event(event): Event,
+        _: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
+        match event {
+            // An error from a tell's handler is kameo's panic path: the actor
+            // stops (`on_panic`) and linked actors see it die.
+            SlotEvent::Faulted(fault) => Err(GpuError::Ask(AskError::Faulted(fault))),
+            _ => Ok(()),
+        }
+    }
+}

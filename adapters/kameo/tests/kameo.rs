@@ -1,0 +1,163 @@
+//! GPU actors through kameo: the conformance behaviours through the
+//! adapter, 16 concurrent callers, a fault failing the actor (seen by a
+//! linked actor, which restarts it), and no caller left hanging.
+
+use kameo::Actor;
+use kameo::actor::{ActorRef, Spawn, WeakActorRef};
+use kameo::error::{ActorStopReason, SendError};
+use kameo::prelude::*;
+use ringkernel::conformance::{
+    Add, Echo, Explode, Probe, REVERSE_BATCH, Reverse, Reversed, Seq, SeqReport, Silent, Total,
+};
+use ringkernel::runtime::{AskError, LaunchOptions, Runtime};
+use ringkernel_kameo::{Ask, GpuActor, GpuArgs, GpuError, Tell};
+use std::ops::ControlFlow;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn handler_error<M, E: Clone>(e: SendError<M, E>) -> Option<E> {
+    match e {
+        SendError::HandlerError(e) => Some(e),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_through_the_adapter() {
+    let gpu = GpuActor::<Probe>::spawn(GpuArgs::new(Runtime::new().unwrap(), Default::default()));
+    assert_eq!(gpu.ask(Ask(Echo(3))).await.unwrap(), 3);
+    for v in 1..=10 {
+        gpu.tell(Tell(Add(v))).await.unwrap();
+    }
+    assert_eq!(gpu.ask(Ask(Total())).await.unwrap(), 55);
+    for i in 0..100_000u64 {
+        gpu.tell(Tell(Seq(i))).await.unwrap();
+    }
+    assert_eq!(gpu.ask(Ask(SeqReport())).await.unwrap(), [100_000, 0]);
+    let err = gpu.ask(Ask(Silent())).await.unwrap_err();
+    assert_eq!(handler_error(err), Some(GpuError::Ask(AskError::NoReply)));
+    // Unserved types: typed errors in kameo's own shape.
+    let reverse =
+        GpuActor::<Reverse>::spawn(GpuArgs::new(Runtime::new().unwrap(), Default::default()));
+    let err = reverse.ask(Ask(Add(1))).await.unwrap_err();
+    assert_eq!(
+        handler_error(err),
+        Some(GpuError::UnknownType { type_id: 2 })
+    );
+    gpu.stop_gracefully().await.unwrap();
+    gpu.wait_for_shutdown().await;
+    // After stop: an error, not a hang.
+    let after = tokio::time::timeout(DEADLINE, gpu.ask(Ask(Echo(1))))
+        .await
+        .expect("no hang");
+    assert!(after.is_err());
+}
+
+/// A small ring with a bounded kameo mailbox: backpressure holds the
+/// handler, and every tell arrives in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_ring_backs_up_the_mailbox_in_order() {
+    let args = GpuArgs::<Probe>::new(Runtime::new().unwrap(), Default::default())
+        .options(LaunchOptions::default().h2k_capacity(8));
+    let gpu = GpuActor::<Probe>::spawn_with_mailbox(args, kameo::mailbox::bounded(16));
+    for i in 0..20_000u64 {
+        gpu.tell(Tell(Seq(i))).await.unwrap();
+    }
+    let report = tokio::time::timeout(DEADLINE, gpu.ask(Ask(SeqReport())))
+        .await
+        .expect("no hang")
+        .unwrap();
+    assert_eq!(report, [20_000, 0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_concurrent_callers_each_get_their_own_reply() {
+    let gpu = GpuActor::<Reverse>::spawn(GpuArgs::new(Runtime::new().unwrap(), Default::default()));
+    assert_eq!(16 % REVERSE_BATCH, 0);
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(16));
+    let callers: Vec<_> = (0..16u64)
+        .map(|c| {
+            let (gpu, barrier) = (gpu.clone(), barrier.clone());
+            tokio::spawn(async move {
+                for r in 0..100u64 {
+                    barrier.wait().await;
+                    let v = c * 1_000_000 + r;
+                    assert_eq!(gpu.ask(Ask(Reversed(v))).await.unwrap(), v * 10);
+                }
+            })
+        })
+        .collect();
+    for c in callers {
+        tokio::time::timeout(DEADLINE * 3, c)
+            .await
+            .expect("a caller hung")
+            .unwrap();
+    }
+}
+
+/// A supervisor linked to the GPU actor: on its death it reports and spawns
+/// a new one.
+struct Supervisor {
+    runtime: Runtime,
+    events: mpsc::UnboundedSender<(String, ActorRef<GpuActor<Probe>>)>,
+}
+
+impl Actor for Supervisor {
+    type Args = Self;
+    type Error = std::convert::Infallible;
+
+    async fn on_start(args: Self, _: ActorRef<Self>) -> Result<Self, Self::Error> {
+        Ok(args)
+    }
+
+    async fn on_link_died(
+        &mut self,
+        me: WeakActorRef<Self>,
+        _: ActorId,
+        reason: ActorStopReason,
+    ) -> Result<ControlFlow<ActorStopReason>, Self::Error> {
+        let fresh =
+            GpuActor::<Probe>::spawn(GpuArgs::new(self.runtime.clone(), Default::default()));
+        if let Some(me) = me.upgrade() {
+            fresh.link(&me).await;
+        }
+        let _ = self.events.send((format!("{reason:?}"), fresh));
+        Ok(ControlFlow::Continue(()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_fails_the_actor_and_the_linked_supervisor_restarts_it() {
+    let rt = Runtime::new().unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let sup = Supervisor::spawn(Supervisor {
+        runtime: rt.clone(),
+        events: tx,
+    });
+    let gpu = GpuActor::<Probe>::spawn(GpuArgs::new(rt, Default::default()));
+    gpu.link(&sup).await;
+    assert_eq!(gpu.ask(Ask(Echo(1))).await.unwrap(), 1);
+    let boom = tokio::time::timeout(DEADLINE, gpu.ask(Ask(Explode())))
+        .await
+        .expect("no hang")
+        .unwrap_err();
+    assert!(matches!(
+        handler_error(boom),
+        Some(GpuError::Ask(AskError::Faulted(_)))
+    ));
+    let (reason, fresh) = tokio::time::timeout(DEADLINE, rx.recv())
+        .await
+        .expect("link died")
+        .unwrap();
+    assert!(
+        reason.contains("HandlerPanic") || reason.contains("Panicked"),
+        "{reason}"
+    );
+    assert_eq!(
+        fresh.ask(Ask(Echo(2))).await.unwrap(),
+        2,
+        "the restarted actor serves"
+    );
+}
