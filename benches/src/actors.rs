@@ -328,3 +328,124 @@ impl Default for ActixPair {
         Self::new()
     }
 }
+
+/// A native kameo actor doing what `Probe` does for `Echo` and `Add`.
+pub struct NativeKameo {
+    total: u64,
+}
+
+impl kameo::Actor for NativeKameo {
+    type Args = ();
+    type Error = std::convert::Infallible;
+    async fn on_start(_: (), _: kameo::actor::ActorRef<Self>) -> Result<Self, Self::Error> {
+        Ok(NativeKameo { total: 0 })
+    }
+}
+
+impl kameo::message::Message<NEcho> for NativeKameo {
+    type Reply = u64;
+    async fn handle(&mut self, NEcho(v): NEcho, _: &mut kameo::message::Context<Self, u64>) -> u64 {
+        v
+    }
+}
+
+impl kameo::message::Message<NAdd> for NativeKameo {
+    type Reply = ();
+    async fn handle(&mut self, NAdd(v): NAdd, _: &mut kameo::message::Context<Self, ()>) {
+        self.total += v;
+    }
+}
+
+impl kameo::message::Message<NTotal> for NativeKameo {
+    type Reply = u64;
+    async fn handle(&mut self, _: NTotal, _: &mut kameo::message::Context<Self, u64>) -> u64 {
+        self.total
+    }
+}
+
+/// A GPU actor and a native kameo actor on one tokio runtime.
+pub struct KameoPair {
+    tokio: tokio::runtime::Runtime,
+    gpu: kameo::actor::ActorRef<ringkernel_kameo::GpuActor<Probe>>,
+    native: kameo::actor::ActorRef<NativeKameo>,
+}
+
+impl KameoPair {
+    /// Spawns both actors.
+    pub fn new() -> Self {
+        use kameo::actor::Spawn;
+        let tokio = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio");
+        let rk = Runtime::new().expect("ringkernel runtime");
+        let (gpu, native) = tokio.block_on(async move {
+            (
+                ringkernel_kameo::GpuActor::<Probe>::spawn(ringkernel_kameo::GpuArgs::new(
+                    rk,
+                    Default::default(),
+                )),
+                NativeKameo::spawn(()),
+            )
+        });
+        KameoPair { tokio, gpu, native }
+    }
+
+    /// `n` sequential asks to the GPU actor.
+    pub fn gpu_asks(&self, n: u64) {
+        self.tokio.block_on(async {
+            for i in 0..n {
+                black_box(
+                    self.gpu
+                        .ask(ringkernel_kameo::Ask(Echo(i)))
+                        .await
+                        .expect("reply"),
+                );
+            }
+        })
+    }
+
+    /// `n` sequential asks to the native actor.
+    pub fn native_asks(&self, n: u64) {
+        self.tokio.block_on(async {
+            for i in 0..n {
+                black_box(self.native.ask(NEcho(i)).await.expect("reply"));
+            }
+        })
+    }
+
+    /// `n` tells to the GPU actor, then an ask that sees them.
+    pub fn gpu_tells(&self, n: u64) {
+        self.tokio.block_on(async {
+            for i in 0..n {
+                self.gpu
+                    .tell(ringkernel_kameo::Tell(Add(i)))
+                    .await
+                    .expect("tell");
+            }
+            black_box(
+                self.gpu
+                    .ask(ringkernel_kameo::Ask(Total()))
+                    .await
+                    .expect("total"),
+            );
+        })
+    }
+
+    /// `n` tells to the native actor, then an ask that sees them.
+    pub fn native_tells(&self, n: u64) {
+        self.tokio.block_on(async {
+            for i in 0..n {
+                self.native.tell(NAdd(i)).await.expect("tell");
+            }
+            black_box(self.native.ask(NTotal).await.expect("total"));
+        })
+    }
+}
+
+impl Default for KameoPair {
+    fn default() -> Self {
+        Self::new()
+    }
+}

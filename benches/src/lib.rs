@@ -315,6 +315,11 @@ mod tests {
         actix.native_asks(100);
         actix.gpu_tells(1000);
         actix.native_tells(1000);
+        let kameo = actors::KameoPair::new();
+        kameo.gpu_asks(100);
+        kameo.native_asks(100);
+        kameo.gpu_tells(1000);
+        kameo.native_tells(1000);
         let pair = actors::RactorPair::new();
         pair.gpu_asks(100);
         pair.native_calls(100);

@@ -116,6 +116,7 @@ fn main() {
     let ractor_pair = actors::RactorPair::new();
     let core_pair = std::cell::RefCell::new(actors::CorePair::new());
     let actix_pair = actors::ActixPair::new();
+    let kameo_pair = actors::KameoPair::new();
 
     let mut comparisons = vec![
         Comparison {
@@ -205,6 +206,20 @@ fn main() {
             ops: 200_000 * scale,
             ours: Box::new(|n| actix_pair.gpu_tells(n)),
             base: Box::new(|n| actix_pair.native_tells(n)),
+        },
+        Comparison {
+            name: "kameo_ask",
+            config: "sequential asks from a tokio task (2 workers): ask(Ask(Echo)) to a GPU actor (cpu backend) vs ask to a native kameo actor".into(),
+            ops: 20_000 * scale,
+            ours: Box::new(|n| kameo_pair.gpu_asks(n)),
+            base: Box::new(|n| kameo_pair.native_asks(n)),
+        },
+        Comparison {
+            name: "kameo_tell",
+            config: "n tells then one ask that sees them processed: Tell(Add) to a GPU actor vs a native kameo actor; time per tell".into(),
+            ops: 200_000 * scale,
+            ours: Box::new(|n| kameo_pair.gpu_tells(n)),
+            base: Box::new(|n| kameo_pair.native_tells(n)),
         },
     ];
     for c in &mut comparisons {
