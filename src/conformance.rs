@@ -312,12 +312,15 @@ pub fn in_order_delivery(rt: &Runtime) {
 pub fn deactivate_then_activate(rt: &Runtime) {
     let (mut slot, _) = launch::<Probe>(rt, &LaunchOptions::default().h2k_capacity(256));
     assert_eq!(value(ask(&mut slot, Echo(1)).wait()), 1);
-    let before = slot.status().processed;
     slot.deactivate().expect("deactivate");
     assert!(
         slot.wait_for_state(LifecycleState::Deactivated, DEADLINE),
         "never acknowledged Deactivated"
     );
+    // Read after the acknowledgement: a reply can reach us before the loop
+    // records the progress of the message that made it, but the loop acks
+    // Deactivated (store-release) only after it has.
+    let before = slot.status().processed;
     let n = 100;
     for i in 0..n {
         tell(&mut slot, Add(i));
@@ -335,6 +338,12 @@ pub fn deactivate_then_activate(rt: &Runtime) {
     );
     slot.activate().expect("activate");
     assert_eq!(value(pending.wait()), (0..n).sum::<u64>());
+    // The reply may arrive before the loop records the progress of the
+    // message that made it: wait (bounded) for the count.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while slot.status().processed < before + n + 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(100));
+    }
     assert_eq!(slot.status().processed, before + n + 1);
     slot.terminate(DEADLINE);
 }
