@@ -32,12 +32,13 @@ use actix::dev::{MessageResponse, OneshotSender};
 use actix::prelude::*;
 use ringkernel::kernel::{Kernel, Message as KernelMessage, Payload, Reply};
 use ringkernel::runtime::{
-    AskError, GpuSlot, LaunchOptions, Runtime, SlotEvent, SubmitError, Waiter,
+    AskError, GpuSlot, LaunchOptions, Runtime, SlotController, SlotEvent, SubmitError, Waiter,
 };
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::rc::Rc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// Errors an actix caller of a GPU actor can see.
@@ -75,6 +76,24 @@ impl<M: KernelMessage> actix::Message for Ask<M> {
 pub struct Tell<M>(pub M);
 
 impl<M: KernelMessage> actix::Message for Tell<M> {
+    type Result = Result<(), GpuError>;
+}
+
+/// Deactivates the kernel: messages wait in H2K until [`Activate`]. While a
+/// full ring holds the actor this waits in the mailbox too; use
+/// [`GpuActor::controller`] to reach the kernel directly.
+#[derive(Debug, Clone, Copy)]
+pub struct Deactivate;
+
+impl actix::Message for Deactivate {
+    type Result = Result<(), GpuError>;
+}
+
+/// Activates the kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct Activate;
+
+impl actix::Message for Activate {
     type Result = Result<(), GpuError>;
 }
 
@@ -148,6 +167,7 @@ pub struct GpuActor<K: Kernel> {
     initial: Box<K::State>,
     terminate_timeout: Duration,
     inner: Rc<RefCell<Inner>>,
+    controller: Arc<OnceLock<SlotController>>,
     _kernel: PhantomData<fn() -> K>,
 }
 
@@ -173,6 +193,7 @@ impl<K: Kernel> GpuActor<K> {
             options,
             initial: Box::new(initial),
             terminate_timeout: Duration::from_secs(5),
+            controller: Arc::new(OnceLock::new()),
             inner: Rc::new(RefCell::new(Inner {
                 slot: None,
                 overflow: VecDeque::new(),
@@ -180,6 +201,13 @@ impl<K: Kernel> GpuActor<K> {
             })),
             _kernel: PhantomData,
         }
+    }
+
+    /// A lifecycle handle that bypasses the mailbox (available once the
+    /// actor has started; `Send`, usable from any thread). Take it before
+    /// `start`.
+    pub fn controller(&self) -> GpuController {
+        GpuController(self.controller.clone())
     }
 
     fn launch(&mut self, ctx: &mut Context<Self>) {
@@ -191,7 +219,12 @@ impl<K: Kernel> GpuActor<K> {
                     let _ = addr.try_send(Event(event));
                 });
         match launched {
-            Ok(slot) => self.inner.borrow_mut().slot = Some(slot),
+            Ok(slot) => {
+                // A restart replaces the slot; the controller keeps the first
+                // (take a fresh one from the new actor after a restart).
+                let _ = self.controller.set(slot.controller());
+                self.inner.borrow_mut().slot = Some(slot);
+            }
             Err(e) => {
                 tracing::error!(kernel = K::NAME, error = %e, "launching the GPU actor failed");
                 ctx.stop();
@@ -385,6 +418,62 @@ impl<K: Kernel> GpuActor<K> {
                 Some(GpuError::UnknownType { type_id })
             }
             Some(_) => None,
+        }
+    }
+}
+
+/// The mailbox-bypassing lifecycle handle of a [`GpuActor`].
+#[derive(Clone, Debug)]
+pub struct GpuController(Arc<OnceLock<SlotController>>);
+
+impl GpuController {
+    fn get(&self) -> Result<&SlotController, GpuError> {
+        self.0.get().ok_or(GpuError::Closed)
+    }
+
+    /// Activates the kernel.
+    ///
+    /// # Errors
+    /// [`GpuError::Closed`] before the actor started; a refused transition.
+    pub fn activate(&self) -> Result<(), GpuError> {
+        self.get()?.activate().map_err(|_| GpuError::Closed)
+    }
+
+    /// Deactivates the kernel.
+    ///
+    /// # Errors
+    /// As [`GpuController::activate`].
+    pub fn deactivate(&self) -> Result<(), GpuError> {
+        self.get()?.deactivate().map_err(|_| GpuError::Closed)
+    }
+
+    /// Messages waiting in H2K.
+    ///
+    /// # Errors
+    /// [`GpuError::Closed`] before the actor started.
+    pub fn h2k_depth(&self) -> Result<u64, GpuError> {
+        Ok(self.get()?.h2k_depth())
+    }
+}
+
+impl<K: Kernel> Handler<Deactivate> for GpuActor<K> {
+    type Result = Result<(), GpuError>;
+
+    fn handle(&mut self, _: Deactivate, _: &mut Context<Self>) -> Result<(), GpuError> {
+        match self.inner.borrow().slot.as_ref() {
+            Some(slot) => slot.deactivate().map_err(|_| GpuError::Closed),
+            None => Err(GpuError::Closed),
+        }
+    }
+}
+
+impl<K: Kernel> Handler<Activate> for GpuActor<K> {
+    type Result = Result<(), GpuError>;
+
+    fn handle(&mut self, _: Activate, _: &mut Context<Self>) -> Result<(), GpuError> {
+        match self.inner.borrow().slot.as_ref() {
+            Some(slot) => slot.activate().map_err(|_| GpuError::Closed),
+            None => Err(GpuError::Closed),
         }
     }
 }

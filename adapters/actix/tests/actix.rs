@@ -9,7 +9,7 @@ use ringkernel::conformance::{
 };
 use ringkernel::control::FaultCode;
 use ringkernel::runtime::{AskError, LaunchOptions, Runtime};
-use ringkernel_actix::{Ask, GpuActor, GpuError, Tell};
+use ringkernel_actix::{Activate, Ask, Deactivate, GpuActor, GpuError, Tell};
 use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -135,4 +135,38 @@ async fn ask_after_stop_is_an_error() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     assert!(addr.send(Ask(Echo(1))).await.is_err());
+}
+
+/// Deactivated: tells wait in H2K and an ask waits for activation; the
+/// controller reaches the kernel even while a full ring holds the actor.
+#[actix_rt::test]
+async fn deactivate_then_activate_and_the_controller() {
+    let actor = GpuActor::<Probe>::with_options(
+        Runtime::new().unwrap(),
+        Default::default(),
+        LaunchOptions::default().h2k_capacity(8),
+    );
+    let controller = actor.controller();
+    let addr = actor.start();
+    assert_eq!(addr.send(Deactivate).await.unwrap(), Ok(()));
+    // More tells than the ring holds: the actor waits on the full ring and
+    // `Activate` through the mailbox would wait behind them.
+    for i in 0..100u64 {
+        addr.do_send(Tell(Seq(i)));
+    }
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while controller.h2k_depth().unwrap() < 8 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the ring never filled"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    controller.activate().unwrap();
+    let report = tokio::time::timeout(DEADLINE, addr.send(Ask(SeqReport())))
+        .await
+        .expect("no hang")
+        .unwrap();
+    assert_eq!(report, Ok([100, 0]));
+    assert_eq!(addr.send(Activate).await.unwrap(), Ok(()));
 }

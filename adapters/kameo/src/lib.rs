@@ -74,6 +74,14 @@ pub struct Ask<M>(pub M);
 #[derive(Debug, Clone, Copy)]
 pub struct Tell<M>(pub M);
 
+/// Deactivates the kernel: messages wait in H2K until [`Activate`].
+#[derive(Debug, Clone, Copy)]
+pub struct Deactivate;
+
+/// Activates the kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct Activate;
+
 /// Internal: a slot event from the runtime's poller.
 #[doc(hidden)]
 #[derive(Debug)]
@@ -267,6 +275,24 @@ impl<K: Kernel, M: KernelMessage> Message<Tell<M>> for GpuActor<K> {
                 Err(_) => return Err(closed(slot)),
             }
         }
+    }
+}
+
+impl<K: Kernel> Message<Deactivate> for GpuActor<K> {
+    type Reply = Result<(), GpuError>;
+
+    async fn handle(&mut self, _: Deactivate, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        let slot = self.slot.as_ref().ok_or(GpuError::Closed)?;
+        slot.deactivate().map_err(|_| GpuError::Closed)
+    }
+}
+
+impl<K: Kernel> Message<Activate> for GpuActor<K> {
+    type Reply = Result<(), GpuError>;
+
+    async fn handle(&mut self, _: Activate, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        let slot = self.slot.as_ref().ok_or(GpuError::Closed)?;
+        slot.activate().map_err(|_| GpuError::Closed)
     }
 }
 

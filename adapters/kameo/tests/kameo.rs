@@ -10,7 +10,7 @@ use ringkernel::conformance::{
     Add, Echo, Explode, Probe, REVERSE_BATCH, Reverse, Reversed, Seq, SeqReport, Silent, Total,
 };
 use ringkernel::runtime::{AskError, LaunchOptions, Runtime};
-use ringkernel_kameo::{Ask, GpuActor, GpuArgs, GpuError, Tell};
+use ringkernel_kameo::{Activate, Ask, Deactivate, GpuActor, GpuArgs, GpuError, Tell};
 use std::ops::ControlFlow;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -160,4 +160,28 @@ async fn a_fault_fails_the_actor_and_the_linked_supervisor_restarts_it() {
         2,
         "the restarted actor serves"
     );
+}
+
+/// Deactivated: tells wait in H2K and an ask waits for activation; then
+/// every message is served, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deactivate_then_activate() {
+    let gpu = GpuActor::<Probe>::spawn(GpuArgs::new(Runtime::new().unwrap(), Default::default()));
+    gpu.ask(Deactivate).await.unwrap();
+    for i in 0..100u64 {
+        gpu.tell(Tell(Seq(i))).await.unwrap();
+    }
+    let waiting = {
+        let gpu = gpu.clone();
+        tokio::spawn(async move { gpu.ask(Ask(SeqReport())).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!waiting.is_finished(), "served while deactivated");
+    gpu.ask(Activate).await.unwrap();
+    let report = tokio::time::timeout(DEADLINE, waiting)
+        .await
+        .expect("no hang")
+        .unwrap()
+        .unwrap();
+    assert_eq!(report, [100, 0]);
 }
