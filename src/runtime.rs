@@ -59,6 +59,45 @@ pub enum AskError {
     Terminated,
 }
 
+/// What a framework caller of a GPU actor can be told, whatever the
+/// framework: the adapters return it (actix and kameo directly, ractor
+/// beside its own transport errors).
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// The ask was accepted and resolved without a value.
+    #[error(transparent)]
+    Ask(#[from] AskError),
+    /// The kernel serves no message of this type.
+    #[error("the kernel does not serve message type {type_id:#x}")]
+    UnknownType {
+        /// The type id.
+        type_id: u32,
+    },
+    /// The actor's slot is closed (faulted, terminated, or not launched).
+    #[error("the GPU actor is closed")]
+    Closed,
+    /// The reply did not decode as the message's reply type.
+    #[error("reply does not decode: {0}")]
+    Decode(#[from] crate::DecodeError),
+}
+
+impl CallError {
+    /// Turns a waiter's outcome into a typed reply.
+    ///
+    /// # Errors
+    /// The ask's [`AskError`], or [`CallError::Decode`] for a reply of
+    /// another size than `R`.
+    pub fn decode<R: bytemuck::Pod>(outcome: Result<Reply, AskError>) -> Result<R, CallError> {
+        Ok(outcome?.decode::<R>()?)
+    }
+
+    /// The error for a send to a closed slot: its fault if it faulted.
+    pub fn closed(fault: Option<Fault>) -> CallError {
+        fault.map_or(CallError::Closed, |f| CallError::Ask(AskError::Faulted(f)))
+    }
+}
+
 /// A fault of an actor slot: its code and detail (see [`FaultCode`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fault {
@@ -1235,6 +1274,32 @@ fn poller_loop(p: &PollerShared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn call_error_maps_outcomes_and_faults() {
+        let mut header = crate::envelope::EnvelopeHeader::new(1, Flags::REPLY);
+        header.payload_len = 8;
+        let reply = Reply::new(header, &7u64.to_le_bytes());
+        assert_eq!(CallError::decode::<u64>(Ok(reply)), Ok(7));
+        assert!(matches!(
+            CallError::decode::<u32>(Ok(reply)),
+            Err(CallError::Decode(_))
+        ));
+        assert_eq!(
+            CallError::decode::<u64>(Err(AskError::NoReply)),
+            Err(CallError::Ask(AskError::NoReply))
+        );
+        assert_eq!(CallError::closed(None), CallError::Closed);
+        let fault = Fault {
+            code: FaultCode::Watchdog,
+            detail: 1,
+            incarnation: 0,
+        };
+        assert_eq!(
+            CallError::closed(Some(fault)),
+            CallError::Ask(AskError::Faulted(fault))
+        );
+    }
 
     #[test]
     fn idle_spins_its_budget_and_device_budget_follows_the_send_gap() {

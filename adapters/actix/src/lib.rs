@@ -41,26 +41,9 @@ use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-/// Errors an actix caller of a GPU actor can see.
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum GpuError {
-    /// The ask was accepted and resolved without a value.
-    #[error(transparent)]
-    Ask(#[from] AskError),
-    /// The kernel serves no message of this type.
-    #[error("the kernel does not serve message type {type_id:#x}")]
-    UnknownType {
-        /// The type id.
-        type_id: u32,
-    },
-    /// The actor's slot is closed (faulted, terminated, or never launched).
-    #[error("the GPU actor is closed")]
-    Closed,
-    /// The reply did not decode as the message's reply type.
-    #[error("reply does not decode: {0}")]
-    Decode(#[from] ringkernel::DecodeError),
-}
+/// Errors an actix caller of a GPU actor can see: the core's
+/// [`CallError`](ringkernel::runtime::CallError).
+pub use ringkernel::runtime::CallError as GpuError;
 
 /// An ask: `addr.send(Ask(msg)).await` resolves with `M::Reply`.
 #[derive(Debug, Clone, Copy)]
@@ -114,11 +97,7 @@ struct Typed<R>(OneshotSender<Result<R, GpuError>>);
 
 impl<R: bytemuck::Pod + Send> Sink for Typed<R> {
     fn complete(self: Box<Self>, outcome: Result<Reply, AskError>) {
-        let value = match outcome {
-            Ok(reply) => reply.decode::<R>().map_err(GpuError::from),
-            Err(e) => Err(GpuError::Ask(e)),
-        };
-        let _ = self.0.send(value);
+        let _ = self.0.send(GpuError::decode(outcome));
     }
 
     fn is_closed(&self) -> bool {
@@ -410,10 +389,7 @@ impl<K: Kernel> GpuActor<K> {
         let inner = self.inner.borrow();
         match inner.slot.as_ref() {
             None => Some(GpuError::Closed),
-            Some(slot) if !slot.is_open() => Some(
-                slot.fault()
-                    .map_or(GpuError::Closed, |f| GpuError::Ask(AskError::Faulted(f))),
-            ),
+            Some(slot) if !slot.is_open() => Some(GpuError::closed(slot.fault())),
             Some(slot) if slot.served_types().binary_search(&type_id).is_err() => {
                 Some(GpuError::UnknownType { type_id })
             }

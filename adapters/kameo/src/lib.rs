@@ -37,34 +37,14 @@ use kameo::reply::ReplySender;
 use ringkernel::id::ActorId;
 use ringkernel::kernel::{Kernel, Message as KernelMessage, Payload, Reply};
 use ringkernel::runtime::{
-    AskError, GpuSlot, LaunchOptions, Runtime, SlotEvent, SubmitError, Waiter,
+    AskError, GpuSlot, LaunchError, LaunchOptions, Runtime, SlotEvent, SubmitError, Waiter,
 };
 use std::time::Duration;
 
 /// Errors a kameo caller of a GPU actor can see (inside kameo's
-/// `SendError::HandlerError`).
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum GpuError {
-    /// The ask was accepted and resolved without a value.
-    #[error(transparent)]
-    Ask(#[from] AskError),
-    /// The kernel serves no message of this type.
-    #[error("the kernel does not serve message type {type_id:#x}")]
-    UnknownType {
-        /// The type id.
-        type_id: u32,
-    },
-    /// The actor's slot is closed.
-    #[error("the GPU actor is closed")]
-    Closed,
-    /// The reply did not decode as the message's reply type.
-    #[error("reply does not decode: {0}")]
-    Decode(#[from] ringkernel::DecodeError),
-    /// The kernel could not be launched.
-    #[error("launch failed: {0}")]
-    Launch(#[from] ringkernel::runtime::LaunchError),
-}
+/// `SendError::HandlerError`): the core's
+/// [`CallError`](ringkernel::runtime::CallError).
+pub use ringkernel::runtime::CallError as GpuError;
 
 /// An ask: `actor_ref.ask(Ask(msg)).await` resolves with `M::Reply`.
 #[derive(Debug, Clone, Copy)]
@@ -96,11 +76,7 @@ struct Typed<R: Send + 'static>(ReplySender<Result<R, GpuError>>);
 
 impl<R: bytemuck::Pod + Send + Sync> Sink for Typed<R> {
     fn complete(self: Box<Self>, outcome: Result<Reply, AskError>) {
-        let value = match outcome {
-            Ok(reply) => reply.decode::<R>().map_err(GpuError::from),
-            Err(e) => Err(GpuError::Ask(e)),
-        };
-        self.0.send(value);
+        self.0.send(GpuError::decode(outcome));
     }
 
     fn fail(self: Box<Self>, error: GpuError) {
@@ -165,9 +141,9 @@ impl<K: Kernel> std::fmt::Debug for GpuActor<K> {
 
 impl<K: Kernel> Actor for GpuActor<K> {
     type Args = GpuArgs<K>;
-    type Error = GpuError;
+    type Error = LaunchError;
 
-    async fn on_start(args: GpuArgs<K>, actor_ref: ActorRef<Self>) -> Result<Self, GpuError> {
+    async fn on_start(args: GpuArgs<K>, actor_ref: ActorRef<Self>) -> Result<Self, LaunchError> {
         let me = actor_ref.downgrade();
         let slot =
             args.runtime
@@ -183,7 +159,11 @@ impl<K: Kernel> Actor for GpuActor<K> {
         })
     }
 
-    async fn on_stop(&mut self, _: WeakActorRef<Self>, _: ActorStopReason) -> Result<(), GpuError> {
+    async fn on_stop(
+        &mut self,
+        _: WeakActorRef<Self>,
+        _: ActorStopReason,
+    ) -> Result<(), LaunchError> {
         if let Some(mut slot) = self.slot.take() {
             // Waiting for the kernel's acknowledgement blocks: not on an
             // async worker.

@@ -53,8 +53,8 @@ use ringkernel::control::LifecycleState;
 use ringkernel::id::ActorId;
 use ringkernel::kernel::{Kernel, Message, Payload, Reply};
 use ringkernel::runtime::{
-    AskError, Fault, GpuSlot, LaunchOptions, Runtime, SlotController, SlotEvent, SubmitError,
-    Waiter,
+    AskError, CallError, Fault, GpuSlot, LaunchOptions, Runtime, SlotController, SlotEvent,
+    SubmitError, Waiter,
 };
 use std::marker::PhantomData;
 use std::sync::{Arc, OnceLock};
@@ -64,22 +64,10 @@ use std::time::Duration;
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GpuError {
-    /// The ask was accepted and resolved without a value (no reply, a
-    /// fault, termination).
+    /// What any framework's caller can be told: the ask resolved without a
+    /// value, an unserved type, a closed actor, an undecodable reply.
     #[error(transparent)]
-    Ask(#[from] AskError),
-    /// The kernel serves no message of this type.
-    #[error("the kernel does not serve message type {type_id:#x}")]
-    UnknownType {
-        /// The type id.
-        type_id: u32,
-    },
-    /// The actor's slot is closed (faulted or terminated).
-    #[error("the GPU actor is closed")]
-    Closed,
-    /// The reply did not decode as the message's reply type.
-    #[error("reply does not decode: {0}")]
-    Decode(#[from] ringkernel::DecodeError),
+    Call(#[from] CallError),
     /// ractor could not deliver the message or the reply (the actor is gone,
     /// or a `call_t!` timed out).
     #[error("ractor: {0}")]
@@ -87,6 +75,18 @@ pub enum GpuError {
     /// A lifecycle request was refused.
     #[error(transparent)]
     State(#[from] ringkernel::StateError),
+}
+
+impl From<AskError> for GpuError {
+    fn from(e: AskError) -> Self {
+        GpuError::Call(CallError::Ask(e))
+    }
+}
+
+impl From<ringkernel::DecodeError> for GpuError {
+    fn from(e: ringkernel::DecodeError) -> Self {
+        GpuError::Call(CallError::Decode(e))
+    }
 }
 
 /// A send the typed handle refused; the message is handed back.
@@ -213,8 +213,7 @@ impl std::fmt::Debug for GpuActorState {
 }
 
 fn closed_error(slot: &GpuSlot<Port>) -> GpuError {
-    slot.fault()
-        .map_or(GpuError::Closed, |f| GpuError::Ask(AskError::Faulted(f)))
+    CallError::closed(slot.fault()).into()
 }
 
 /// The actor failed because its kernel faulted.
@@ -278,7 +277,7 @@ impl<K: Kernel> Actor for GpuActor<K> {
                             value: (_, port),
                             type_id,
                         }) => {
-                            let _ = port.0.send(Err(GpuError::UnknownType { type_id }));
+                            let _ = port.0.send(Err(CallError::UnknownType { type_id }.into()));
                             break;
                         }
                         Err(SubmitError::Closed((_, port))) => {
@@ -464,9 +463,9 @@ impl<K: Kernel> GpuActorRef<K> {
         timeout: Option<Duration>,
     ) -> Result<M::Reply, GpuError> {
         if !self.serves(M::TYPE_ID) {
-            return Err(GpuError::UnknownType {
+            return Err(GpuError::Call(CallError::UnknownType {
                 type_id: M::TYPE_ID,
-            });
+            }));
         }
         let payload = Payload::new(msg);
         let reply = self

@@ -6,7 +6,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent, call, call_t
 use ringkernel::conformance::{
     Add, Echo, Explode, Probe, REVERSE_BATCH, Reverse, Reversed, Seq, SeqReport, Silent, Total,
 };
-use ringkernel::runtime::{AskError, LaunchOptions, Runtime};
+use ringkernel::runtime::{AskError, CallError, LaunchOptions, Runtime};
 use ringkernel_ractor::{GpuActor, GpuActorRef, GpuError, GpuMsg, TellError};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -114,7 +114,7 @@ async fn conformance_through_the_adapter() {
     // NoReply
     assert_eq!(
         gpu.ask(Silent()).await,
-        Err(GpuError::Ask(AskError::NoReply))
+        Err(GpuError::Call(CallError::Ask(AskError::NoReply)))
     );
     // deactivate / activate: asks wait in H2K and are served on activation
     gpu.deactivate().await.unwrap();
@@ -154,12 +154,15 @@ async fn unserved_message_is_a_typed_error_with_the_message_back() {
     let gpu = GpuActorRef::<Reverse>::new(actor.clone());
     assert_eq!(
         gpu.ask(Add(1)).await,
-        Err(GpuError::UnknownType { type_id: 2 })
+        Err(GpuError::Call(CallError::UnknownType { type_id: 2 }))
     );
     assert_eq!(gpu.tell(Add(2)), Err(TellError::UnknownType(Add(2))));
     // Through raw call!, the actor answers with the typed error too.
     let r = call!(actor, GpuMsg::Ask, Add(2).into()).unwrap();
-    assert_eq!(r, Err(GpuError::UnknownType { type_id: 2 }));
+    assert_eq!(
+        r,
+        Err(GpuError::Call(CallError::UnknownType { type_id: 2 }))
+    );
     actor.stop(None);
     handle.await.unwrap();
 }
@@ -242,7 +245,7 @@ async fn supervisor_sees_a_kernel_fault_and_no_caller_hangs() {
     assert!(
         matches!(
             boom,
-            Err(GpuError::Ask(AskError::Faulted(_))) | Err(GpuError::Rpc(_))
+            Err(GpuError::Call(CallError::Ask(AskError::Faulted(_)))) | Err(GpuError::Rpc(_))
         ),
         "{boom:?}"
     );
