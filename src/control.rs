@@ -19,7 +19,7 @@
 //! | line | writer | fields |
 //! |---|---|---|
 //! | 0 | host | magic, version, requested state, incarnation |
-//! | 1 | device | acknowledged state and incarnation, fault code, heartbeat, processed count, fault detail |
+//! | 1 | device | acknowledged state and incarnation, fault code, heartbeat, processed count, fault detail, commit word (the host's one write here: the fence) |
 //! | 2 | sleeper (device) / read by wakers | the [`Doorbell`] |
 
 use crate::doorbell::Doorbell;
@@ -30,7 +30,9 @@ use std::fmt;
 /// `"RKCB"` read as a little-endian `u32`.
 pub const CONTROL_MAGIC: u32 = u32::from_le_bytes(*b"RKCB");
 /// The control block layout version.
-pub const CONTROL_VERSION: u32 = 1;
+pub const CONTROL_VERSION: u32 = 2;
+/// The fence bit of the control block's commit word.
+pub const COMMIT_FENCED: u64 = 1;
 /// Size of [`ControlBlock`] in bytes.
 pub const CONTROL_BLOCK_SIZE: usize = 384;
 
@@ -192,7 +194,11 @@ pub struct ControlBlock {
     pub(crate) heartbeat: AtomicU64,
     pub(crate) processed: AtomicU64,
     pub(crate) fault_detail: AtomicU64,
-    _pad1: [u8; 88],
+    /// The commit word: `last committed seq << 1 | fenced`. The device
+    /// advances it with a CAS per message; the host fences it once with a
+    /// `fetch_or` (the only host write on this line).
+    pub(crate) commit: AtomicU64,
+    _pad1: [u8; 80],
     // Line 2: the doorbell.
     pub(crate) doorbell: Doorbell,
     _pad2: [u8; 124],
@@ -237,7 +243,8 @@ impl ControlBlock {
             heartbeat: AtomicU64::new(0),
             processed: AtomicU64::new(0),
             fault_detail: AtomicU64::new(0),
-            _pad1: [0; 88],
+            commit: AtomicU64::new(0),
+            _pad1: [0; 80],
             doorbell: Doorbell::new(),
             _pad2: [0; 124],
         }
@@ -291,6 +298,7 @@ impl ControlBlock {
         self.fault_code.store(0, Ordering::Relaxed);
         self.fault_detail.store(0, Ordering::Relaxed);
         self.processed.store(0, Ordering::Relaxed);
+        self.commit.store(0, Ordering::Relaxed);
         self.acked_state
             .store(LifecycleState::Created as u32, Ordering::Relaxed);
         // Publishes the reset above; pairs with the device's acquire of the
@@ -298,6 +306,29 @@ impl ControlBlock {
         self.requested_state
             .store(LifecycleState::Created as u32, Ordering::Release);
         Ok(())
+    }
+
+    /// Host: fences the incarnation: from now on no commit of its device
+    /// loop succeeds, so nothing it does afterwards can count as processed.
+    /// Returns the sequence number of the last message it committed
+    /// (messages with a greater `seq` were not processed). Idempotent.
+    pub fn fence(&self) -> u64 {
+        // AcqRel: the acquire half pairs with the device's release CAS in
+        // `commit`, so every reply the device published before a commit we
+        // observe is visible to the K2H drain that follows the fence.
+        self.commit.fetch_or(COMMIT_FENCED, Ordering::AcqRel) >> 1
+    }
+
+    /// Whether the incarnation has been fenced.
+    pub fn is_fenced(&self) -> bool {
+        // Pairs with the `fetch_or` in `fence`; the device checks this
+        // between messages and before publishing.
+        self.commit.load(Ordering::Acquire) & COMMIT_FENCED != 0
+    }
+
+    /// The sequence number of the last committed message.
+    pub fn committed(&self) -> u64 {
+        self.commit.load(Ordering::Acquire) >> 1
     }
 
     /// The incarnation the host wants served.
@@ -358,6 +389,19 @@ impl ControlBlock {
         // Pairs with the host's acquire in `status`; the watchdog compares
         // successive heartbeats.
         self.heartbeat.store(heartbeat, Ordering::Release);
+    }
+
+    /// Device: commits the message with sequence number `seq` (its replies
+    /// are already published), after `prev`, the last one it committed.
+    /// Fails — and the message does not count as processed — when the host
+    /// has fenced the incarnation.
+    pub fn commit(&self, prev: u64, seq: u64) -> bool {
+        // Release: publishes the replies (and K2H tail) written before;
+        // pairs with the host's AcqRel `fetch_or` in `fence`. Only the
+        // device advances the word, so `prev` is exact unless fenced.
+        self.commit
+            .compare_exchange(prev << 1, seq << 1, Ordering::Release, Ordering::Relaxed)
+            .is_ok()
     }
 
     /// Device: reports a fault and acknowledges `Faulted` for `incarnation`.

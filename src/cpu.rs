@@ -6,6 +6,7 @@
 use crate::control::{ControlBlock, FaultCode, LifecycleState};
 use crate::envelope::{EnvelopeHeader, Flags, HeaderCheck};
 use crate::hlc::Hlc;
+use crate::home::HomeCore;
 use crate::id::{ActorId, ClockDomain, CorrelationId};
 use crate::kernel::{CpuHandlers, Kernel, MAX_INLINE, ReplySink, SYS_NO_REPLY};
 use crate::ring::{Consumer, Producer};
@@ -29,6 +30,10 @@ pub(crate) struct SlotParts<K: Kernel> {
     pub(crate) poller: Arc<PollerShared>,
     pub(crate) space: Arc<SpaceWaker>,
     pub(crate) max_in_flight: usize,
+    pub(crate) home: Arc<HomeCore>,
+    pub(crate) checkpoint_every: u64,
+    #[cfg(feature = "fault-injection")]
+    pub(crate) injector: Option<Arc<crate::inject::FaultInjector>>,
 }
 
 /// Starts the device thread of one actor slot.
@@ -46,15 +51,15 @@ struct Pending {
     bytes: [u8; MAX_INLINE],
 }
 
-/// Replies go straight to K2H while it has room, else to a bounded outbox
-/// that the loop drains before it dequeues again.
+/// A handler's replies are staged in a bounded outbox; the loop publishes
+/// them to K2H after the handler returns and before it commits the message
+/// (so a fenced incarnation's replies are never published, and a committed
+/// message's replies are in K2H before its commit is visible).
 struct Replies<'a> {
-    k2h: &'a mut Producer,
     outbox: &'a mut VecDeque<Pending>,
     outbox_limit: usize,
     clock: &'a Hlc,
     src: ActorId,
-    sent: usize,
 }
 
 impl ReplySink for Replies<'_> {
@@ -74,11 +79,7 @@ impl ReplySink for Replies<'_> {
             .with_stamp(stamp.hlc, stamp.domain);
         let len = payload.len().min(MAX_INLINE);
         header.payload_len = len as u32;
-        let pushed =
-            self.outbox.is_empty() && self.k2h.try_send_bytes(&header, &payload[..len]).is_ok();
-        if pushed {
-            self.sent += 1;
-        } else if self.outbox.len() >= self.outbox_limit {
+        if self.outbox.len() >= self.outbox_limit {
             // More replies than asks can be in flight: a handler answered a
             // deferred ask twice. The extra reply could only be late.
             tracing::warn!(actor = ?self.src, correlation = ?to, "reply beyond the in-flight limit dropped");
@@ -92,6 +93,7 @@ impl ReplySink for Replies<'_> {
 
 struct DeviceLoop<K: Kernel> {
     id: ActorId,
+    incarnation: u16,
     state: K::State,
     handlers: CpuHandlers<K>,
     served: Vec<u32>,
@@ -100,11 +102,17 @@ struct DeviceLoop<K: Kernel> {
     k2h: Producer,
     poller: Arc<PollerShared>,
     space: Arc<SpaceWaker>,
+    home: Arc<HomeCore>,
+    checkpoint_every: u64,
+    #[cfg(feature = "fault-injection")]
+    injector: Option<Arc<crate::inject::FaultInjector>>,
     outbox: VecDeque<Pending>,
     outbox_limit: usize,
     clock: Hlc,
     acked: LifecycleState,
     processed: u64,
+    /// `seq` of the last message committed.
+    committed: u64,
     /// Send stamp of the last message served, and its gap to the one before.
     last_send: u64,
     send_gap_ns: u64,
@@ -119,10 +127,24 @@ enum Step {
     Exit,
 }
 
+/// How serving one message ended, before its commit.
+#[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
+enum Served {
+    /// The handler returned; commit `seq` (then fault, if injected so).
+    Done { seq: u64, fault_after: bool },
+    /// A fault: the message is not processed.
+    Fault(FaultCode, u64),
+    /// The incarnation was fenced meanwhile: leave quietly.
+    Fenced,
+    /// Injected: the loop exits without a word.
+    Exit,
+}
+
 impl<K: Kernel> DeviceLoop<K> {
     fn new(p: SlotParts<K>) -> Self {
         DeviceLoop {
             id: p.id,
+            incarnation: p.id.incarnation(),
             state: p.state,
             handlers: p.handlers,
             served: p.served,
@@ -131,6 +153,10 @@ impl<K: Kernel> DeviceLoop<K> {
             k2h: p.k2h,
             poller: p.poller,
             space: p.space,
+            home: p.home,
+            checkpoint_every: p.checkpoint_every,
+            #[cfg(feature = "fault-injection")]
+            injector: p.injector,
             outbox: VecDeque::with_capacity(p.max_in_flight),
             // Every queued reply answers a distinct ask in flight (at most
             // the waiter slab's capacity), plus the one being served.
@@ -141,6 +167,7 @@ impl<K: Kernel> DeviceLoop<K> {
             )),
             acked: LifecycleState::Created,
             processed: 0,
+            committed: 0,
             last_send: 0,
             send_gap_ns: u64::MAX,
         }
@@ -149,15 +176,24 @@ impl<K: Kernel> DeviceLoop<K> {
     fn ack(&mut self, state: LifecycleState) {
         if self.acked != state {
             self.acked = state;
-            self.control.ack(state, 0);
+            self.control.ack(state, u32::from(self.incarnation));
             self.poller.wake();
         }
     }
 
     fn fault(&mut self, code: FaultCode, detail: u64) {
         self.acked = LifecycleState::Faulted;
-        self.control.report_fault(code, detail, 0);
+        self.control
+            .report_fault(code, detail, u32::from(self.incarnation));
         self.poller.wake();
+    }
+
+    /// The host fenced this incarnation: stop without another write the
+    /// host could mistake for progress.
+    fn leave_fenced(&mut self) {
+        self.acked = LifecycleState::Terminated;
+        self.control
+            .ack(LifecycleState::Terminated, u32::from(self.incarnation));
     }
 
     fn run(mut self) {
@@ -190,6 +226,7 @@ impl<K: Kernel> DeviceLoop<K> {
                     let outbox_blocked = !self.outbox.is_empty();
                     let has_work = || {
                         control.requested_state() != Ok(acked)
+                            || control.is_fenced()
                             || (acked == LifecycleState::Active
                                 && !h2k.is_empty()
                                 && k2h.free_slots() > 0)
@@ -203,6 +240,10 @@ impl<K: Kernel> DeviceLoop<K> {
     }
 
     fn step(&mut self) -> Step {
+        if self.control.is_fenced() {
+            self.leave_fenced();
+            return Step::Exit;
+        }
         let requested = match self.control.requested_state() {
             Ok(s) => s,
             Err(e) => {
@@ -237,9 +278,13 @@ impl<K: Kernel> DeviceLoop<K> {
         if !self.outbox.is_empty() {
             return if worked > 0 { Step::Worked } else { Step::Idle };
         }
+        if self.home.take_checkpoint_request() {
+            checkpoint::<K>(&self.home, self.incarnation, self.processed, &self.state);
+        }
         let check = HeaderCheck::only(MAX_INLINE as u32, &self.served);
         let mut taken = 0;
-        let mut fault = None;
+        let mut committed_in_batch = 0;
+        let mut exit = None;
         {
             let mut batch = self.h2k.batch();
             // Dequeue only with a K2H slot reserved (and nothing queued
@@ -248,29 +293,52 @@ impl<K: Kernel> DeviceLoop<K> {
                 let handlers = &self.handlers;
                 let state = &mut self.state;
                 let mut replies = Replies {
-                    k2h: &mut self.k2h,
                     outbox: &mut self.outbox,
                     outbox_limit: self.outbox_limit,
                     clock: &self.clock,
                     src: self.id,
-                    sent: 0,
                 };
                 let clock = &self.clock;
+                #[cfg(feature = "fault-injection")]
+                let control = &self.control;
                 let (last_send, send_gap) = (&mut self.last_send, &mut self.send_gap_ns);
+                #[cfg(feature = "fault-injection")]
+                let injection = self.injector.as_ref().and_then(|i| i.next());
                 let Some(outcome) = batch.try_recv_with(&check, |env| {
                     // The sender's pace sizes the idle spin (see `Idle`).
                     *send_gap = env.header.hlc.saturating_sub(*last_send);
                     *last_send = env.header.hlc;
                     let stamp = clock.receive(env.header.hlc);
+                    #[cfg(feature = "fault-injection")]
+                    let mut corrupt = false;
+                    #[cfg(feature = "fault-injection")]
+                    match injection {
+                        Some(crate::inject::Injection::Panic) => {
+                            return Served::Fault(FaultCode::HandlerPanic, INJECTED_DETAIL)
+                        }
+                        Some(crate::inject::Injection::Exit) => return Served::Exit,
+                        Some(crate::inject::Injection::Hang(d)) => {
+                            std::thread::sleep(d);
+                            if control.is_fenced() {
+                                return Served::Fenced;
+                            }
+                        }
+                        Some(crate::inject::Injection::CorruptReply) => corrupt = true,
+                        _ => {}
+                    }
                     let Some((_, handler)) = handlers
                         .entries
                         .iter()
                         .find(|(t, _)| *t == env.header.type_id)
                     else {
-                        return Err((FaultCode::UnknownMessageType, u64::from(env.header.type_id)));
+                        return Served::Fault(
+                            FaultCode::UnknownMessageType,
+                            u64::from(env.header.type_id),
+                        );
                     };
                     let mut answered = false;
                     let header = env.header;
+                    let staged = replies.outbox.len();
                     let result = catch_unwind(AssertUnwindSafe(|| {
                         handler(
                             state,
@@ -281,9 +349,9 @@ impl<K: Kernel> DeviceLoop<K> {
                             &mut answered,
                         )
                     }));
-                    match result {
-                        Err(_) => Err((FaultCode::HandlerPanic, 0)),
-                        Ok(Err(e)) => Err((FaultCode::HandlerFault, u64::from(e.0))),
+                    let outcome = match result {
+                        Err(_) => Served::Fault(FaultCode::HandlerPanic, 0),
+                        Ok(Err(e)) => Served::Fault(FaultCode::HandlerFault, u64::from(e.0)),
                         Ok(Ok(())) => {
                             if header.flags.contains(Flags::ASK) && !answered {
                                 replies.send_reply(
@@ -294,65 +362,152 @@ impl<K: Kernel> DeviceLoop<K> {
                                     &[],
                                 );
                             }
-                            Ok(())
+                            Served::Done {
+                                seq: header.seq,
+                                fault_after: false,
+                            }
                         }
+                    };
+                    if let Served::Fault(..) = outcome {
+                        // A failed handler's replies are not published.
+                        replies.outbox.truncate(staged);
                     }
+                    #[cfg(feature = "fault-injection")]
+                    let outcome = match (outcome, injection) {
+                        (Served::Done { seq, .. }, Some(crate::inject::Injection::FaultAfterReply)) => {
+                            Served::Done { seq, fault_after: true }
+                        }
+                        (Served::Done { seq, fault_after }, _) if corrupt => {
+                            corrupt_last_reply(replies.outbox, staged);
+                            Served::Done { seq, fault_after }
+                        }
+                        (o, _) => o,
+                    };
+                    outcome
                 }) else {
                     break;
                 };
-                if replies.sent > 0 {
-                    // Now, not at the end of the batch: a slow handler later
-                    // in the batch must not delay this message's reply.
-                    self.poller.wake();
-                }
                 taken += 1;
-                match outcome {
-                    Ok(Ok(())) => {
+                let served = match outcome {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(actor = ?self.id, error = %e, "invalid envelope in H2K");
+                        Served::Fault(FaultCode::BadEnvelope, 0)
+                    }
+                };
+                match served {
+                    Served::Done { seq, fault_after } => {
+                        // Publish the replies, then commit: a fenced
+                        // incarnation publishes nothing, and a committed
+                        // message's replies are in K2H before its commit
+                        // is visible to the host's fence.
+                        if self.control.is_fenced() {
+                            self.home.count_fenced(1 + self.outbox.len() as u64);
+                            self.outbox.clear();
+                            exit = Some(None);
+                            break;
+                        }
+                        flush(&mut self.k2h, &mut self.outbox, &self.poller);
+                        if !self.control.commit(self.committed, seq) {
+                            self.home.count_fenced(1);
+                            exit = Some(None);
+                            break;
+                        }
+                        self.committed = seq;
+                        committed_in_batch += 1;
                         self.processed += 1;
                         // Per message, so a long batch of slow but
                         // progressing handlers never looks hung.
                         self.control.record_progress(self.processed, self.processed);
+                        if self.checkpoint_every > 0 && self.processed % self.checkpoint_every == 0 {
+                            checkpoint::<K>(&self.home, self.incarnation, self.processed, &self.state);
+                        }
+                        if fault_after {
+                            // Committed, its reply published, and then the
+                            // fault strikes before its H2K slot is released.
+                            committed_in_batch -= 1;
+                            exit = Some(Some((FaultCode::HandlerFault, INJECTED_DETAIL)));
+                            break;
+                        }
                     }
-                    Ok(Err(f)) => {
-                        fault = Some(f);
+                    Served::Fault(code, detail) => {
+                        exit = Some(Some((code, detail)));
                         break;
                     }
-                    Err(e) => {
-                        tracing::error!(actor = ?self.id, error = %e, "invalid envelope in H2K");
-                        fault = Some((FaultCode::BadEnvelope, 0));
+                    Served::Fenced => {
+                        exit = Some(None);
                         break;
+                    }
+                    Served::Exit => {
+                        batch.release_first(committed_in_batch);
+                        return Step::Exit;
                     }
                 }
             }
+            // The H2K head never passes a message that is not committed:
+            // what the host finds there after a fence is exactly what was
+            // not processed.
+            batch.release_first(committed_in_batch);
         }
         worked += taken;
         if taken > 0 {
             self.space.wake_if_wanted();
         }
-        if let Some((code, detail)) = fault {
-            self.fault(code, detail);
-            return Step::Exit;
+        match exit {
+            Some(Some((code, detail))) => {
+                self.fault(code, detail);
+                return Step::Exit;
+            }
+            Some(None) => {
+                self.leave_fenced();
+                return Step::Exit;
+            }
+            None => {}
         }
         if worked > 0 { Step::Worked } else { Step::Idle }
     }
 
-    /// Moves queued replies into K2H; returns how many.
     fn flush_outbox(&mut self) -> usize {
-        let mut moved = 0;
-        while let Some(p) = self.outbox.front() {
-            if self
-                .k2h
-                .try_send_bytes(&p.header, &p.bytes[..p.len])
-                .is_err()
-            {
-                break;
-            }
-            self.outbox.pop_front();
-            moved += 1;
+        flush(&mut self.k2h, &mut self.outbox, &self.poller)
+    }
+}
+
+/// Stores the state in the actor's home (refused there if fenced).
+fn checkpoint<K: Kernel>(home: &HomeCore, incarnation: u16, processed: u64, state: &K::State) {
+    home.store_checkpoint(K::NAME, incarnation, processed, bytemuck::bytes_of(state));
+}
+
+/// Moves queued replies into K2H; returns how many.
+fn flush(k2h: &mut Producer, outbox: &mut VecDeque<Pending>, poller: &PollerShared) -> usize {
+    let mut moved = 0;
+    while let Some(p) = outbox.front() {
+        if k2h.try_send_bytes(&p.header, &p.bytes[..p.len]).is_err() {
+            break;
         }
-        if moved > 0 {
-            self.poller.wake();
-        }
-        moved
+        outbox.pop_front();
+        moved += 1;
+    }
+    if moved > 0 {
+        poller.wake();
+    }
+    moved
+}
+
+/// The fault detail of injected faults.
+pub(crate) const INJECTED_DETAIL: u64 = 0x1_0000_0000;
+
+/// Injected: the reply staged last (or a new envelope, if the handler
+/// staged none) gets a corrupt magic.
+#[cfg(feature = "fault-injection")]
+fn corrupt_last_reply(outbox: &mut VecDeque<Pending>, staged: usize) {
+    if outbox.len() == staged {
+        outbox.push_back(Pending {
+            header: EnvelopeHeader::new(1, Flags::REPLY),
+            len: 0,
+            bytes: [0; MAX_INLINE],
+        });
+    }
+    if let Some(p) = outbox.back_mut() {
+        p.header.magic = 0xBAD0;
     }
 }

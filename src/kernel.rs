@@ -148,6 +148,20 @@ impl Payload {
         }
     }
 
+    /// A payload of `type_id` with these bytes (at most [`MAX_INLINE`];
+    /// longer input is cut there). Used to hand back a message read from a
+    /// ring.
+    pub fn from_parts(type_id: u32, bytes: &[u8]) -> Self {
+        let len = bytes.len().min(MAX_INLINE);
+        let mut inline = [0u8; MAX_INLINE];
+        inline[..len].copy_from_slice(&bytes[..len]);
+        Payload {
+            type_id,
+            len: len as u32,
+            bytes: inline,
+        }
+    }
+
     /// The message type id.
     pub fn type_id(&self) -> u32 {
         self.type_id

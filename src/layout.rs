@@ -12,7 +12,7 @@
 //! [`structs`] the same way.
 
 use crate::control::{
-    CONTROL_BLOCK_SIZE, CONTROL_MAGIC, CONTROL_VERSION, ControlBlock, FaultCode, LifecycleState,
+    COMMIT_FENCED, CONTROL_BLOCK_SIZE, CONTROL_MAGIC, CONTROL_VERSION, ControlBlock, FaultCode, LifecycleState,
 };
 use crate::doorbell::{AWAKE, PARKED};
 use crate::envelope::{
@@ -125,6 +125,7 @@ pub fn structs() -> Vec<Struct> {
             heartbeat: "uint64_t",
             processed: "uint64_t",
             fault_detail: "uint64_t",
+            commit: "uint64_t",
             doorbell: "uint32_t",
         }),
     ]
@@ -242,6 +243,11 @@ pub fn constants() -> Vec<Constant> {
             name: "RK_CONTROL_BLOCK_SIZE",
             value: CONTROL_BLOCK_SIZE as u64,
             doc: "control block bytes",
+        },
+        Constant {
+            name: "RK_COMMIT_FENCED",
+            value: COMMIT_FENCED,
+            doc: "commit word: the host fenced this incarnation (seq is the word >> 1)",
         },
         Constant {
             name: "RK_DOORBELL_AWAKE",
@@ -464,10 +470,11 @@ mod tests {
                 "heartbeat",
                 "processed",
                 "fault_detail",
+                "commit",
                 "doorbell"
             ]
             .map(|f| find("rk_control_block", f)),
-            [8, 12, 128, 144, 152, 160, 256]
+            [8, 12, 128, 144, 152, 160, 168, 256]
         );
     }
 }

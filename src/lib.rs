@@ -16,6 +16,7 @@
 //! | [`layout`] | the C mirror of every shared struct (`device/include/ringkernel_protocol.h`) |
 //! | [`kernel`] | kernel definitions: messages, state, handlers |
 //! | [`runtime`] | the host side: launch, asks and tells, the K2H poller, lifecycle, watchdog |
+//! | [`home`] | an actor's identity across incarnations: fencing, replay, checkpoints |
 //! | [`conformance`] | the behaviours every backend must show, written once |
 //!
 //! The protocol is described byte by byte in `docs/protocol.md`.
@@ -57,7 +58,11 @@ pub mod doorbell;
 pub mod envelope;
 pub mod error;
 pub mod hlc;
+#[cfg(not(ringkernel_loom))]
+pub mod home;
 pub mod id;
+#[cfg(all(feature = "fault-injection", not(ringkernel_loom)))]
+pub mod inject;
 #[cfg(not(ringkernel_loom))]
 pub mod kernel;
 #[cfg(not(ringkernel_loom))]

@@ -755,6 +755,29 @@ impl Producer {
         }
     }
 
+    /// Runs `f` on every envelope published and not yet released by the
+    /// consumer, oldest first, validated against `check`. The host uses it
+    /// after fencing a faulted slot to hand back what was never processed.
+    ///
+    /// The consumer may go on reading (or releasing) these slots meanwhile;
+    /// their bytes stay as written because only this half writes slots, and
+    /// `&mut self` keeps it from writing while `f` runs.
+    pub fn unconsumed_with(
+        &mut self,
+        check: &HeaderCheck<'_>,
+        mut f: impl FnMut(Result<Envelope<'_>, DecodeError>),
+    ) {
+        // Pairs with the consumer's store-release of head.
+        let head = self.ring.header().head.load(Ordering::Acquire);
+        for counter in head..self.tail {
+            // SAFETY: `head <= counter < tail`: the slot was published by
+            // this half and is not written again before this half stages a
+            // new message there, which `&mut self` rules out while we read;
+            // the consumer only reads it.
+            unsafe { self.ring.with_slot(counter, |slot| f(Envelope::decode(slot, check))) };
+        }
+    }
+
     /// Starts a batch: slots written through it are published with one store
     /// when it is dropped (or [`WriteBatch::publish`]ed).
     pub fn batch(&mut self) -> WriteBatch<'_> {
@@ -1051,6 +1074,15 @@ impl ReadBatch<'_> {
     /// Whether nothing was taken.
     pub fn is_empty(&self) -> bool {
         self.taken == 0
+    }
+
+    /// Releases only the first `n` slots taken (at most all of them); the
+    /// rest stay published, to be read again. Returns how many were released.
+    pub fn release_first(mut self, n: usize) -> usize {
+        let n = (n as u64).min(self.taken);
+        self.taken = 0;
+        self.consumer.release(n);
+        n as usize
     }
 
     /// Releases the slots taken now; returns how many.

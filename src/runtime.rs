@@ -19,6 +19,9 @@ use crate::doorbell::Doorbell;
 use crate::envelope::{EnvelopeHeader, Flags, HeaderCheck};
 use crate::error::{LayoutError, StateError};
 use crate::hlc::{Hlc, PhysicalClock};
+use crate::home::{
+    ActorHome, DeadLetter, DeadLetterReason, Ending, HomeCore, PendingPolicy, Replay,
+};
 use crate::id::{ActorId, ActorKind, ClockDomain, CorrelationId};
 use crate::kernel::{BackendKind, Kernel, MAX_INLINE, Payload, Reply, SYS_NO_REPLY};
 use crate::ring::{Consumer, Producer, RingLayout, RingObserver};
@@ -98,6 +101,10 @@ impl CallError {
     }
 }
 
+/// The detail of a `BadEnvelope` fault the host detected: a corrupt
+/// envelope in the slot's K2H ring.
+pub const HOST_DETECTED_CORRUPT_K2H: u64 = u64::MAX - 1;
+
 /// A fault of an actor slot: its code and detail (see [`FaultCode`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fault {
@@ -141,6 +148,18 @@ pub enum SubmitError<T> {
 }
 
 impl<T> SubmitError<T> {
+    /// Maps the message inside.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> SubmitError<U> {
+        match self {
+            SubmitError::Full(v) => SubmitError::Full(f(v)),
+            SubmitError::UnknownType { value, type_id } => SubmitError::UnknownType {
+                value: f(value),
+                type_id,
+            },
+            SubmitError::Closed(v) => SubmitError::Closed(f(v)),
+        }
+    }
+
     /// The message that was not sent.
     pub fn into_inner(self) -> T {
         match self {
@@ -200,16 +219,35 @@ pub enum LaunchError {
     /// The device thread could not be started.
     #[error("starting the device loop failed: {0}")]
     Spawn(String),
+    /// The actor's previous incarnation is still serving (not fenced): two
+    /// incarnations never serve one actor.
+    #[error("incarnation {incarnation} of this actor is still serving")]
+    IncarnationLive {
+        /// The serving incarnation.
+        incarnation: u16,
+    },
+    /// The actor's checkpoint belongs to another kernel or state layout.
+    #[error("the checkpoint of kernel {kernel} ({len} bytes) does not fit this kernel's state")]
+    CheckpointMismatch {
+        /// The kernel that took it.
+        kernel: &'static str,
+        /// Its size.
+        len: usize,
+    },
 }
 
 /// Options of one launch. Every option is validated; none is ignored.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct LaunchOptions {
     pub(crate) h2k_capacity: u32,
     pub(crate) k2h_capacity: u32,
     pub(crate) slot_size: u32,
     pub(crate) max_in_flight: usize,
     pub(crate) auto_activate: bool,
+    pub(crate) on_fault: PendingPolicy,
+    pub(crate) checkpoint_every: u64,
+    #[cfg(feature = "fault-injection")]
+    pub(crate) injector: Option<Arc<crate::inject::FaultInjector>>,
 }
 
 impl Default for LaunchOptions {
@@ -220,6 +258,10 @@ impl Default for LaunchOptions {
             slot_size: 128,
             max_in_flight: 1024,
             auto_activate: true,
+            on_fault: PendingPolicy::Fail,
+            checkpoint_every: 0,
+            #[cfg(feature = "fault-injection")]
+            injector: None,
         }
     }
 }
@@ -252,6 +294,29 @@ impl LaunchOptions {
     /// Whether the slot starts `Active` (default) or `Deactivated`.
     pub fn auto_activate(mut self, yes: bool) -> Self {
         self.auto_activate = yes;
+        self
+    }
+
+    /// What happens to accepted messages a fault leaves unprocessed
+    /// (default [`PendingPolicy::Fail`]; see `docs/semantics.md`).
+    pub fn on_fault(mut self, policy: PendingPolicy) -> Self {
+        self.on_fault = policy;
+        self
+    }
+
+    /// Checkpoints the kernel state into the actor's [`ActorHome`] every
+    /// `messages` processed messages (0, the default: only on request). The
+    /// next incarnation starts from the latest checkpoint.
+    pub fn checkpoint_every(mut self, messages: u64) -> Self {
+        self.checkpoint_every = messages;
+        self
+    }
+
+    /// Injects faults into the device loop (cpu backend, feature
+    /// `fault-injection`).
+    #[cfg(feature = "fault-injection")]
+    pub fn inject(mut self, injector: Arc<crate::inject::FaultInjector>) -> Self {
+        self.injector = Some(injector);
         self
     }
 
@@ -298,7 +363,10 @@ pub struct RuntimeBuilder {
     max_slots: usize,
     watchdog: Duration,
     watchdog_clock: Arc<dyn PhysicalClock>,
+    dead_letters: Option<DeadLetterSink>,
 }
+
+type DeadLetterSink = Arc<dyn Fn(DeadLetter) + Send + Sync>;
 
 impl fmt::Debug for RuntimeBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -319,6 +387,7 @@ impl Default for RuntimeBuilder {
             max_slots: 1024,
             watchdog: Duration::from_secs(5),
             watchdog_clock: Arc::new(MonotonicClock::default()),
+            dead_letters: None,
         }
     }
 }
@@ -353,6 +422,15 @@ impl RuntimeBuilder {
     /// tests inject a [`ManualClock`](crate::hlc::ManualClock)).
     pub fn watchdog_clock(mut self, clock: Arc<dyn PhysicalClock>) -> Self {
         self.watchdog_clock = clock;
+        self
+    }
+
+    /// Where tells that were accepted and will never be processed go (a
+    /// fault or termination left them in H2K). Called on the thread that
+    /// recovers the slot (the actor's own); it must not block. Without a
+    /// sink they are logged; [`Runtime::dead_letters`] counts them either way.
+    pub fn dead_letters(mut self, sink: impl Fn(DeadLetter) + Send + Sync + 'static) -> Self {
+        self.dead_letters = Some(Arc::new(sink));
         self
     }
 
@@ -394,6 +472,8 @@ impl RuntimeBuilder {
                 next_index: AtomicU32::new(0),
                 poller: shared,
                 join: Mutex::new(Some(join)),
+                dead_letters: self.dead_letters,
+                dead_letter_count: AtomicU64::new(0),
             }),
         })
     }
@@ -425,6 +505,23 @@ struct RuntimeInner {
     next_index: AtomicU32,
     poller: Arc<PollerShared>,
     join: Mutex<Option<JoinHandle<()>>>,
+    dead_letters: Option<DeadLetterSink>,
+    dead_letter_count: AtomicU64,
+}
+
+impl RuntimeInner {
+    fn dead_letter(&self, letter: DeadLetter) {
+        self.dead_letter_count.fetch_add(1, Ordering::Relaxed);
+        match &self.dead_letters {
+            Some(sink) => {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sink(letter))).is_err()
+                {
+                    tracing::error!("the dead-letter sink panicked");
+                }
+            }
+            None => tracing::warn!(actor = ?letter.actor, seq = letter.seq, reason = ?letter.reason, "dead letter"),
+        }
+    }
 }
 
 impl Drop for RuntimeInner {
@@ -473,16 +570,49 @@ impl Runtime {
         self.inner.node
     }
 
-    /// Launches an actor slot of kernel `K` with initial `state`. The kernel
-    /// is launched once and keeps its state between messages. `events`
-    /// receives the slot's [`SlotEvent`]s on the poller thread (it must not
-    /// block).
+    /// A new actor identity on this runtime: launch its incarnations with
+    /// [`Runtime::launch_in`].
+    pub fn home<W: Waiter>(&self) -> ActorHome<W> {
+        let index = self.inner.next_index.fetch_add(1, Ordering::Relaxed);
+        ActorHome::new(self.inner.node, index)
+    }
+
+    /// The number of dead letters so far (see [`RuntimeBuilder::dead_letters`]).
+    pub fn dead_letters(&self) -> u64 {
+        self.inner.dead_letter_count.load(Ordering::Relaxed)
+    }
+
+    /// Launches an actor slot of kernel `K` with initial `state`, as a new
+    /// actor (its first incarnation). The kernel is launched once and keeps
+    /// its state between messages. `events` receives the slot's
+    /// [`SlotEvent`]s on the poller thread (it must not block).
     ///
     /// # Errors
     /// [`LaunchError`]: no handler for this backend, an option out of range,
     /// a bad declaration, too many slots, or a failed thread start.
     pub fn launch<K: Kernel, W: Waiter>(
         &self,
+        state: K::State,
+        options: &LaunchOptions,
+        events: impl Fn(SlotEvent) + Send + Sync + 'static,
+    ) -> Result<GpuSlot<W>, LaunchError> {
+        self.launch_in::<K, W>(&self.home(), state, options, events)
+    }
+
+    /// Launches the next incarnation of the actor `home`: the same actor
+    /// index, the incarnation number one higher, starting from the home's
+    /// latest checkpoint if it has one (else from `state`). Messages the
+    /// previous incarnation handed back for replay wait in the home until
+    /// [`GpuSlot::replay`] sends them.
+    ///
+    /// # Errors
+    /// As [`Runtime::launch`], and [`LaunchError::IncarnationLive`] while
+    /// the previous incarnation is not fenced,
+    /// [`LaunchError::CheckpointMismatch`] for a checkpoint of another
+    /// state type.
+    pub fn launch_in<K: Kernel, W: Waiter>(
+        &self,
+        home: &ActorHome<W>,
         state: K::State,
         options: &LaunchOptions,
         events: impl Fn(SlotEvent) + Send + Sync + 'static,
@@ -510,6 +640,14 @@ impl Runtime {
         {
             return Err(LaunchError::BadTypeId { type_id: bad });
         }
+        if let Some(c) = home.checkpoint()
+            && (c.kernel != K::NAME || c.bytes.len() != std::mem::size_of::<K::State>())
+        {
+            return Err(LaunchError::CheckpointMismatch {
+                kernel: c.kernel,
+                len: c.bytes.len(),
+            });
+        }
         let live = &self.inner.live_slots;
         if live.fetch_add(1, Ordering::AcqRel) >= self.inner.max_slots {
             live.fetch_sub(1, Ordering::AcqRel);
@@ -519,16 +657,30 @@ impl Runtime {
         }
         let guard = SlotCount(live.clone());
 
-        let index = self.inner.next_index.fetch_add(1, Ordering::Relaxed);
-        let id = ActorId::new(self.inner.node, ActorKind::Gpu, index, 0);
         let control = Arc::new(ControlBlock::new());
+        let (incarnation, checkpoint) = home
+            .core()
+            .begin(&control)
+            .map_err(|incarnation| LaunchError::IncarnationLive { incarnation })?;
+        let state = checkpoint.map_or(state, |c| bytemuck::pod_read_unaligned(&c.bytes));
+        let index = home.core().index;
+        let id = ActorId::new(self.inner.node, ActorKind::Gpu, index, incarnation);
+        // From here on a failure must fence the incarnation it began, or the
+        // home could never start another.
+        let abort = |e: String| {
+            control.fence();
+            home.core().ended(incarnation, 0, Ending::Terminated);
+            LaunchError::Spawn(e)
+        };
         let (h2k, h2k_rx) = crate::ring::Ring::new(h2k_layout);
         let (k2h_tx, k2h) = crate::ring::Ring::new(k2h_layout);
-        let waiters = WaiterSlab::new(options.max_in_flight, 0)?;
+        let waiters = WaiterSlab::new(options.max_in_flight, incarnation).map_err(|e| abort(e.to_string()))?;
         let shared = Arc::new(SlotShared {
             id,
             name: K::NAME,
             control: control.clone(),
+            home: home.core().clone(),
+            policy: options.on_fault,
             waiters,
             h2k: h2k.observer(),
             closed: AtomicBool::new(false),
@@ -539,38 +691,41 @@ impl Runtime {
             events: Box::new(events),
             _count: guard,
         });
-        control
-            .request(LifecycleState::Launched)
-            .map_err(|e| LaunchError::Spawn(e.to_string()))?;
-        let target = if options.auto_activate {
-            LifecycleState::Active
-        } else {
-            LifecycleState::Deactivated
-        };
-        control
-            .request(target)
-            .map_err(|e| LaunchError::Spawn(e.to_string()))?;
+        for target in [
+            LifecycleState::Launched,
+            if options.auto_activate {
+                LifecycleState::Active
+            } else {
+                LifecycleState::Deactivated
+            },
+        ] {
+            control.request(target).map_err(|e| abort(e.to_string()))?;
+        }
         let device = crate::cpu::spawn::<K>(crate::cpu::SlotParts {
             id,
             node: self.inner.node,
             state,
             handlers,
             served: served.clone(),
-            control,
+            control: control.clone(),
             h2k: h2k_rx,
             k2h: k2h_tx,
             poller: self.inner.poller.clone(),
             space: shared.space.clone(),
             max_in_flight: options.max_in_flight,
+            home: home.core().clone(),
+            checkpoint_every: options.checkpoint_every,
+            #[cfg(feature = "fault-injection")]
+            injector: options.injector.clone(),
         })
-        .map_err(|e| LaunchError::Spawn(e.to_string()))?;
+        .map_err(|e| abort(e.to_string()))?;
         let _ = shared.device.set(device.thread().clone());
         self.inner.poller.add(Box::new(PolledSlot {
             shared: shared.clone(),
             k2h,
             watch: Watch::default(),
         }));
-        tracing::debug!(kernel = K::NAME, actor = ?id, "launched");
+        tracing::debug!(kernel = K::NAME, actor = ?id, incarnation, "launched");
         Ok(GpuSlot {
             shared,
             h2k,
@@ -578,6 +733,8 @@ impl Runtime {
             seq: 0,
             device: Some(device),
             runtime: self.inner.clone(),
+            home: home.clone(),
+            recovered: false,
         })
     }
 }
@@ -593,7 +750,7 @@ impl Drop for SlotCount {
 
 /// Completes a waiter; a panicking `Waiter` implementation must not take
 /// the poller (and every other slot's callers) down with it.
-fn complete<W: Waiter>(waiter: W, outcome: Result<Reply, AskError>) {
+pub(crate) fn complete<W: Waiter>(waiter: W, outcome: Result<Reply, AskError>) {
     if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| waiter.complete(outcome))).is_err()
     {
         tracing::error!("a Waiter::complete implementation panicked");
@@ -605,6 +762,8 @@ pub(crate) struct SlotShared<W> {
     id: ActorId,
     name: &'static str,
     control: Arc<ControlBlock>,
+    home: Arc<HomeCore>,
+    policy: PendingPolicy,
     waiters: WaiterSlab<W>,
     h2k: RingObserver,
     closed: AtomicBool,
@@ -623,9 +782,18 @@ impl<W: Waiter> SlotShared<W> {
         }
     }
 
+    /// Fences the incarnation (no commit of its device loop succeeds from
+    /// now on) and records how it ended; returns the last committed `seq`.
+    fn fence(&self, ending: Ending) -> u64 {
+        let committed = self.control.fence();
+        self.home
+            .ended(self.id.incarnation(), committed, ending);
+        committed
+    }
+
     /// Closes the slot and fails every waiter with `error`. Idempotent.
     fn close_and_sweep(&self, error: AskError) -> usize {
-        self.closed.store(true, Ordering::Relaxed);
+        self.closed.store(true, Ordering::Release);
         // Pairs with the fence in `GpuSlot::ask` after it published: either
         // the sender sees `closed` and takes its waiter back, or this sweep
         // sees the waiter it inserted.
@@ -645,6 +813,34 @@ pub struct GpuSlot<W: Waiter> {
     seq: u64,
     device: Option<JoinHandle<()>>,
     runtime: Arc<RuntimeInner>,
+    home: ActorHome<W>,
+    recovered: bool,
+}
+
+/// What [`GpuSlot::recover`] did with the messages a fenced incarnation
+/// left unprocessed in its H2K ring.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Asks resolved with the fault (or `Terminated`).
+    pub failed_asks: usize,
+    /// Tells handed to the dead-letter sink.
+    pub dead_letters: usize,
+    /// Messages kept in the home for the next incarnation.
+    pub replayed: usize,
+    /// The `seq` of the last message the incarnation committed.
+    pub committed_seq: u64,
+}
+
+/// Where [`GpuSlot::replay`] stopped.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplayStatus {
+    /// Every handed-back message was sent.
+    Done,
+    /// The ring is full: await [`GpuSlot::space`] and call again.
+    Full,
+    /// This incarnation closed too; the rest waits for the next one.
+    Closed,
 }
 
 impl<W: Waiter> fmt::Debug for GpuSlot<W> {
@@ -746,6 +942,127 @@ impl<W: Waiter> GpuSlot<W> {
     /// The message type ids the kernel serves.
     pub fn served_types(&self) -> &[u32] {
         &self.served
+    }
+
+    /// The actor's identity across incarnations.
+    pub fn home(&self) -> &ActorHome<W> {
+        &self.home
+    }
+
+    /// The incarnation this slot serves.
+    pub fn incarnation(&self) -> u16 {
+        self.shared.id.incarnation()
+    }
+
+    /// Hands back what a fenced incarnation left unprocessed: every message
+    /// still in H2K past the last one it committed. Asks resolve with the
+    /// fault, tells become dead letters — or, under
+    /// [`PendingPolicy::Replay`] after a fault, both wait in the
+    /// [`ActorHome`] for the next incarnation. Then every other waiter
+    /// (asks the kernel took and never answered) fails.
+    ///
+    /// Adapters call it when they handle [`SlotEvent::Faulted`];
+    /// [`GpuSlot::terminate`] and `Drop` call it too. Only the first call
+    /// does anything; a slot that is not closed is left alone.
+    pub fn recover(&mut self) -> Recovery {
+        if self.recovered || self.is_open() {
+            return Recovery::default();
+        }
+        self.recovered = true;
+        let fault = self.fault();
+        let (error, reason, ending) = match fault {
+            Some(f) => (AskError::Faulted(f), DeadLetterReason::Faulted(f), Ending::Faulted(f)),
+            None => (AskError::Terminated, DeadLetterReason::Terminated, Ending::Terminated),
+        };
+        let committed = self.shared.fence(ending);
+        let replay = fault.is_some() && self.shared.policy == PendingPolicy::Replay;
+        let mut report = Recovery {
+            committed_seq: committed,
+            ..Recovery::default()
+        };
+        let mut replays = Vec::new();
+        let mut letters = Vec::new();
+        let check = HeaderCheck::any_type(MAX_INLINE as u32);
+        let (shared, actor) = (&self.shared, self.shared.id);
+        self.h2k.unconsumed_with(&check, |env| {
+            let Ok(env) = env else { return };
+            let h = env.header;
+            if h.seq <= committed {
+                return;
+            }
+            let payload = Payload::from_parts(h.type_id, env.payload);
+            if h.flags.contains(Flags::ASK) {
+                // A waiter already taken was answered (or swept) before.
+                let Ok(waiter) = shared.waiters.take(h.correlation) else {
+                    return;
+                };
+                if replay {
+                    replays.push(Replay::Ask { payload, waiter, src: h.src });
+                } else {
+                    report.failed_asks += 1;
+                    complete(waiter, Err(error));
+                }
+            } else if replay {
+                replays.push(Replay::Tell { payload, src: h.src });
+            } else {
+                letters.push(DeadLetter {
+                    actor,
+                    src: h.src,
+                    seq: h.seq,
+                    payload,
+                    reason,
+                });
+            }
+        });
+        report.replayed = replays.len();
+        report.dead_letters = letters.len();
+        self.home.push_front_replays(replays);
+        for letter in letters {
+            self.runtime.dead_letter(letter);
+        }
+        report.failed_asks += self.shared.close_and_sweep(error);
+        tracing::debug!(actor = ?actor, ?report, "recovered");
+        report
+    }
+
+    /// Sends the messages an earlier incarnation handed back for replay,
+    /// oldest first; call it before sending anything new.
+    pub fn replay(&mut self) -> ReplayStatus {
+        while let Some(item) = self.home.pop_replay() {
+            let result = match item {
+                Replay::Ask { payload, waiter, src } => self
+                    .ask(payload, waiter, src)
+                    .map(|_| ())
+                    .map_err(|e| e.map(|(payload, waiter)| Replay::Ask { payload, waiter, src })),
+                Replay::Tell { payload, src } => self
+                    .tell(payload, src)
+                    .map_err(|e| e.map(|payload| Replay::Tell { payload, src })),
+            };
+            match result {
+                Ok(()) => {}
+                Err(SubmitError::Full(item)) => {
+                    self.home.unpop_replay(item);
+                    return ReplayStatus::Full;
+                }
+                Err(SubmitError::Closed(item)) => {
+                    self.home.unpop_replay(item);
+                    return ReplayStatus::Closed;
+                }
+                // Another kernel was launched in this home: it can never
+                // serve the message.
+                Err(SubmitError::UnknownType { value, .. }) => match value {
+                    Replay::Ask { waiter, .. } => complete(waiter, Err(AskError::NoReply)),
+                    Replay::Tell { payload, src } => self.runtime.dead_letter(DeadLetter {
+                        actor: self.shared.id,
+                        src,
+                        seq: 0,
+                        payload,
+                        reason: DeadLetterReason::Terminated,
+                    }),
+                },
+            }
+        }
+        ReplayStatus::Done
     }
 
     /// A lifecycle handle that does not own the H2K ring.
@@ -858,15 +1175,17 @@ impl<W: Waiter> GpuSlot<W> {
         // The doorbell's SeqCst fence (in `publish`) orders the insert above
         // before this load; pairs with the fence in `close_and_sweep`.
         fence(Ordering::SeqCst);
-        if !published || !self.is_open() {
-            // Either not sent, or the slot closed concurrently: take the
-            // waiter back unless the sweep already failed it.
+        if !published {
             if let Ok(waiter) = self.shared.waiters.take(correlation) {
-                return Err(if published {
-                    SubmitError::Closed((payload, waiter))
-                } else {
-                    SubmitError::Full((payload, waiter))
-                });
+                return Err(SubmitError::Full((payload, waiter)));
+            }
+        } else if !self.is_open() && self.shared.control.committed() < header.seq {
+            // The slot closed concurrently, and it is fenced before it is
+            // closed, so a message not committed by now never will be: take
+            // the waiter back (unless a sweep already failed it) and report
+            // the message unsent. A committed one has its reply on the way.
+            if let Ok(waiter) = self.shared.waiters.take(correlation) {
+                return Err(SubmitError::Closed((payload, waiter)));
             }
         }
         Ok(correlation)
@@ -970,7 +1289,8 @@ impl<W: Waiter> GpuSlot<W> {
         // acknowledgement.
         let acknowledged = self.wait_until(timeout, |s| s.is_final());
         let unprocessed = self.h2k_depth();
-        let failed_asks = self.shared.close_and_sweep(AskError::Terminated);
+        let recovery = self.recover();
+        let failed_asks = recovery.failed_asks;
         if acknowledged && let Some(device) = self.device.take() {
             let _ = device.join();
         }
@@ -989,9 +1309,10 @@ impl<W: Waiter> Drop for GpuSlot<W> {
     /// loop to terminate, without waiting for it.
     fn drop(&mut self) {
         if self.device.is_some() || self.is_open() {
+            self.shared.closed.store(true, Ordering::Release);
             let _ = self.shared.control.request(LifecycleState::Terminated);
             self.shared.wake_device();
-            self.shared.close_and_sweep(AskError::Terminated);
+            self.recover();
         }
     }
 }
@@ -1068,10 +1389,24 @@ struct PolledSlot<W> {
 }
 
 impl<W: Waiter> PolledSlot<W> {
-    fn fault(&self, fault: Fault) {
+    /// Turns a detected fault into the actor's failure: fence the
+    /// incarnation (its device loop commits nothing more), deliver the
+    /// replies it published before its last commit, close the slot, fail
+    /// every waiter (unless the policy replays: then the owner's
+    /// [`GpuSlot::recover`] sorts them) and tell the adapter.
+    fn fault(&mut self, p: &PollerShared, fault: Fault) {
         if self.shared.fault.set(fault).is_ok() {
             tracing::warn!(actor = ?self.shared.id, kernel = self.shared.name, %fault, "actor slot faulted");
-            self.shared.close_and_sweep(AskError::Faulted(fault));
+            self.shared.fence(Ending::Faulted(fault));
+            self.drain(p);
+            if self.shared.policy == PendingPolicy::Replay {
+                self.shared.closed.store(true, Ordering::Release);
+                fence(Ordering::SeqCst);
+                self.shared.space.wake_if_wanted();
+            } else {
+                self.shared.close_and_sweep(AskError::Faulted(fault));
+            }
+            self.shared.wake_device();
             // The adapter's callback must not take the poller down with it.
             let events = &self.shared.events;
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -1085,20 +1420,18 @@ impl<W: Waiter> PolledSlot<W> {
     }
 }
 
-impl<W: Waiter> PollSlot for PolledSlot<W> {
-    fn poll(&mut self, p: &PollerShared) -> usize {
-        // The state is read before draining: a device publishes its replies
-        // before it acknowledges `Faulted` (store-release), so every reply
-        // made before a fault is drained before the fault's sweep below.
-        let status = self.shared.control.status();
+impl<W: Waiter> PolledSlot<W> {
+    /// Drains K2H: completes waiters; returns (envelopes, corrupt ones).
+    fn drain(&mut self, p: &PollerShared) -> (usize, usize) {
         let shared = &*self.shared;
         let check = HeaderCheck::any_type(MAX_INLINE as u32);
-        let mut done = 0;
+        let (mut done, mut bad) = (0, 0);
         let mut batch = self.k2h.batch();
         while let Some(env) = batch.try_recv_with(&check, |e| Reply::new(e.header, e.payload)) {
             done += 1;
             let Ok(reply) = env else {
                 shared.bad_replies.fetch_add(1, Ordering::Relaxed);
+                bad += 1;
                 continue;
             };
             let h = *reply.header();
@@ -1121,16 +1454,46 @@ impl<W: Waiter> PollSlot for PolledSlot<W> {
             shared.wake_device();
             shared.space.wake_if_wanted();
         }
-        if shared.fault.get().is_none()
-            && let Ok(status) = status
-        {
+        (done, bad)
+    }
+}
+
+impl<W: Waiter> PollSlot for PolledSlot<W> {
+    fn poll(&mut self, p: &PollerShared) -> usize {
+        // The state is read before draining: a device publishes its replies
+        // before it acknowledges `Faulted` (store-release), so every reply
+        // made before a fault is drained before the fault's sweep below.
+        let status = self.shared.control.status();
+        let (done, bad) = self.drain(p);
+        if self.shared.fault.get().is_some() {
+            return done;
+        }
+        let incarnation = u32::from(self.shared.id.incarnation());
+        if bad > 0 {
+            // A corrupt K2H envelope may have been a reply: its caller
+            // would wait forever, so the slot faults (the runtime goes on
+            // serving every other slot).
+            self.fault(
+                p,
+                Fault {
+                    code: FaultCode::BadEnvelope,
+                    detail: HOST_DETECTED_CORRUPT_K2H,
+                    incarnation,
+                },
+            );
+            return done;
+        }
+        if let Ok(status) = status {
             if status.state == LifecycleState::Faulted {
-                self.fault(Fault {
-                    code: status.fault,
-                    detail: status.fault_detail,
-                    incarnation: status.incarnation,
-                });
-            } else if status.state == LifecycleState::Active && !shared.h2k.is_empty() {
+                self.fault(
+                    p,
+                    Fault {
+                        code: status.fault,
+                        detail: status.fault_detail,
+                        incarnation,
+                    },
+                );
+            } else if status.state == LifecycleState::Active && !self.shared.h2k.is_empty() {
                 let now = p.watchdog_clock.now_ns();
                 if status.heartbeat != self.watch.heartbeat || self.watch.since_ns == 0 {
                     self.watch = Watch {
@@ -1138,11 +1501,14 @@ impl<W: Waiter> PollSlot for PolledSlot<W> {
                         since_ns: now.max(1),
                     };
                 } else if now.saturating_sub(self.watch.since_ns) >= p.watchdog_ns {
-                    self.fault(Fault {
-                        code: FaultCode::Watchdog,
-                        detail: p.watchdog_ns,
-                        incarnation: status.incarnation,
-                    });
+                    self.fault(
+                        p,
+                        Fault {
+                            code: FaultCode::Watchdog,
+                            detail: p.watchdog_ns,
+                            incarnation,
+                        },
+                    );
                 }
             } else {
                 self.watch.since_ns = 0;

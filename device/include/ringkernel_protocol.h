@@ -43,8 +43,9 @@
 #define RK_DEFAULT_SLOT_SIZE             0x80ull /* default slot: header + 64 payload bytes */
 #define RK_REGION_ALIGN                  0x80ull /* alignment of rings and control blocks */
 #define RK_CONTROL_MAGIC                 0x42434b52ull /* "RKCB" as a little-endian u32 */
-#define RK_CONTROL_VERSION               0x1ull /* control block version */
+#define RK_CONTROL_VERSION               0x2ull /* control block version */
 #define RK_CONTROL_BLOCK_SIZE            0x180ull /* control block bytes */
+#define RK_COMMIT_FENCED                 0x1ull /* commit word: the host fenced this incarnation (seq is the word >> 1) */
 #define RK_DOORBELL_AWAKE                0x0ull /* doorbell: the loop is running */
 #define RK_DOORBELL_PARKED               0x1ull /* doorbell: the loop is going to sleep */
 #define RK_HLC_LOGICAL_BITS              0x4ull /* low bits of the HLC word that count */
@@ -129,7 +130,8 @@ typedef struct rk_control_block {
     uint64_t heartbeat; /* offset 144 */
     uint64_t processed; /* offset 152 */
     uint64_t fault_detail; /* offset 160 */
-    uint8_t _pad2[88];
+    uint64_t commit; /* offset 168 */
+    uint8_t _pad2[80];
     uint32_t doorbell; /* offset 256 */
     uint8_t _pad3[124];
 } rk_control_block;
@@ -145,6 +147,7 @@ RK_STATIC_ASSERT(offsetof(rk_control_block, fault_code) == 136, "offsetof rk_con
 RK_STATIC_ASSERT(offsetof(rk_control_block, heartbeat) == 144, "offsetof rk_control_block.heartbeat");
 RK_STATIC_ASSERT(offsetof(rk_control_block, processed) == 152, "offsetof rk_control_block.processed");
 RK_STATIC_ASSERT(offsetof(rk_control_block, fault_detail) == 160, "offsetof rk_control_block.fault_detail");
+RK_STATIC_ASSERT(offsetof(rk_control_block, commit) == 168, "offsetof rk_control_block.commit");
 RK_STATIC_ASSERT(offsetof(rk_control_block, doorbell) == 256, "offsetof rk_control_block.doorbell");
 
 #endif /* RINGKERNEL_PROTOCOL_H */

@@ -1,0 +1,406 @@
+//! An actor's identity across incarnations: the [`ActorHome`].
+//!
+//! A GPU actor that faults is restarted as a new **incarnation** of the same
+//! actor: the same [`ActorId`] index, the incarnation number one higher. The
+//! home is what survives a restart:
+//!
+//! - the incarnation counter, and the rule that **no two incarnations ever
+//!   serve one actor**: a new one is launched only once the previous one is
+//!   *fenced* (its control block's commit word carries the fence bit, so no
+//!   message it touches afterwards counts as processed, and its late writes
+//!   are dropped and counted in [`ActorHome::fenced_writes`]);
+//! - the messages a faulted incarnation accepted but never processed, when
+//!   the launch chose [`PendingPolicy::Replay`]: the next incarnation sends
+//!   them first ([`GpuSlot::replay`](crate::runtime::GpuSlot::replay)), in
+//!   their original order, before any new message;
+//! - the latest [`Checkpoint`] of the kernel state, which the next
+//!   incarnation starts from;
+//! - a bounded history of incarnations with the last message each committed.
+//!
+//! A hung cpu handler cannot be killed: its thread and the memory it can
+//! still touch (its rings and control block) are leaked to it rather than
+//! freed, and fenced.
+
+use crate::control::ControlBlock;
+use crate::id::ActorId;
+use crate::kernel::Payload;
+use crate::runtime::{AskError, Fault, Waiter};
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// What happens to messages a faulted incarnation accepted (they were in its
+/// H2K ring) but never processed.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PendingPolicy {
+    /// Asks resolve with the fault; tells go to the dead-letter sink.
+    #[default]
+    Fail,
+    /// Kept in the actor's [`ActorHome`] and sent, first and in order, by
+    /// the next incarnation. If the home is dropped with no next
+    /// incarnation, they fail as with [`PendingPolicy::Fail`].
+    Replay,
+}
+
+/// A message handed back from a faulted incarnation, to be replayed.
+#[non_exhaustive]
+pub enum Replay<W> {
+    /// An ask, with its caller's waiter.
+    Ask {
+        /// The message.
+        payload: Payload,
+        /// The caller.
+        waiter: W,
+        /// The original sender.
+        src: ActorId,
+    },
+    /// A tell.
+    Tell {
+        /// The message.
+        payload: Payload,
+        /// The original sender.
+        src: ActorId,
+    },
+}
+
+impl<W> fmt::Debug for Replay<W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Replay::Ask { payload, src, .. } => f
+                .debug_struct("Ask")
+                .field("payload", payload)
+                .field("src", src)
+                .finish_non_exhaustive(),
+            Replay::Tell { payload, src } => f
+                .debug_struct("Tell")
+                .field("payload", payload)
+                .field("src", src)
+                .finish(),
+        }
+    }
+}
+
+/// Why a message became a dead letter.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// The incarnation faulted before processing it.
+    Faulted(Fault),
+    /// The actor was terminated (or dropped) before processing it.
+    Terminated,
+}
+
+/// A tell that was accepted and will never be processed. Delivered to the
+/// runtime's dead-letter sink ([`RuntimeBuilder::dead_letters`](crate::runtime::RuntimeBuilder::dead_letters)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The GPU actor (incarnation included) it was sent to.
+    pub actor: ActorId,
+    /// Who sent it.
+    pub src: ActorId,
+    /// Its sequence number in that incarnation's H2K ring.
+    pub seq: u64,
+    /// The message.
+    pub payload: Payload,
+    /// Why it was not processed.
+    pub reason: DeadLetterReason,
+}
+
+/// A snapshot of a kernel's state, taken by the device loop right after a
+/// committed message (every N messages, or on request).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The kernel it belongs to.
+    pub kernel: &'static str,
+    /// The incarnation that took it.
+    pub incarnation: u16,
+    /// Messages that incarnation had processed when it was taken.
+    pub processed: u64,
+    /// The state's bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// How an incarnation ended.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Still serving (not fenced).
+    Serving,
+    /// Fenced after a fault.
+    Faulted(Fault),
+    /// Fenced by termination or drop.
+    Terminated,
+}
+
+/// One incarnation in an [`ActorHome`]'s history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IncarnationRecord {
+    /// Its number.
+    pub incarnation: u16,
+    /// The `seq` of the last message it committed, read when it was fenced
+    /// (messages with a greater `seq` count as not processed by it).
+    pub committed_seq: u64,
+    /// How it ended.
+    pub ending: Ending,
+}
+
+/// Incarnations kept in the history.
+pub const HISTORY: usize = 1024;
+
+struct HomeState {
+    /// Incarnations started (the next one's number, mod 2^16).
+    started: u32,
+    /// The control block of the incarnation launched last.
+    live: Option<Arc<ControlBlock>>,
+    history: VecDeque<IncarnationRecord>,
+    checkpoint: Option<Checkpoint>,
+}
+
+/// The part of a home the device loop sees.
+pub(crate) struct HomeCore {
+    pub(crate) node: u16,
+    pub(crate) index: u32,
+    state: Mutex<HomeState>,
+    fenced_writes: AtomicU64,
+    checkpoint_requested: AtomicBool,
+}
+
+impl HomeCore {
+    fn lock(&self) -> MutexGuard<'_, HomeState> {
+        // A panic while holding this lock cannot leave the state torn (every
+        // update is a single assignment or push), so poisoning is ignored.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts writes of a fenced incarnation that were dropped.
+    pub(crate) fn count_fenced(&self, n: u64) {
+        self.fenced_writes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Whether a checkpoint was requested; clears the request.
+    pub(crate) fn take_checkpoint_request(&self) -> bool {
+        self.checkpoint_requested.load(Ordering::Relaxed)
+            && self.checkpoint_requested.swap(false, Ordering::Relaxed)
+    }
+
+    /// Stores a checkpoint from `incarnation`; refused (and counted as a
+    /// fenced write) unless that incarnation is the current one.
+    pub(crate) fn store_checkpoint(
+        &self,
+        kernel: &'static str,
+        incarnation: u16,
+        processed: u64,
+        bytes: &[u8],
+    ) -> bool {
+        let mut st = self.lock();
+        let current = st.started.wrapping_sub(1) as u16;
+        let fenced = st.live.as_ref().is_none_or(|cb| cb.is_fenced());
+        if current != incarnation || fenced {
+            drop(st);
+            self.count_fenced(1);
+            return false;
+        }
+        match &mut st.checkpoint {
+            // Reuses the buffer: no allocation per checkpoint.
+            Some(c) if c.bytes.len() == bytes.len() => {
+                c.bytes.copy_from_slice(bytes);
+                c.kernel = kernel;
+                c.incarnation = incarnation;
+                c.processed = processed;
+            }
+            other => {
+                *other = Some(Checkpoint {
+                    kernel,
+                    incarnation,
+                    processed,
+                    bytes: bytes.to_vec(),
+                })
+            }
+        }
+        true
+    }
+
+    /// Starts the next incarnation with `control`, if the previous one is
+    /// fenced. Returns its number and the checkpoint to start from.
+    pub(crate) fn begin(
+        &self,
+        control: &Arc<ControlBlock>,
+    ) -> Result<(u16, Option<Checkpoint>), u16> {
+        let mut st = self.lock();
+        if let Some(prev) = &st.live
+            && !prev.is_fenced()
+        {
+            return Err(st.started.wrapping_sub(1) as u16);
+        }
+        let incarnation = st.started as u16;
+        st.started = st.started.wrapping_add(1);
+        st.live = Some(control.clone());
+        if st.history.len() == HISTORY {
+            st.history.pop_front();
+        }
+        st.history.push_back(IncarnationRecord {
+            incarnation,
+            committed_seq: 0,
+            ending: Ending::Serving,
+        });
+        Ok((incarnation, st.checkpoint.clone()))
+    }
+
+    /// Records how `incarnation` ended (first ending wins).
+    pub(crate) fn ended(&self, incarnation: u16, committed_seq: u64, ending: Ending) {
+        let mut st = self.lock();
+        if let Some(r) = st
+            .history
+            .iter_mut()
+            .rev()
+            .find(|r| r.incarnation == incarnation)
+            && r.ending == Ending::Serving
+        {
+            r.committed_seq = committed_seq;
+            r.ending = ending;
+        }
+    }
+}
+
+struct HomeInner<W: Waiter> {
+    core: Arc<HomeCore>,
+    replay: Mutex<VecDeque<Replay<W>>>,
+}
+
+impl<W: Waiter> Drop for HomeInner<W> {
+    /// No next incarnation will come: replayed asks resolve with the fault
+    /// that handed them back (tells among them are only counted: the sink
+    /// belongs to a runtime that may be gone).
+    fn drop(&mut self) {
+        let queue = std::mem::take(self.replay.get_mut().unwrap_or_else(|p| p.into_inner()));
+        let fault = self.core.lock().history.iter().rev().find_map(|r| match r.ending {
+            Ending::Faulted(f) => Some(f),
+            _ => None,
+        });
+        let error = fault.map_or(AskError::Terminated, AskError::Faulted);
+        let mut tells = 0u64;
+        for r in queue {
+            match r {
+                Replay::Ask { waiter, .. } => crate::runtime::complete(waiter, Err(error)),
+                Replay::Tell { .. } => tells += 1,
+            }
+        }
+        if tells > 0 {
+            tracing::warn!(actor = ?self.core.index, tells, "replay queue dropped with its home");
+        }
+    }
+}
+
+/// The identity of one GPU actor across its incarnations (see the
+/// [module docs](self)). Cheap to clone; a framework adapter keeps it in
+/// what its supervisor restarts from.
+pub struct ActorHome<W: Waiter> {
+    inner: Arc<HomeInner<W>>,
+}
+
+impl<W: Waiter> Clone for ActorHome<W> {
+    fn clone(&self) -> Self {
+        ActorHome {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<W: Waiter> fmt::Debug for ActorHome<W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ActorHome")
+            .field("index", &self.inner.core.index)
+            .field("incarnations", &self.incarnations())
+            .field("fenced_writes", &self.fenced_writes())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W: Waiter> ActorHome<W> {
+    pub(crate) fn new(node: u16, index: u32) -> Self {
+        ActorHome {
+            inner: Arc::new(HomeInner {
+                core: Arc::new(HomeCore {
+                    node,
+                    index,
+                    state: Mutex::new(HomeState {
+                        started: 0,
+                        live: None,
+                        history: VecDeque::new(),
+                        checkpoint: None,
+                    }),
+                    fenced_writes: AtomicU64::new(0),
+                    checkpoint_requested: AtomicBool::new(false),
+                }),
+                replay: Mutex::new(VecDeque::new()),
+            }),
+        }
+    }
+
+    pub(crate) fn core(&self) -> &Arc<HomeCore> {
+        &self.inner.core
+    }
+
+    /// The actor's id in incarnation 0 (the index is the same in every one).
+    pub fn id(&self) -> ActorId {
+        ActorId::gpu(self.inner.core.node, self.inner.core.index)
+    }
+
+    /// Incarnations started so far.
+    pub fn incarnations(&self) -> u32 {
+        self.inner.core.lock().started
+    }
+
+    /// The last [`HISTORY`] incarnations, oldest first.
+    pub fn history(&self) -> Vec<IncarnationRecord> {
+        self.inner.core.lock().history.iter().copied().collect()
+    }
+
+    /// Writes of fenced incarnations that were dropped: replies, commits and
+    /// checkpoints a hung or faulted incarnation made after its fence.
+    pub fn fenced_writes(&self) -> u64 {
+        self.inner.core.fenced_writes.load(Ordering::Relaxed)
+    }
+
+    /// The latest checkpoint, if one was taken.
+    pub fn checkpoint(&self) -> Option<Checkpoint> {
+        self.inner.core.lock().checkpoint.clone()
+    }
+
+    /// Asks the serving incarnation to take a checkpoint after its next
+    /// message (or at once when idle: the next time it looks at its state).
+    pub fn request_checkpoint(&self) {
+        self.inner
+            .core
+            .checkpoint_requested
+            .store(true, Ordering::Relaxed);
+    }
+
+    /// Messages waiting to be replayed by the next incarnation.
+    pub fn pending_replays(&self) -> usize {
+        self.replays().len()
+    }
+
+    fn replays(&self) -> MutexGuard<'_, VecDeque<Replay<W>>> {
+        self.inner.replay.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts handed-back messages at the front of the queue, in order: they
+    /// are older than anything still waiting there.
+    pub(crate) fn push_front_replays(&self, items: Vec<Replay<W>>) {
+        let mut q = self.replays();
+        for r in items.into_iter().rev() {
+            q.push_front(r);
+        }
+    }
+
+    pub(crate) fn pop_replay(&self) -> Option<Replay<W>> {
+        self.replays().pop_front()
+    }
+
+    pub(crate) fn unpop_replay(&self, r: Replay<W>) {
+        self.replays().push_front(r);
+    }
+}
