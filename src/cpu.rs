@@ -278,9 +278,6 @@ impl<K: Kernel> DeviceLoop<K> {
         if !self.outbox.is_empty() {
             return if worked > 0 { Step::Worked } else { Step::Idle };
         }
-        if self.home.take_checkpoint_request() {
-            checkpoint::<K>(&self.home, self.incarnation, self.processed, &self.state);
-        }
         let check = HeaderCheck::only(MAX_INLINE as u32, &self.served);
         let mut taken = 0;
         let mut committed_in_batch = 0;
@@ -303,8 +300,11 @@ impl<K: Kernel> DeviceLoop<K> {
                 let control = &self.control;
                 let (last_send, send_gap) = (&mut self.last_send, &mut self.send_gap_ns);
                 #[cfg(feature = "fault-injection")]
-                let injection = self.injector.as_ref().and_then(|i| i.next());
+                let injector = &self.injector;
                 let Some(outcome) = batch.try_recv_with(&check, |env| {
+                    // Asked once per message (not per empty poll).
+                    #[cfg(feature = "fault-injection")]
+                    let injection = injector.as_ref().and_then(|i| i.next());
                     // The sender's pace sizes the idle spin (see `Idle`).
                     *send_gap = env.header.hlc.saturating_sub(*last_send);
                     *last_send = env.header.hlc;
@@ -416,12 +416,17 @@ impl<K: Kernel> DeviceLoop<K> {
                         self.committed = seq;
                         committed_in_batch += 1;
                         self.processed += 1;
-                        // Per message, so a long batch of slow but
-                        // progressing handlers never looks hung.
-                        self.control.record_progress(self.processed, self.processed);
-                        if self.checkpoint_every > 0 && self.processed % self.checkpoint_every == 0 {
+                        if (self.checkpoint_every > 0
+                            && self.processed % self.checkpoint_every == 0)
+                            || self.home.take_checkpoint_request()
+                        {
                             checkpoint::<K>(&self.home, self.incarnation, self.processed, &self.state);
                         }
+                        // Per message, so a long batch of slow but
+                        // progressing handlers never looks hung. After the
+                        // checkpoint: a host that sees this count knows the
+                        // message's checkpoint decision is made.
+                        self.control.record_progress(self.processed, self.processed);
                         if fault_after {
                             // Committed, its reply published, and then the
                             // fault strikes before its H2K slot is released.

@@ -369,8 +369,8 @@ impl<W: Waiter> ActorHome<W> {
         self.inner.core.lock().checkpoint.clone()
     }
 
-    /// Asks the serving incarnation to take a checkpoint after its next
-    /// message (or at once when idle: the next time it looks at its state).
+    /// Asks the serving incarnation to take a checkpoint right after the
+    /// next message it processes.
     pub fn request_checkpoint(&self) {
         self.inner
             .core

@@ -317,6 +317,11 @@ impl<R: Pod> Ctx<'_, R> {
         self.header.src
     }
 
+    /// This actor, as addressed (its incarnation included).
+    pub fn actor(&self) -> ActorId {
+        self.header.dst
+    }
+
     /// The sequence number the sender gave the message.
     pub fn seq(&self) -> u64 {
         self.header.seq

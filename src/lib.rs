@@ -55,6 +55,8 @@ pub mod control;
 #[cfg(not(ringkernel_loom))]
 mod cpu;
 pub mod doorbell;
+#[cfg(all(feature = "fault-injection", not(ringkernel_loom)))]
+pub mod drill;
 pub mod envelope;
 pub mod error;
 pub mod hlc;

@@ -976,6 +976,9 @@ impl<W: Waiter> GpuSlot<W> {
         };
         let committed = self.shared.fence(ending);
         let replay = fault.is_some() && self.shared.policy == PendingPolicy::Replay;
+        // After a fault under `Fail`, the poller has already failed every
+        // waiter (promptly, without waiting for this call).
+        let swept = fault.is_some() && !replay;
         let mut report = Recovery {
             committed_seq: committed,
             ..Recovery::default()
@@ -992,6 +995,9 @@ impl<W: Waiter> GpuSlot<W> {
             }
             let payload = Payload::from_parts(h.type_id, env.payload);
             if h.flags.contains(Flags::ASK) {
+                if swept {
+                    return;
+                }
                 // A waiter already taken was answered (or swept) before.
                 let Ok(waiter) = shared.waiters.take(h.correlation) else {
                     return;
