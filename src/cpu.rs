@@ -314,7 +314,7 @@ impl<K: Kernel> DeviceLoop<K> {
                     #[cfg(feature = "fault-injection")]
                     match injection {
                         Some(crate::inject::Injection::Panic) => {
-                            return Served::Fault(FaultCode::HandlerPanic, INJECTED_DETAIL)
+                            return Served::Fault(FaultCode::HandlerPanic, INJECTED_DETAIL);
                         }
                         Some(crate::inject::Injection::Exit) => return Served::Exit,
                         Some(crate::inject::Injection::Hang(d)) => {
@@ -374,9 +374,13 @@ impl<K: Kernel> DeviceLoop<K> {
                     }
                     #[cfg(feature = "fault-injection")]
                     let outcome = match (outcome, injection) {
-                        (Served::Done { seq, .. }, Some(crate::inject::Injection::FaultAfterReply)) => {
-                            Served::Done { seq, fault_after: true }
-                        }
+                        (
+                            Served::Done { seq, .. },
+                            Some(crate::inject::Injection::FaultAfterReply),
+                        ) => Served::Done {
+                            seq,
+                            fault_after: true,
+                        },
                         (Served::Done { seq, fault_after }, _) if corrupt => {
                             corrupt_last_reply(replies.outbox, staged);
                             Served::Done { seq, fault_after }
@@ -420,7 +424,12 @@ impl<K: Kernel> DeviceLoop<K> {
                             && self.processed % self.checkpoint_every == 0)
                             || self.home.take_checkpoint_request()
                         {
-                            checkpoint::<K>(&self.home, self.incarnation, self.processed, &self.state);
+                            checkpoint::<K>(
+                                &self.home,
+                                self.incarnation,
+                                self.processed,
+                                &self.state,
+                            );
                         }
                         // Per message, so a long batch of slow but
                         // progressing handlers never looks hung. After the

@@ -235,7 +235,11 @@ impl Ledger {
                 }
             }
         }
-        let committed = |r: &Run| ended.get(&r.incarnation).is_some_and(|&(c, _)| r.slot_seq <= c);
+        let committed = |r: &Run| {
+            ended
+                .get(&r.incarnation)
+                .is_some_and(|&(c, _)| r.slot_seq <= c)
+        };
 
         // Overlap: in run order, committed runs never go back to an older
         // incarnation.
@@ -293,12 +297,19 @@ impl Ledger {
                 let runs = processed.get(&(id, seq)).map_or(&[][..], |v| &v[..]);
                 let dead = s.dead.get(&seq).copied().unwrap_or(0);
                 if runs.len() > 1 {
-                    let _ = writeln!(errors, "sender {id} message {seq} processed {} times", runs.len());
+                    let _ = writeln!(
+                        errors,
+                        "sender {id} message {seq} processed {} times",
+                        runs.len()
+                    );
                 }
                 match kind {
                     0 => {
                         if !runs.is_empty() {
-                            let _ = writeln!(errors, "sender {id} message {seq} processed but never accepted");
+                            let _ = writeln!(
+                                errors,
+                                "sender {id} message {seq} processed but never accepted"
+                            );
                         }
                         continue;
                     }
@@ -326,9 +337,10 @@ impl Ledger {
                                     // Processed, and the caller told it
                                     // failed: only if the reply itself was
                                     // destroyed.
-                                    let corrupt = ended.get(&r.incarnation).is_some_and(|(_, f)| {
-                                        f.is_some_and(|f| f.detail == HOST_DETECTED_CORRUPT_K2H)
-                                    });
+                                    let corrupt =
+                                        ended.get(&r.incarnation).is_some_and(|(_, f)| {
+                                            f.is_some_and(|f| f.detail == HOST_DETECTED_CORRUPT_K2H)
+                                        });
                                     if corrupt {
                                         report.lost_replies += 1;
                                     } else {

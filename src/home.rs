@@ -275,10 +275,16 @@ impl<W: Waiter> Drop for HomeInner<W> {
     /// belongs to a runtime that may be gone).
     fn drop(&mut self) {
         let queue = std::mem::take(self.replay.get_mut().unwrap_or_else(|p| p.into_inner()));
-        let fault = self.core.lock().history.iter().rev().find_map(|r| match r.ending {
-            Ending::Faulted(f) => Some(f),
-            _ => None,
-        });
+        let fault = self
+            .core
+            .lock()
+            .history
+            .iter()
+            .rev()
+            .find_map(|r| match r.ending {
+                Ending::Faulted(f) => Some(f),
+                _ => None,
+            });
         let error = fault.map_or(AskError::Terminated, AskError::Faulted);
         let mut tells = 0u64;
         for r in queue {
@@ -394,6 +400,10 @@ impl<W: Waiter> ActorHome<W> {
         for r in items.into_iter().rev() {
             q.push_front(r);
         }
+    }
+
+    pub(crate) fn push_back_replay(&self, item: Replay<W>) {
+        self.replays().push_back(item);
     }
 
     pub(crate) fn pop_replay(&self) -> Option<Replay<W>> {

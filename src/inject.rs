@@ -73,7 +73,12 @@ impl FaultInjector {
         Self::build(Vec::new(), seed | 1, one_in.max(1), kinds.to_vec())
     }
 
-    fn build(schedule: Vec<(u64, Injection)>, rng: u64, one_in: u64, kinds: Vec<Injection>) -> Self {
+    fn build(
+        schedule: Vec<(u64, Injection)>,
+        rng: u64,
+        one_in: u64,
+        kinds: Vec<Injection>,
+    ) -> Self {
         FaultInjector {
             state: Mutex::new(State {
                 seen: 0,
@@ -124,7 +129,10 @@ mod tests {
     fn schedule_fires_at_its_messages_and_random_is_seeded() {
         let f = FaultInjector::at([(2, Injection::Exit), (0, Injection::Panic)]);
         let got: Vec<_> = (0..4).map(|_| f.next()).collect();
-        assert_eq!(got, [Some(Injection::Panic), None, Some(Injection::Exit), None]);
+        assert_eq!(
+            got,
+            [Some(Injection::Panic), None, Some(Injection::Exit), None]
+        );
         assert_eq!(f.injected(), 2);
 
         let kinds = [Injection::Panic, Injection::Exit];

@@ -12,7 +12,8 @@
 //! [`structs`] the same way.
 
 use crate::control::{
-    COMMIT_FENCED, CONTROL_BLOCK_SIZE, CONTROL_MAGIC, CONTROL_VERSION, ControlBlock, FaultCode, LifecycleState,
+    COMMIT_FENCED, CONTROL_BLOCK_SIZE, CONTROL_MAGIC, CONTROL_VERSION, ControlBlock, FaultCode,
+    LifecycleState,
 };
 use crate::doorbell::{AWAKE, PARKED};
 use crate::envelope::{

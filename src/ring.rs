@@ -774,7 +774,10 @@ impl Producer {
             // this half and is not written again before this half stages a
             // new message there, which `&mut self` rules out while we read;
             // the consumer only reads it.
-            unsafe { self.ring.with_slot(counter, |slot| f(Envelope::decode(slot, check))) };
+            unsafe {
+                self.ring
+                    .with_slot(counter, |slot| f(Envelope::decode(slot, check)))
+            };
         }
     }
 

@@ -519,7 +519,9 @@ impl RuntimeInner {
                     tracing::error!("the dead-letter sink panicked");
                 }
             }
-            None => tracing::warn!(actor = ?letter.actor, seq = letter.seq, reason = ?letter.reason, "dead letter"),
+            None => {
+                tracing::warn!(actor = ?letter.actor, seq = letter.seq, reason = ?letter.reason, "dead letter")
+            }
         }
     }
 }
@@ -674,7 +676,8 @@ impl Runtime {
         };
         let (h2k, h2k_rx) = crate::ring::Ring::new(h2k_layout);
         let (k2h_tx, k2h) = crate::ring::Ring::new(k2h_layout);
-        let waiters = WaiterSlab::new(options.max_in_flight, incarnation).map_err(|e| abort(e.to_string()))?;
+        let waiters = WaiterSlab::new(options.max_in_flight, incarnation)
+            .map_err(|e| abort(e.to_string()))?;
         let shared = Arc::new(SlotShared {
             id,
             name: K::NAME,
@@ -786,8 +789,7 @@ impl<W: Waiter> SlotShared<W> {
     /// now on) and records how it ended; returns the last committed `seq`.
     fn fence(&self, ending: Ending) -> u64 {
         let committed = self.control.fence();
-        self.home
-            .ended(self.id.incarnation(), committed, ending);
+        self.home.ended(self.id.incarnation(), committed, ending);
         committed
     }
 
@@ -971,8 +973,16 @@ impl<W: Waiter> GpuSlot<W> {
         self.recovered = true;
         let fault = self.fault();
         let (error, reason, ending) = match fault {
-            Some(f) => (AskError::Faulted(f), DeadLetterReason::Faulted(f), Ending::Faulted(f)),
-            None => (AskError::Terminated, DeadLetterReason::Terminated, Ending::Terminated),
+            Some(f) => (
+                AskError::Faulted(f),
+                DeadLetterReason::Faulted(f),
+                Ending::Faulted(f),
+            ),
+            None => (
+                AskError::Terminated,
+                DeadLetterReason::Terminated,
+                Ending::Terminated,
+            ),
         };
         let committed = self.shared.fence(ending);
         let replay = fault.is_some() && self.shared.policy == PendingPolicy::Replay;
@@ -1003,13 +1013,20 @@ impl<W: Waiter> GpuSlot<W> {
                     return;
                 };
                 if replay {
-                    replays.push(Replay::Ask { payload, waiter, src: h.src });
+                    replays.push(Replay::Ask {
+                        payload,
+                        waiter,
+                        src: h.src,
+                    });
                 } else {
                     report.failed_asks += 1;
                     complete(waiter, Err(error));
                 }
             } else if replay {
-                replays.push(Replay::Tell { payload, src: h.src });
+                replays.push(Replay::Tell {
+                    payload,
+                    src: h.src,
+                });
             } else {
                 letters.push(DeadLetter {
                     actor,
@@ -1031,15 +1048,48 @@ impl<W: Waiter> GpuSlot<W> {
         report
     }
 
+    /// Applies the slot's [`PendingPolicy`] to a message the actor accepted
+    /// but had not sent to H2K when the slot closed (an adapter's ordered
+    /// overflow): kept for replay after a fault under
+    /// [`PendingPolicy::Replay`] (behind what [`GpuSlot::recover`] kept),
+    /// else failed — an ask resolves with the fault or `Terminated`, a tell
+    /// becomes a dead letter.
+    pub fn hand_back(&mut self, item: Replay<W>) {
+        let fault = self.fault();
+        if fault.is_some() && self.shared.policy == PendingPolicy::Replay {
+            self.home.push_back_replay(item);
+            return;
+        }
+        let error = fault.map_or(AskError::Terminated, AskError::Faulted);
+        let reason = fault.map_or(DeadLetterReason::Terminated, DeadLetterReason::Faulted);
+        match item {
+            Replay::Ask { waiter, .. } => complete(waiter, Err(error)),
+            Replay::Tell { payload, src } => self.runtime.dead_letter(DeadLetter {
+                actor: self.shared.id,
+                src,
+                seq: 0,
+                payload,
+                reason,
+            }),
+        }
+    }
+
     /// Sends the messages an earlier incarnation handed back for replay,
     /// oldest first; call it before sending anything new.
     pub fn replay(&mut self) -> ReplayStatus {
         while let Some(item) = self.home.pop_replay() {
             let result = match item {
-                Replay::Ask { payload, waiter, src } => self
-                    .ask(payload, waiter, src)
-                    .map(|_| ())
-                    .map_err(|e| e.map(|(payload, waiter)| Replay::Ask { payload, waiter, src })),
+                Replay::Ask {
+                    payload,
+                    waiter,
+                    src,
+                } => self.ask(payload, waiter, src).map(|_| ()).map_err(|e| {
+                    e.map(|(payload, waiter)| Replay::Ask {
+                        payload,
+                        waiter,
+                        src,
+                    })
+                }),
                 Replay::Tell { payload, src } => self
                     .tell(payload, src)
                     .map_err(|e| e.map(|payload| Replay::Tell { payload, src })),

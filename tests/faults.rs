@@ -58,7 +58,11 @@ impl Rig {
     }
 
     fn fault(&self) -> Fault {
-        match self.events.recv_timeout(conformance::DEADLINE).expect("no fault event") {
+        match self
+            .events
+            .recv_timeout(conformance::DEADLINE)
+            .expect("no fault event")
+        {
             SlotEvent::Faulted(f) => f,
             other => panic!("unexpected event {other:?}"),
         }
@@ -100,7 +104,13 @@ fn inactive() -> LaunchOptions {
 /// One injection at message `AT` under the default policy: the fault is
 /// the right one, the messages before it are processed, those after it are
 /// handed back failed, and the ledger balances.
-fn one_fault(what: Injection) -> (Fault, ringkernel::drill::DrillReport, ringkernel::runtime::Recovery) {
+fn one_fault(
+    what: Injection,
+) -> (
+    Fault,
+    ringkernel::drill::DrillReport,
+    ringkernel::runtime::Recovery,
+) {
     let rig = Rig::new(Duration::from_secs(5));
     let opts = inactive().inject(Arc::new(FaultInjector::at([(AT, what)])));
     let mut slot = rig.launch(&opts);
@@ -117,7 +127,10 @@ fn one_fault(what: Injection) -> (Fault, ringkernel::drill::DrillReport, ringker
 #[test]
 fn injected_panic_fails_what_was_not_processed() {
     let (fault, report, recovery) = one_fault(Injection::Panic);
-    assert_eq!((fault.code, fault.detail), (FaultCode::HandlerPanic, INJECTED_DETAIL));
+    assert_eq!(
+        (fault.code, fault.detail),
+        (FaultCode::HandlerPanic, INJECTED_DETAIL)
+    );
     assert_eq!(report.processed, AT);
     assert_eq!(report.failed, N - AT);
     assert_eq!(recovery.committed_seq, AT, "seq counts from 1");
@@ -149,7 +162,10 @@ fn corrupt_k2h_header_faults_the_slot_and_loses_only_that_reply() {
 #[test]
 fn fault_between_reply_and_release_hands_back_nothing_processed() {
     let (fault, report, recovery) = one_fault(Injection::FaultAfterReply);
-    assert_eq!((fault.code, fault.detail), (FaultCode::HandlerFault, INJECTED_DETAIL));
+    assert_eq!(
+        (fault.code, fault.detail),
+        (FaultCode::HandlerFault, INJECTED_DETAIL)
+    );
     // Message AT was committed and replied to; its H2K slot was never
     // released, and it is not handed back as failed.
     assert_eq!(report.processed, AT + 1);
@@ -172,7 +188,11 @@ fn replay_policy_serves_the_unprocessed_in_the_next_incarnation_in_order() {
     assert_eq!(rig.home.pending_replays(), (N - AT) as usize);
     let mut second = rig.launch(&LaunchOptions::default().on_fault(PendingPolicy::Replay));
     assert_eq!(second.incarnation(), 1);
-    assert_eq!(second.id().index(), first.id().index(), "same actor, new incarnation");
+    assert_eq!(
+        second.id().index(),
+        first.id().index(),
+        "same actor, new incarnation"
+    );
     assert_eq!(second.replay(), ReplayStatus::Done);
     drop(first);
     rig.resolve(asks);
@@ -253,11 +273,20 @@ fn a_hung_handler_is_fenced_and_its_late_writes_are_counted() {
     let mut next = rt
         .launch_in::<Sleepy, _>(&home, 0, &LaunchOptions::default(), |_| {})
         .unwrap();
-    assert_eq!(conformance::ask(&mut next, Nap(0)).wait().unwrap().decode::<u64>(), Ok(1));
+    assert_eq!(
+        conformance::ask(&mut next, Nap(0))
+            .wait()
+            .unwrap()
+            .decode::<u64>(),
+        Ok(1)
+    );
     // When the old handler returns, its reply and commit are dropped.
     let deadline = Instant::now() + conformance::DEADLINE;
     while home.fenced_writes() == 0 {
-        assert!(Instant::now() < deadline, "the late write was never counted");
+        assert!(
+            Instant::now() < deadline,
+            "the late write was never counted"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(hung.late_replies(), 0, "the fenced reply never reached K2H");
@@ -269,11 +298,19 @@ fn a_checkpoint_carries_the_state_into_the_next_incarnation() {
     let rt = Runtime::new().unwrap();
     let home = rt.home::<ChannelWaiter>();
     let opts = LaunchOptions::default().checkpoint_every(5);
-    let mut first = rt.launch_in::<Probe, _>(&home, Default::default(), &opts, |_| {}).unwrap();
+    let mut first = rt
+        .launch_in::<Probe, _>(&home, Default::default(), &opts, |_| {})
+        .unwrap();
     for _ in 0..10 {
         conformance::tell(&mut first, Add(1));
     }
-    assert_eq!(conformance::ask(&mut first, Total()).wait().unwrap().decode::<u64>(), Ok(10));
+    assert_eq!(
+        conformance::ask(&mut first, Total())
+            .wait()
+            .unwrap()
+            .decode::<u64>(),
+        Ok(10)
+    );
     // Two more: not yet checkpointed, and lost with the fault.
     conformance::tell(&mut first, Add(100));
     conformance::tell(&mut first, Add(100));
@@ -284,8 +321,16 @@ fn a_checkpoint_carries_the_state_into_the_next_incarnation() {
     first.recover();
     let cp = home.checkpoint().expect("checkpointed every 5 messages");
     assert_eq!((cp.incarnation, cp.processed), (0, 10));
-    let mut second = rt.launch_in::<Probe, _>(&home, Default::default(), &opts, |_| {}).unwrap();
-    assert_eq!(conformance::ask(&mut second, Total()).wait().unwrap().decode::<u64>(), Ok(10));
+    let mut second = rt
+        .launch_in::<Probe, _>(&home, Default::default(), &opts, |_| {})
+        .unwrap();
+    assert_eq!(
+        conformance::ask(&mut second, Total())
+            .wait()
+            .unwrap()
+            .decode::<u64>(),
+        Ok(10)
+    );
     // On request, too.
     conformance::tell(&mut second, Add(5));
     // Once both messages are counted, a request is served by the next one.
@@ -295,7 +340,13 @@ fn a_checkpoint_carries_the_state_into_the_next_incarnation() {
         std::thread::sleep(Duration::from_millis(1));
     }
     home.request_checkpoint();
-    assert_eq!(conformance::ask(&mut second, Echo(1)).wait().unwrap().decode::<u64>(), Ok(1));
+    assert_eq!(
+        conformance::ask(&mut second, Echo(1))
+            .wait()
+            .unwrap()
+            .decode::<u64>(),
+        Ok(1)
+    );
     // Taken after the commit, which follows the reply: wait for it.
     let deadline = Instant::now() + conformance::DEADLINE;
     let cp = loop {
@@ -311,7 +362,13 @@ fn a_checkpoint_carries_the_state_into_the_next_incarnation() {
     let err = rt
         .launch_in::<Sleepy, _>(&home, 0, &LaunchOptions::default(), |_| {})
         .unwrap_err();
-    assert!(matches!(err, LaunchError::CheckpointMismatch { kernel: "probe", .. }));
+    assert!(matches!(
+        err,
+        LaunchError::CheckpointMismatch {
+            kernel: "probe",
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -321,12 +378,19 @@ fn a_corrupt_k2h_envelope_faults_one_slot_and_the_runtime_serves_the_others() {
         .rt
         .launch::<Probe, ChannelWaiter>(Default::default(), &LaunchOptions::default(), |_| {})
         .unwrap();
-    let opts = LaunchOptions::default().inject(Arc::new(FaultInjector::at([(0, Injection::CorruptReply)])));
+    let opts = LaunchOptions::default()
+        .inject(Arc::new(FaultInjector::at([(0, Injection::CorruptReply)])));
     let mut bad = rig.launch(&opts);
     let p = conformance::ask(&mut bad, rig.ledger.work(0, 0));
     let got = p.wait();
     assert!(matches!(got, Err(AskError::Faulted(_))), "{got:?}");
     assert_eq!(bad.bad_replies(), 1);
-    assert_eq!(conformance::ask(&mut other, Echo(9)).wait().unwrap().decode::<u64>(), Ok(9));
+    assert_eq!(
+        conformance::ask(&mut other, Echo(9))
+            .wait()
+            .unwrap()
+            .decode::<u64>(),
+        Ok(9)
+    );
     other.terminate(Duration::from_secs(5));
 }

@@ -30,15 +30,18 @@
 
 use actix::dev::{MessageResponse, OneshotSender};
 use actix::prelude::*;
+use ringkernel::home::{ActorHome, Replay};
+use ringkernel::id::ActorId;
 use ringkernel::kernel::{Kernel, Message as KernelMessage, Payload, Reply};
 use ringkernel::runtime::{
-    AskError, GpuSlot, LaunchOptions, Runtime, SlotController, SlotEvent, SubmitError, Waiter,
+    AskError, GpuSlot, LaunchOptions, ReplayStatus, Runtime, SlotController, SlotEvent,
+    SubmitError, Waiter,
 };
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::rc::Rc;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Errors an actix caller of a GPU actor can see: the core's
@@ -145,8 +148,9 @@ pub struct GpuActor<K: Kernel> {
     // Boxed: actix actors must be `Unpin`, a kernel state need not be.
     initial: Box<K::State>,
     terminate_timeout: Duration,
+    home: ActorHome<ActixWaiter>,
     inner: Rc<RefCell<Inner>>,
-    controller: Arc<OnceLock<SlotController>>,
+    controller: Arc<Mutex<Option<SlotController>>>,
     _kernel: PhantomData<fn() -> K>,
 }
 
@@ -168,11 +172,12 @@ impl<K: Kernel> GpuActor<K> {
     /// As [`GpuActor::new`], launched with `options`.
     pub fn with_options(runtime: Runtime, initial: K::State, options: LaunchOptions) -> Self {
         GpuActor {
+            home: runtime.home(),
             runtime,
             options,
             initial: Box::new(initial),
             terminate_timeout: Duration::from_secs(5),
-            controller: Arc::new(OnceLock::new()),
+            controller: Arc::new(Mutex::new(None)),
             inner: Rc::new(RefCell::new(Inner {
                 slot: None,
                 overflow: VecDeque::new(),
@@ -189,20 +194,35 @@ impl<K: Kernel> GpuActor<K> {
         GpuController(self.controller.clone())
     }
 
+    /// The actor's identity across incarnations (history, checkpoint,
+    /// messages waiting for replay).
+    pub fn home(&self) -> &ActorHome<ActixWaiter> {
+        &self.home
+    }
+
     fn launch(&mut self, ctx: &mut Context<Self>) {
         let addr = ctx.address();
-        let launched =
-            self.runtime
-                .launch::<K, ActixWaiter>(*self.initial, &self.options, move |event| {
-                    // Non-blocking: the poller thread never waits on a mailbox.
-                    let _ = addr.try_send(Event(event));
-                });
+        let launched = self.runtime.launch_in::<K, ActixWaiter>(
+            &self.home,
+            *self.initial,
+            &self.options,
+            move |event| {
+                // Non-blocking: the poller thread never waits on a mailbox.
+                let _ = addr.try_send(Event(event));
+            },
+        );
         match launched {
-            Ok(slot) => {
-                // A restart replaces the slot; the controller keeps the first
-                // (take a fresh one from the new actor after a restart).
-                let _ = self.controller.set(slot.controller());
+            Ok(mut slot) => {
+                // What the previous incarnation handed back goes first: the
+                // actor takes no mailbox message until it is all in H2K.
+                let full = slot.replay() == ReplayStatus::Full;
+                // A restart replaces the slot; the controller follows it.
+                *self.controller.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(slot.controller());
                 self.inner.borrow_mut().slot = Some(slot);
+                if full {
+                    wait_for_room::<K>(&self.inner, ctx);
+                }
             }
             Err(e) => {
                 tracing::error!(kernel = K::NAME, error = %e, "launching the GPU actor failed");
@@ -213,11 +233,7 @@ impl<K: Kernel> GpuActor<K> {
 
     fn shut_down(&mut self) {
         let mut inner = self.inner.borrow_mut();
-        for q in inner.overflow.drain(..) {
-            if let Queued::Ask(_, w) = q {
-                w.complete(Err(AskError::Terminated));
-            }
-        }
+        hand_back_overflow(&mut inner);
         if let Some(mut slot) = inner.slot.take() {
             let timeout = self.terminate_timeout;
             // Waiting for the kernel's acknowledgement blocks: not on the
@@ -254,7 +270,41 @@ impl<K: Kernel> Handler<Event> for GpuActor<K> {
     fn handle(&mut self, Event(event): Event, ctx: &mut Context<Self>) {
         if let SlotEvent::Faulted(fault) = event {
             tracing::warn!(kernel = K::NAME, %fault, "GPU actor stops: its kernel faulted");
+            // Hand back what the incarnation left unprocessed (H2K first,
+            // then the overflow behind it) before the restart.
+            let mut inner = self.inner.borrow_mut();
+            if let Some(slot) = inner.slot.as_mut() {
+                slot.recover();
+            }
+            hand_back_overflow(&mut inner);
             ctx.stop();
+        }
+    }
+}
+
+/// The overflow never reached H2K: each item gets the slot's policy (kept
+/// for replay after a fault, else failed / dead-lettered).
+fn hand_back_overflow(inner: &mut Inner) {
+    let items: Vec<Queued> = inner.overflow.drain(..).collect();
+    for q in items {
+        let item = match q {
+            Queued::Ask(payload, waiter) => Replay::Ask {
+                payload,
+                waiter,
+                src: ActorId::NONE,
+            },
+            Queued::Tell(payload) => Replay::Tell {
+                payload,
+                src: ActorId::NONE,
+            },
+        };
+        match inner.slot.as_mut() {
+            Some(slot) => slot.hand_back(item),
+            None => {
+                if let Replay::Ask { waiter, .. } = item {
+                    waiter.complete(Err(AskError::Terminated));
+                }
+            }
         }
     }
 }
@@ -285,7 +335,7 @@ fn try_submit(inner: &mut Inner, item: Queued) -> Option<Queued> {
         }
         return None;
     };
-    let me = ringkernel::id::ActorId::NONE;
+    let me = ActorId::NONE;
     match item {
         Queued::Ask(payload, waiter) => match slot.ask(payload, waiter, me) {
             Ok(_) => None,
@@ -295,16 +345,28 @@ fn try_submit(inner: &mut Inner, item: Queued) -> Option<Queued> {
                 w.complete(Err(AskError::Terminated));
                 None
             }
-            Err(SubmitError::Closed((_, w))) => {
-                let e = slot.fault().map_or(AskError::Terminated, AskError::Faulted);
-                w.complete(Err(e));
+            Err(SubmitError::Closed((payload, waiter))) => {
+                slot.hand_back(Replay::Ask {
+                    payload,
+                    waiter,
+                    src: me,
+                });
                 None
             }
             Err(_) => None,
         },
         Queued::Tell(payload) => match slot.tell(payload, me) {
+            Ok(()) => None,
             Err(SubmitError::Full(p)) => Some(Queued::Tell(p)),
-            _ => None,
+            Err(e) => {
+                // Unserved types are refused before they are queued; a
+                // closed slot applies its policy.
+                slot.hand_back(Replay::Tell {
+                    payload: e.into_inner(),
+                    src: me,
+                });
+                None
+            }
         },
     }
 }
@@ -315,6 +377,7 @@ fn wait_for_room<K: Kernel>(inner: &Rc<RefCell<Inner>>, ctx: &mut Context<GpuAct
         return;
     }
     let poll_inner = inner.clone();
+    // Replays first, then the overflow, in order.
     let room = std::future::poll_fn(move |cx| {
         let mut guard = poll_inner.borrow_mut();
         match guard.slot.as_mut() {
@@ -326,6 +389,15 @@ fn wait_for_room<K: Kernel>(inner: &Rc<RefCell<Inner>>, ctx: &mut Context<GpuAct
         actix::fut::wrap_future::<_, GpuActor<K>>(room).map(|(), act, ctx| {
             let inner = act.inner.clone();
             inner.borrow_mut().waiting = false;
+            let replaying = inner
+                .borrow_mut()
+                .slot
+                .as_mut()
+                .is_some_and(|slot| slot.replay() == ReplayStatus::Full);
+            if replaying {
+                wait_for_room::<K>(&inner, ctx);
+                return;
+            }
             loop {
                 let mut guard = inner.borrow_mut();
                 let Some(item) = guard.overflow.pop_front() else {
@@ -400,11 +472,16 @@ impl<K: Kernel> GpuActor<K> {
 
 /// The mailbox-bypassing lifecycle handle of a [`GpuActor`].
 #[derive(Clone, Debug)]
-pub struct GpuController(Arc<OnceLock<SlotController>>);
+pub struct GpuController(Arc<Mutex<Option<SlotController>>>);
 
 impl GpuController {
-    fn get(&self) -> Result<&SlotController, GpuError> {
-        self.0.get().ok_or(GpuError::Closed)
+    /// The serving incarnation's controller (it follows restarts).
+    fn get(&self) -> Result<SlotController, GpuError> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(GpuError::Closed)
     }
 
     /// Activates the kernel.

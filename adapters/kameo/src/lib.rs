@@ -9,6 +9,12 @@
 //! | `actor_ref.tell(Tell(msg))` | a tell |
 //! | full H2K ring | the handler awaits space; kameo's bounded mailbox then backs up (and `mailbox_timeout` applies to senders) |
 //! | kernel fault | the actor fails (kameo's panic path): `on_panic`, and linked actors see `on_link_died` |
+//! | restart | spawn a clone of the [`GpuArgs`]: the same actor, its next incarnation |
+//!
+//! kameo 0.19 has no restart policy of its own: a supervisor links to the
+//! GPU actor and, in `on_link_died`, spawns it again from a clone of its
+//! [`GpuArgs`] — which carries the actor's [`ActorHome`], so the new actor
+//! is the next incarnation (latest checkpoint, replayed messages first).
 //!
 //! Errors come back in kameo's own shape: `SendError::HandlerError(GpuError)`.
 //!
@@ -34,10 +40,12 @@ use kameo::error::ActorStopReason;
 use kameo::message::{Context, Message};
 use kameo::prelude::DelegatedReply;
 use kameo::reply::ReplySender;
+use ringkernel::home::{ActorHome, Replay};
 use ringkernel::id::ActorId;
 use ringkernel::kernel::{Kernel, Message as KernelMessage, Payload, Reply};
 use ringkernel::runtime::{
-    AskError, GpuSlot, LaunchError, LaunchOptions, Runtime, SlotEvent, SubmitError, Waiter,
+    AskError, GpuSlot, LaunchError, LaunchOptions, ReplayStatus, Runtime, SlotEvent, SubmitError,
+    Waiter,
 };
 use std::time::Duration;
 
@@ -99,21 +107,51 @@ impl std::fmt::Debug for KameoWaiter {
     }
 }
 
-/// What [`GpuActor`] is spawned with.
+/// What [`GpuActor`] is spawned with. A clone is the same actor: spawning
+/// it after a fault starts the actor's next incarnation.
 pub struct GpuArgs<K: Kernel> {
     runtime: Runtime,
     initial: K::State,
     options: LaunchOptions,
+    home: ActorHome<KameoWaiter>,
+}
+
+impl<K: Kernel> Clone for GpuArgs<K> {
+    fn clone(&self) -> Self {
+        GpuArgs {
+            runtime: self.runtime.clone(),
+            initial: self.initial,
+            options: self.options.clone(),
+            home: self.home.clone(),
+        }
+    }
+}
+
+impl<K: Kernel> std::fmt::Debug for GpuArgs<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuArgs")
+            .field("kernel", &K::NAME)
+            .field("home", &self.home)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<K: Kernel> GpuArgs<K> {
-    /// A kernel on `runtime` starting from `initial`, default options.
+    /// A kernel on `runtime` starting from `initial`, default options: a
+    /// new actor.
     pub fn new(runtime: Runtime, initial: K::State) -> Self {
         GpuArgs {
+            home: runtime.home(),
             runtime,
             initial,
             options: LaunchOptions::default(),
         }
+    }
+
+    /// The actor's identity across incarnations (history, checkpoint,
+    /// messages waiting for replay).
+    pub fn home(&self) -> &ActorHome<KameoWaiter> {
+        &self.home
     }
 
     /// Launch options.
@@ -145,14 +183,22 @@ impl<K: Kernel> Actor for GpuActor<K> {
 
     async fn on_start(args: GpuArgs<K>, actor_ref: ActorRef<Self>) -> Result<Self, LaunchError> {
         let me = actor_ref.downgrade();
-        let slot =
-            args.runtime
-                .launch::<K, KameoWaiter>(args.initial, &args.options, move |event| {
-                    // Non-blocking: the poller thread never waits on a mailbox.
-                    if let Some(me) = me.upgrade() {
-                        let _ = me.tell(Event(event)).try_send();
-                    }
-                })?;
+        let mut slot = args.runtime.launch_in::<K, KameoWaiter>(
+            &args.home,
+            args.initial,
+            &args.options,
+            move |event| {
+                // Non-blocking: the poller thread never waits on a mailbox.
+                if let Some(me) = me.upgrade() {
+                    let _ = me.tell(Event(event)).try_send();
+                }
+            },
+        )?;
+        // What the previous incarnation handed back goes first, in order,
+        // before any message of this one's mailbox.
+        while slot.replay() == ReplayStatus::Full {
+            slot.space().await;
+        }
         Ok(GpuActor {
             slot: Some(slot),
             _kernel: std::marker::PhantomData,
@@ -175,11 +221,6 @@ impl<K: Kernel> Actor for GpuActor<K> {
         }
         Ok(())
     }
-}
-
-fn closed<W: Waiter>(slot: &GpuSlot<W>) -> GpuError {
-    slot.fault()
-        .map_or(GpuError::Closed, |f| GpuError::Ask(AskError::Faulted(f)))
 }
 
 impl<K: Kernel, M: KernelMessage> Message<Ask<M>> for GpuActor<K>
@@ -214,8 +255,14 @@ where
                     fail(w, GpuError::UnknownType { type_id });
                     break;
                 }
-                Err(SubmitError::Closed((_, w))) => {
-                    fail(w, closed(slot));
+                Err(SubmitError::Closed((payload, waiter))) => {
+                    // The slot's pending policy: replayed after a fault, or
+                    // failed.
+                    slot.hand_back(Replay::Ask {
+                        payload,
+                        waiter,
+                        src: ActorId::NONE,
+                    });
                     break;
                 }
                 Err(_) => break,
@@ -252,7 +299,15 @@ impl<K: Kernel, M: KernelMessage> Message<Tell<M>> for GpuActor<K> {
                 Err(SubmitError::UnknownType { type_id, .. }) => {
                     return Err(GpuError::UnknownType { type_id });
                 }
-                Err(_) => return Err(closed(slot)),
+                Err(e) => {
+                    // Accepted by the mailbox: the slot's pending policy
+                    // (replayed after a fault, or a dead letter).
+                    slot.hand_back(Replay::Tell {
+                        payload: e.into_inner(),
+                        src: ActorId::NONE,
+                    });
+                    return Ok(());
+                }
             }
         }
     }
@@ -287,7 +342,14 @@ impl<K: Kernel> Message<Event> for GpuActor<K> {
         match event {
             // An error from a tell's handler is kameo's panic path: the actor
             // stops (`on_panic`) and linked actors see it die.
-            SlotEvent::Faulted(fault) => Err(GpuError::Ask(AskError::Faulted(fault))),
+            SlotEvent::Faulted(fault) => {
+                // Hand back what the incarnation left unprocessed before a
+                // supervisor can start the next one.
+                if let Some(slot) = self.slot.as_mut() {
+                    slot.recover();
+                }
+                Err(GpuError::Ask(AskError::Faulted(fault)))
+            }
             _ => Ok(()),
         }
     }

@@ -13,7 +13,16 @@
 //! | `cast!(actor, GpuMsg::Tell(payload))` | tell: the envelope goes to H2K |
 //! | full H2K ring | the handler awaits space; later mailbox messages wait behind it, in order |
 //! | kernel fault | the actor fails: its supervisor receives `SupervisionEvent::ActorFailed` |
+//! | restart | the supervisor spawns a clone of the [`GpuActor`]: the same actor, its next incarnation |
 //! | stop / kill | `post_stop` terminates the slot; on a kill, dropping the state is a non-blocking backstop |
+//!
+//! Restarts: a [`GpuActor`] carries its actor's [`ActorHome`]; spawning a
+//! clone of it (from the supervisor's `handle_supervisor_evt`, on
+//! `ActorFailed`) launches the next incarnation — the same actor index,
+//! starting from the latest checkpoint, sending first whatever the faulted
+//! incarnation handed back under [`PendingPolicy::Replay`](ringkernel::home::PendingPolicy).
+//! ractor has no restart limits or back-off of its own: the supervisor
+//! decides.
 //!
 //! [`GpuActorRef<K>`] adds typed helpers: `ask(msg).await` returns the
 //! message's reply type, and a message type the kernel does not serve is a
@@ -50,14 +59,15 @@
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ringkernel::control::LifecycleState;
+use ringkernel::home::{ActorHome, Replay};
 use ringkernel::id::ActorId;
 use ringkernel::kernel::{Kernel, Message, Payload, Reply};
 use ringkernel::runtime::{
-    AskError, CallError, Fault, GpuSlot, LaunchOptions, Runtime, SlotController, SlotEvent,
-    SubmitError, Waiter,
+    AskError, CallError, Fault, GpuSlot, LaunchOptions, ReplayStatus, Runtime, SlotController,
+    SlotEvent, SubmitError, Waiter,
 };
 use std::marker::PhantomData;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Errors a GPU actor's caller can see.
@@ -132,8 +142,15 @@ pub struct GpuStatus {
     pub id: ActorId,
 }
 
-/// The caller's reply port, parked in the waiter slab.
-struct Port(RpcReplyPort<Result<Reply, GpuError>>);
+/// The waiter of ractor GPU actors: the caller's reply port, parked in the
+/// waiter slab.
+pub struct Port(RpcReplyPort<Result<Reply, GpuError>>);
+
+impl std::fmt::Debug for Port {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Port")
+    }
+}
 
 impl Waiter for Port {
     fn complete(self, outcome: Result<Reply, AskError>) {
@@ -148,13 +165,28 @@ impl Waiter for Port {
 
 /// A ractor actor backed by an actor slot of kernel `K`.
 ///
-/// `Arguments` is the kernel's initial state.
+/// `Arguments` is the kernel's initial state. A clone is the same actor:
+/// spawning it after a fault starts its next incarnation.
 pub struct GpuActor<K: Kernel> {
     runtime: Runtime,
     options: LaunchOptions,
     terminate_timeout: Duration,
-    controller: Arc<OnceLock<SlotController>>,
+    controller: Arc<Mutex<Option<SlotController>>>,
+    home: ActorHome<Port>,
     _kernel: PhantomData<fn() -> K>,
+}
+
+impl<K: Kernel> Clone for GpuActor<K> {
+    fn clone(&self) -> Self {
+        GpuActor {
+            runtime: self.runtime.clone(),
+            options: self.options.clone(),
+            terminate_timeout: self.terminate_timeout,
+            controller: self.controller.clone(),
+            home: self.home.clone(),
+            _kernel: PhantomData,
+        }
+    }
 }
 
 impl<K: Kernel> std::fmt::Debug for GpuActor<K> {
@@ -175,12 +207,19 @@ impl<K: Kernel> GpuActor<K> {
     /// A GPU actor on `runtime` launched with `options`.
     pub fn with_options(runtime: Runtime, options: LaunchOptions) -> Self {
         GpuActor {
+            home: runtime.home(),
             runtime,
             options,
             terminate_timeout: Duration::from_secs(5),
-            controller: Arc::new(OnceLock::new()),
+            controller: Arc::new(Mutex::new(None)),
             _kernel: PhantomData,
         }
+    }
+
+    /// The actor's identity across incarnations (history, checkpoint,
+    /// messages waiting for replay).
+    pub fn home(&self) -> &ActorHome<Port> {
+        &self.home
     }
 
     /// A lifecycle handle that bypasses the mailbox, available once the
@@ -212,10 +251,6 @@ impl std::fmt::Debug for GpuActorState {
     }
 }
 
-fn closed_error(slot: &GpuSlot<Port>) -> GpuError {
-    CallError::closed(slot.fault()).into()
-}
-
 /// The actor failed because its kernel faulted.
 #[derive(Debug, thiserror::Error)]
 #[error("GPU actor {kernel} faulted: {fault}")]
@@ -237,13 +272,18 @@ impl<K: Kernel> Actor for GpuActor<K> {
         state: K::State,
     ) -> Result<GpuActorState, ActorProcessingErr> {
         let me = myself.clone();
-        let slot = self
-            .runtime
-            .launch::<K, Port>(state, &self.options, move |event| {
-                // Non-blocking: the poller thread must never wait on a mailbox.
-                let _ = me.send_message(GpuMsg::Event(event));
-            })?;
-        let _ = self.controller.set(slot.controller());
+        let mut slot =
+            self.runtime
+                .launch_in::<K, Port>(&self.home, state, &self.options, move |event| {
+                    // Non-blocking: the poller thread must never wait on a mailbox.
+                    let _ = me.send_message(GpuMsg::Event(event));
+                })?;
+        // What the previous incarnation handed back goes first, in order,
+        // before any message of this one's mailbox.
+        while slot.replay() == ReplayStatus::Full {
+            slot.space().await;
+        }
+        *self.controller.lock().unwrap_or_else(|p| p.into_inner()) = Some(slot.controller());
         tracing::debug!(kernel = K::NAME, actor = ?slot.id(), ractor = %myself.get_id(), "GPU actor started");
         Ok(GpuActorState { slot: Some(slot) })
     }
@@ -280,8 +320,14 @@ impl<K: Kernel> Actor for GpuActor<K> {
                             let _ = port.0.send(Err(CallError::UnknownType { type_id }.into()));
                             break;
                         }
-                        Err(SubmitError::Closed((_, port))) => {
-                            let _ = port.0.send(Err(closed_error(slot)));
+                        Err(SubmitError::Closed((payload, waiter))) => {
+                            // The slot's pending policy: replayed after a
+                            // fault, or failed.
+                            slot.hand_back(Replay::Ask {
+                                payload,
+                                waiter,
+                                src: me,
+                            });
                             break;
                         }
                         Err(e) => return Err(format!("unexpected submit error {e:?}").into()),
@@ -296,6 +342,10 @@ impl<K: Kernel> Actor for GpuActor<K> {
                         Err(SubmitError::Full(back)) => {
                             payload = back;
                             slot.space().await;
+                        }
+                        Err(SubmitError::Closed(payload)) => {
+                            slot.hand_back(Replay::Tell { payload, src: me });
+                            break;
                         }
                         Err(e) => {
                             // ractor's cast has no way back to the sender:
@@ -323,6 +373,10 @@ impl<K: Kernel> Actor for GpuActor<K> {
                 });
             }
             GpuMsg::Event(SlotEvent::Faulted(fault)) => {
+                // Hand back what the incarnation left unprocessed before the
+                // supervisor can start the next one.
+                let recovery = slot.recover();
+                tracing::debug!(kernel = K::NAME, ?recovery, "GPU actor fails");
                 return Err(Box::new(KernelFaulted {
                     kernel: K::NAME,
                     fault,
@@ -352,12 +406,15 @@ impl<K: Kernel> Actor for GpuActor<K> {
 /// The mailbox-bypassing lifecycle handle of a [`GpuActor`] (see
 /// [`GpuActor::controller`]).
 #[derive(Clone, Debug)]
-pub struct GpuController(Arc<OnceLock<SlotController>>);
+pub struct GpuController(Arc<Mutex<Option<SlotController>>>);
 
 impl GpuController {
-    fn get(&self) -> Result<&SlotController, GpuError> {
+    /// The serving incarnation's controller (it follows restarts).
+    fn get(&self) -> Result<SlotController, GpuError> {
         self.0
-            .get()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
             .ok_or(GpuError::Rpc("the GPU actor has not started".into()))
     }
 
