@@ -40,6 +40,7 @@ struct State {
     one_in: u64,
     kinds: Vec<Injection>,
     injected: u64,
+    stopped: bool,
 }
 
 /// Decides, per message, whether and how the device loop fails. Share one
@@ -87,7 +88,15 @@ impl FaultInjector {
                 one_in,
                 kinds,
                 injected: 0,
+                stopped: false,
             }),
+        }
+    }
+
+    /// Injects nothing more (a drill's wind-down).
+    pub fn stop(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.stopped = true;
         }
     }
 
@@ -99,6 +108,9 @@ impl FaultInjector {
     /// The device loop's question, once per message.
     pub(crate) fn next(&self) -> Option<Injection> {
         let mut s = self.state.lock().ok()?;
+        if s.stopped {
+            return None;
+        }
         let n = s.seen;
         s.seen += 1;
         let mut pick = None;

@@ -241,6 +241,8 @@ impl<K: Kernel> GpuActor<K> {
 /// The actor's state: its slot (the one writer of its H2K ring).
 pub struct GpuActorState {
     slot: Option<GpuSlot<Port>>,
+    /// Set by a fault: the actor drains its mailbox, then fails.
+    failed: Option<Fault>,
 }
 
 impl std::fmt::Debug for GpuActorState {
@@ -285,7 +287,10 @@ impl<K: Kernel> Actor for GpuActor<K> {
         }
         *self.controller.lock().unwrap_or_else(|p| p.into_inner()) = Some(slot.controller());
         tracing::debug!(kernel = K::NAME, actor = ?slot.id(), ractor = %myself.get_id(), "GPU actor started");
-        Ok(GpuActorState { slot: Some(slot) })
+        Ok(GpuActorState {
+            slot: Some(slot),
+            failed: None,
+        })
     }
 
     async fn handle(
@@ -377,10 +382,17 @@ impl<K: Kernel> Actor for GpuActor<K> {
                 // supervisor can start the next one.
                 let recovery = slot.recover();
                 tracing::debug!(kernel = K::NAME, ?recovery, "GPU actor fails");
-                return Err(Box::new(KernelFaulted {
-                    kernel: K::NAME,
-                    fault,
-                }));
+                state.failed = Some(fault);
+                // ractor drops what is queued behind an actor that fails:
+                // drain first (messages already queued meet the closed slot
+                // and get its pending policy; later sends are refused), then
+                // fail from `post_stop`.
+                if myself.drain().is_err() {
+                    return Err(Box::new(KernelFaulted {
+                        kernel: K::NAME,
+                        fault,
+                    }));
+                }
             }
             GpuMsg::Event(other) => tracing::debug!(?other, "slot event"),
         }
@@ -399,7 +411,14 @@ impl<K: Kernel> Actor for GpuActor<K> {
             let report = tokio::task::spawn_blocking(move || slot.terminate(timeout)).await?;
             tracing::debug!(kernel = K::NAME, ?report, "GPU actor stopped");
         }
-        Ok(())
+        match state.failed.take() {
+            // The supervisor sees `ActorFailed`.
+            Some(fault) => Err(Box::new(KernelFaulted {
+                kernel: K::NAME,
+                fault,
+            })),
+            None => Ok(()),
+        }
     }
 }
 
