@@ -201,14 +201,18 @@ impl<K: Kernel> GpuActor<K> {
     }
 
     fn launch(&mut self, ctx: &mut Context<Self>) {
-        let addr = ctx.address();
+        // Weak: the slot must not keep its own actor alive once every
+        // `Addr` is gone.
+        let addr = ctx.address().downgrade();
         let launched = self.runtime.launch_in::<K, ActixWaiter>(
             &self.home,
             *self.initial,
             &self.options,
             move |event| {
                 // Non-blocking: the poller thread never waits on a mailbox.
-                let _ = addr.try_send(Event(event));
+                if let Some(addr) = addr.upgrade() {
+                    let _ = addr.try_send(Event(event));
+                }
             },
         );
         match launched {
@@ -459,9 +463,10 @@ impl<K: Kernel, M: KernelMessage> Handler<Ask<M>> for GpuActor<K> {
 impl<K: Kernel> GpuActor<K> {
     fn refusal(&self, type_id: u32) -> Option<GpuError> {
         let inner = self.inner.borrow();
+        // A closed slot refuses nothing here: the message reaches
+        // `try_submit`, which applies the slot's pending policy.
         match inner.slot.as_ref() {
             None => Some(GpuError::Closed),
-            Some(slot) if !slot.is_open() => Some(GpuError::closed(slot.fault())),
             Some(slot) if slot.served_types().binary_search(&type_id).is_err() => {
                 Some(GpuError::UnknownType { type_id })
             }
