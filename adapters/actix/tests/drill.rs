@@ -90,8 +90,15 @@ async fn run(policy: PendingPolicy, seed: u64) {
     // `stopped` terminates the slot on a helper thread: wait for it.
     drop(addr);
     let deadline = Instant::now() + DEADLINE;
-    while home.history().last().is_some_and(|r| r.ending == Ending::Serving) {
-        assert!(Instant::now() < deadline, "the last incarnation never ended");
+    while home
+        .history()
+        .last()
+        .is_some_and(|r| r.ending == Ending::Serving)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the last incarnation never ended"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let report = ledger.check(&home.history());

@@ -151,10 +151,11 @@ async fn run(policy: PendingPolicy, seed: u64) {
             other => panic!("barrier refused: {other:?}"),
         }
     }
-    let last = rx.borrow().clone();
-    last.stop_and_wait(None, None).await.unwrap();
+    // No restarts from here on, then stop whichever incarnation is current.
     restarter.stop(None);
     restarter_done.await.unwrap();
+    let last = rx.borrow().clone();
+    let _ = last.stop_and_wait(None, None).await;
 
     let report = ledger.check(&home.history());
     eprintln!(
