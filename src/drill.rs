@@ -2,7 +2,7 @@
 //! the checks that every adapter's drill shares.
 //!
 //! A drill sends sequence-numbered messages from several senders to one GPU
-//! actor of the [`DrillKernel`] while a [`FaultInjector`](crate::inject::FaultInjector)
+//! actor of the [`DrillKernel`] while a [`FaultInjector`]
 //! makes its device loop fail at random points, and the adapter's supervisor
 //! restarts it as new incarnations. The [`Ledger`] records what the
 //! framework accepted and how each message ended; the kernel's handler logs

@@ -5,6 +5,7 @@
 //! dependencies of the library.
 
 pub mod actors;
+pub mod faults;
 
 use bytemuck::{Pod, Zeroable};
 use ringkernel::doorbell::Doorbell;

@@ -14,8 +14,8 @@
 
 use ringkernel::hlc::Hlc;
 use ringkernel::id::ClockDomain;
-use ringkernel_bench::actors;
 use ringkernel_bench::*;
+use ringkernel_bench::{actors, faults};
 use std::time::{Duration, Instant};
 
 fn cpu_now() -> Duration {
@@ -92,6 +92,30 @@ fn run(c: &mut Comparison<'_>, rounds: usize) {
         c.config,
         rounds,
         c.ops
+    );
+}
+
+/// A comparison of single events (a restart, a detection): `samples` of
+/// each, interleaved, medians printed in the same line format.
+fn run_samples(
+    name: &str,
+    config: &str,
+    samples: usize,
+    ours: &mut dyn FnMut() -> Duration,
+    base: &mut dyn FnMut() -> Duration,
+) {
+    let (mut o, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..samples {
+        o.push(ours().as_nanos() as f64);
+        b.push(base().as_nanos() as f64);
+    }
+    let (mo, mb) = (median(&mut o), median(&mut b));
+    println!(
+        "{name} ours={} base={} ratio={:.3} p90_ours={} [{config}; median of {samples} samples each, interleaved]",
+        fmt_ns(mo),
+        fmt_ns(mb),
+        mo / mb,
+        fmt_ns(o[o.len() * 9 / 10])
     );
 }
 
@@ -226,5 +250,51 @@ fn main() {
         if filter.as_deref().is_none_or(|f| c.name.contains(f)) {
             run(c, rounds);
         }
+    }
+    drop(comparisons);
+
+    let wanted = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
+    // The fault benches make handlers panic on purpose, hundreds of times:
+    // keep those (caught, and turned into faults) out of the report.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let device = std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("ringkernel-"));
+        if !device {
+            default_hook(info);
+        }
+    }));
+    if wanted("restart_core") {
+        let mut r = faults::CoreRestarts::new();
+        let fresh = faults::CoreRestarts::new();
+        run_samples(
+            "restart_core",
+            "a Probe handler panics; from the poller's fault detection to the first reply of the next incarnation (recover + launch_in + ask); base: launching a fresh actor to its first reply",
+            100,
+            &mut || r.restart(),
+            &mut || fresh.fresh_launch(),
+        );
+    }
+    if wanted("restart_ractor") {
+        let r = std::cell::RefCell::new(faults::RactorRestarts::new());
+        run_samples(
+            "restart_ractor",
+            "a GPU actor in a ractor supervision tree panics; from its caller's error to the first reply of the actor the supervisor spawns in its place; base: spawning a fresh GPU actor to its first reply",
+            100,
+            &mut || r.borrow_mut().restart(),
+            &mut || r.borrow().fresh_spawn(),
+        );
+    }
+    if wanted("watchdog_detect") {
+        let w = faults::WatchdogDetection::new(Duration::from_millis(10));
+        let bound = w.limit + w.poll_interval();
+        run_samples(
+            "watchdog_detect_10ms",
+            "a handler hangs with an ask pending behind it; from the hanging ask to the watchdog's fault event, limit 10 ms; base: the bound, limit + one poll interval (2.5 ms), not a measurement",
+            20,
+            &mut || w.detect(),
+            &mut || bound,
+        );
     }
 }

@@ -9,14 +9,16 @@
 //! ```
 //!
 //! Then a bad reading makes the kernel's handler fault; the supervisor sees
-//! `ActorFailed` and starts a new scorer, which serves again.
+//! `ActorFailed` and spawns a clone of the scorer's `GpuActor`: the same
+//! actor's next incarnation, which starts from the kernel state the last
+//! one checkpointed and serves again.
 //!
 //! `cargo run --release -p ringkernel-ractor --example supervision_tree`
 
 use bytemuck::{Pod, Zeroable};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent, call};
 use ringkernel::kernel::{CpuHandlers, HandlerError, Kernel, Message};
-use ringkernel::runtime::Runtime;
+use ringkernel::runtime::{LaunchOptions, Runtime};
 use ringkernel_ractor::{GpuActor, GpuActorRef, GpuMsg};
 use std::time::Duration;
 
@@ -116,7 +118,7 @@ enum SupMsg {
 struct Supervisor;
 impl Actor for Supervisor {
     type Msg = SupMsg;
-    type State = (Runtime, Option<ActorRef<GpuMsg>>);
+    type State = (GpuActor<Stats>, Option<ActorRef<GpuMsg>>);
     type Arguments = Runtime;
 
     async fn pre_start(
@@ -124,14 +126,17 @@ impl Actor for Supervisor {
         myself: ActorRef<SupMsg>,
         rt: Runtime,
     ) -> Result<Self::State, ActorProcessingErr> {
+        // Checkpoint the kernel state after every message, so a restart
+        // picks up where the faulted incarnation left off.
+        let gpu = GpuActor::<Stats>::with_options(rt, LaunchOptions::default().checkpoint_every(1));
         let (scorer, _) = Actor::spawn_linked(
             Some("scorer".into()),
-            GpuActor::<Stats>::new(rt.clone()),
+            gpu.clone(),
             StatsState::default(),
             myself.get_cell(),
         )
         .await?;
-        Ok((rt, Some(scorer)))
+        Ok((gpu, Some(scorer)))
     }
 
     async fn handle(
@@ -151,23 +156,27 @@ impl Actor for Supervisor {
         &self,
         myself: ActorRef<SupMsg>,
         evt: SupervisionEvent,
-        (rt, scorer): &mut Self::State,
+        (gpu, scorer): &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         if let SupervisionEvent::ActorFailed(cell, err) = evt {
             println!(
                 "supervisor: {} failed: {err}",
                 cell.get_name().unwrap_or_default()
             );
+            // A clone of the GpuActor is the same actor: this spawns its
+            // next incarnation.
             let (fresh, _) = Actor::spawn_linked(
                 Some("scorer-2".into()),
-                GpuActor::<Stats>::new(rt.clone()),
+                gpu.clone(),
                 StatsState::default(),
                 myself.get_cell(),
             )
             .await?;
             println!(
-                "supervisor: restarted the scorer as {}",
-                fresh.get_name().unwrap_or_default()
+                "supervisor: restarted the scorer as {}, incarnation {} of actor {:?}",
+                fresh.get_name().unwrap_or_default(),
+                gpu.home().incarnations() - 1,
+                gpu.home().id()
             );
             *scorer = Some(fresh);
         }
@@ -228,7 +237,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             value: 42,
         })
         .map_err(|e| e.to_string())?;
-    println!("new scorer serves again: {:?}", fresh.ask(Summary).await?);
+    println!(
+        "new incarnation serves again, from the checkpointed state (count, sum, max): {:?}",
+        fresh.ask(Summary).await?
+    );
 
     for s in sensors {
         s.stop(None);

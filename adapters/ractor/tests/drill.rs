@@ -12,7 +12,7 @@
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use ringkernel::drill::{self, DrillKernel, Ledger, Outcome, Sent};
-use ringkernel::home::PendingPolicy;
+use ringkernel::home::{Ending, PendingPolicy};
 use ringkernel::kernel::Payload;
 use ringkernel::runtime::{LaunchOptions, Runtime};
 use ringkernel_ractor::{GpuActor, GpuMsg};
@@ -154,8 +154,16 @@ async fn run(policy: PendingPolicy, seed: u64) {
     // No restarts from here on, then stop whichever incarnation is current.
     restarter.stop(None);
     restarter_done.await.unwrap();
+    // (A supervisor that stops takes its children with it.)
     let last = rx.borrow().clone();
     let _ = last.stop_and_wait(None, None).await;
+    // A child killed with its supervisor skips `post_stop`: its slot ends
+    // when its state is dropped. Wait for that.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while home.history().last().is_some_and(|r| r.ending == Ending::Serving) {
+        assert!(std::time::Instant::now() < deadline, "the last incarnation never ended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
     let report = ledger.check(&home.history());
     eprintln!(
