@@ -195,3 +195,67 @@ fn watchdog_fires_only_on_pending_work_without_progress() {
     parked.terminate(conformance::DEADLINE);
     hung.terminate(conformance::DEADLINE);
 }
+
+/// Answers twice: once as asked, once more to the same (then stale)
+/// correlation, and once to an id of another incarnation.
+struct Stale;
+
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+#[repr(C)]
+struct Twice2(u64);
+
+impl Message for Twice2 {
+    const TYPE_ID: u32 = 1;
+    type Reply = u64;
+}
+
+impl Kernel for Stale {
+    type State = u64;
+    const NAME: &'static str = "stale";
+    fn cpu_handlers() -> Option<CpuHandlers<Self>> {
+        Some(
+            CpuHandlers::<Self>::new().on::<Twice2>(|_, Twice2(v), ctx| {
+                if let Some(d) = ctx.defer() {
+                    let raw = d.to_raw();
+                    ctx.reply_to(d, v);
+                    // Late: the waiter was just taken by the first reply.
+                    ctx.reply_to(ringkernel::kernel::Deferred::<u64>::from_raw(raw, 1), v + 1);
+                    // Foreign: the same slot index under another incarnation.
+                    let foreign = raw[0] ^ (7 << 48);
+                    ctx.reply_to(
+                        ringkernel::kernel::Deferred::<u64>::from_raw([foreign, raw[1]], 1),
+                        v + 2,
+                    );
+                }
+                Ok(())
+            }),
+        )
+    }
+}
+
+/// Replies to stale or unknown correlation ids are counted and dropped; the
+/// caller gets the first reply only and the slot keeps serving.
+#[test]
+fn stale_and_foreign_replies_are_counted_not_delivered() {
+    let rt = Runtime::new().unwrap();
+    let mut slot = launch::<Stale>(&rt, &LaunchOptions::default()).unwrap();
+    for i in 0..10u64 {
+        let r = conformance::ask(&mut slot, Twice2(i)).wait().unwrap();
+        assert_eq!(r.decode::<u64>(), Ok(i));
+    }
+    // The extra replies follow their ask's reply in K2H: the next ask's
+    // reply comes after them, so by now all but the last two are counted.
+    let deadline = std::time::Instant::now() + conformance::DEADLINE;
+    while slot.late_replies() < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "late replies not counted: {}",
+            slot.late_replies()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(slot.late_replies(), 20);
+    assert_eq!(slot.bad_replies(), 0);
+    assert!(slot.is_open());
+    slot.terminate(Duration::from_secs(5));
+}

@@ -160,8 +160,15 @@ async fn run(policy: PendingPolicy, seed: u64) {
     // A child killed with its supervisor skips `post_stop`: its slot ends
     // when its state is dropped. Wait for that.
     let deadline = std::time::Instant::now() + DEADLINE;
-    while home.history().last().is_some_and(|r| r.ending == Ending::Serving) {
-        assert!(std::time::Instant::now() < deadline, "the last incarnation never ended");
+    while home
+        .history()
+        .last()
+        .is_some_and(|r| r.ending == Ending::Serving)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the last incarnation never ended"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
