@@ -76,6 +76,12 @@ message!(
     /// Ask: a hash of the name of the thread that ran the handler.
     WhereAmI() = 9 => u64
 );
+message!(
+    /// Ask: the handler sleeps this many milliseconds, then replies with
+    /// how many naps it has taken (a slow or hung handler, for watchdog
+    /// and fencing tests).
+    Nap(u64) = 10 => u64
+);
 
 /// State of the [`Probe`] kernel.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -89,6 +95,8 @@ pub struct ProbeState {
     pub next: u64,
     /// `Seq` messages out of order.
     pub disorder: u64,
+    /// `Nap`s taken.
+    pub naps: u64,
 }
 
 /// The conformance kernel: every behaviour in one kernel.
@@ -136,6 +144,12 @@ impl Kernel for Probe {
                 .on::<Silent>(|_, _, _| Ok(()))
                 .on::<Explode>(|_, _, _| panic!("conformance: handler panic on purpose"))
                 .on::<Fail>(|_, Fail(code), _| Err(HandlerError(code)))
+                .on::<Nap>(|s, Nap(ms), ctx| {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    s.naps += 1;
+                    ctx.reply(s.naps);
+                    Ok(())
+                })
                 .on::<WhereAmI>(|_, _, ctx| {
                     ctx.reply(thread_tag(std::thread::current().name().unwrap_or("")));
                     Ok(())

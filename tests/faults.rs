@@ -3,12 +3,13 @@
 //! checkpoints, late writes (feature `fault-injection`; see
 //! `docs/semantics.md`, *Faults*).
 
-use ringkernel::conformance::{self, Add, ChannelWaiter, Echo, Explode, Pending, Probe, Total};
+use ringkernel::conformance::{
+    self, Add, ChannelWaiter, Echo, Explode, Nap, Pending, Probe, Total,
+};
 use ringkernel::control::FaultCode;
 use ringkernel::drill::{DrillKernel, Ledger, Outcome};
 use ringkernel::home::{ActorHome, Ending, PendingPolicy};
 use ringkernel::inject::{FaultInjector, INJECTED_DETAIL, Injection};
-use ringkernel::kernel::{CpuHandlers, Kernel, Message};
 use ringkernel::runtime::{
     AskError, Fault, GpuSlot, HOST_DETECTED_CORRUPT_K2H, LaunchError, LaunchOptions, ReplayStatus,
     Runtime, SlotEvent,
@@ -219,31 +220,6 @@ fn a_second_incarnation_never_starts_while_the_first_serves() {
     assert_eq!(endings, [Ending::Terminated, Ending::Terminated]);
 }
 
-/// A handler that takes as long as it is told to.
-struct Sleepy;
-
-#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
-#[repr(C)]
-struct Nap(u64);
-
-impl Message for Nap {
-    const TYPE_ID: u32 = 1;
-    type Reply = u64;
-}
-
-impl Kernel for Sleepy {
-    type State = u64;
-    const NAME: &'static str = "sleepy";
-    fn cpu_handlers() -> Option<CpuHandlers<Self>> {
-        Some(CpuHandlers::new().on(|n: &mut u64, Nap(ms), ctx| {
-            std::thread::sleep(Duration::from_millis(ms));
-            *n += 1;
-            ctx.reply(*n);
-            Ok(())
-        }))
-    }
-}
-
 #[test]
 fn a_hung_handler_is_fenced_and_its_late_writes_are_counted() {
     let rt = Runtime::builder()
@@ -254,9 +230,14 @@ fn a_hung_handler_is_fenced_and_its_late_writes_are_counted() {
     let (tx, rx) = mpsc::channel();
     let tx = Mutex::new(tx);
     let mut hung = rt
-        .launch_in::<Sleepy, _>(&home, 0, &LaunchOptions::default(), move |e| {
-            let _ = tx.lock().unwrap().send(e);
-        })
+        .launch_in::<Probe, _>(
+            &home,
+            Default::default(),
+            &LaunchOptions::default(),
+            move |e| {
+                let _ = tx.lock().unwrap().send(e);
+            },
+        )
         .unwrap();
     let slow = conformance::ask(&mut hung, Nap(600));
     let behind = conformance::ask(&mut hung, Nap(0));
@@ -271,7 +252,7 @@ fn a_hung_handler_is_fenced_and_its_late_writes_are_counted() {
     // The hung thread is still asleep in its handler; the next incarnation
     // serves meanwhile.
     let mut next = rt
-        .launch_in::<Sleepy, _>(&home, 0, &LaunchOptions::default(), |_| {})
+        .launch_in::<Probe, _>(&home, Default::default(), &LaunchOptions::default(), |_| {})
         .unwrap();
     assert_eq!(
         conformance::ask(&mut next, Nap(0))
@@ -360,7 +341,7 @@ fn a_checkpoint_carries_the_state_into_the_next_incarnation() {
     second.terminate(Duration::from_secs(5));
     // A checkpoint of another kernel does not fit.
     let err = rt
-        .launch_in::<Sleepy, _>(&home, 0, &LaunchOptions::default(), |_| {})
+        .launch_in::<Probe, _>(&home, Default::default(), &LaunchOptions::default(), |_| {})
         .unwrap_err();
     assert!(matches!(
         err,

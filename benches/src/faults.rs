@@ -2,9 +2,8 @@
 //! fault (the report prints medians of the samples).
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
-use ringkernel::conformance::{ChannelWaiter, Echo, Explode, Probe};
+use ringkernel::conformance::{ChannelWaiter, Echo, Explode, Nap, Probe};
 use ringkernel::home::ActorHome;
-use ringkernel::kernel::{CpuHandlers, Kernel, Message};
 use ringkernel::runtime::{GpuSlot, LaunchOptions, Runtime, SlotEvent};
 use ringkernel_ractor::{GpuActor, GpuActorRef, GpuMsg};
 use std::sync::mpsc;
@@ -218,32 +217,6 @@ impl Default for RactorRestarts {
     }
 }
 
-/// A handler that sleeps as long as it is told to.
-#[derive(Debug)]
-pub struct Sleepy;
-
-/// Sleep this many milliseconds.
-#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
-#[repr(C)]
-pub struct Nap(pub u64);
-
-impl Message for Nap {
-    const TYPE_ID: u32 = 1;
-    type Reply = u64;
-}
-
-impl Kernel for Sleepy {
-    type State = u64;
-    const NAME: &'static str = "sleepy";
-    fn cpu_handlers() -> Option<CpuHandlers<Self>> {
-        Some(CpuHandlers::new().on(|_: &mut u64, Nap(ms), ctx| {
-            std::thread::sleep(Duration::from_millis(ms));
-            ctx.reply(ms);
-            Ok(())
-        }))
-    }
-}
-
 /// Watchdog detection on a runtime whose limit is `limit`.
 pub struct WatchdogDetection {
     rt: Runtime,
@@ -272,11 +245,15 @@ impl WatchdogDetection {
         let (tx, rx) = mpsc::sync_channel(1);
         let mut slot = self
             .rt
-            .launch::<Sleepy, ChannelWaiter>(0, &LaunchOptions::default(), move |e| {
-                if let SlotEvent::Faulted(_) = e {
-                    let _ = tx.try_send(Instant::now());
-                }
-            })
+            .launch::<Probe, ChannelWaiter>(
+                Default::default(),
+                &LaunchOptions::default(),
+                move |e| {
+                    if let SlotEvent::Faulted(_) = e {
+                        let _ = tx.try_send(Instant::now());
+                    }
+                },
+            )
             .expect("launch");
         let hang = (self.limit * 20).as_millis() as u64;
         let t0 = Instant::now();

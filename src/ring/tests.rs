@@ -154,6 +154,46 @@ fn envelopes_round_trip_and_bad_ones_do_not_jam_the_ring() {
     assert_eq!(SendError::Full(9u8).into_inner(), 9);
 }
 
+/// After a fault the producer re-reads what the consumer has not
+/// released; a partial release leaves exactly the unreleased envelopes.
+#[test]
+fn producer_sees_the_unreleased_envelopes_and_partial_release_keeps_them() {
+    let l = layout(4, 128);
+    let (mut tx, mut rx) = Ring::new(l);
+    let check = HeaderCheck::any_type(l.max_payload());
+    for seq in 1..=4u64 {
+        tx.try_send(&EnvelopeHeader::new(5, Flags::empty()).with_seq(seq), seq)
+            .unwrap();
+    }
+    let seen = |tx: &mut Producer| {
+        let mut v = Vec::new();
+        tx.unconsumed_with(&check, |e| v.push(e.map(|e| e.header.seq)));
+        v
+    };
+    assert_eq!(seen(&mut tx), [Ok(1), Ok(2), Ok(3), Ok(4)]);
+    {
+        // Three read, the first only released: 2..=4 stay published.
+        let mut batch = rx.batch();
+        for _ in 0..3 {
+            batch.try_recv_with(&check, |_| ()).unwrap().unwrap();
+        }
+        assert_eq!(batch.release_first(1), 1);
+    }
+    assert_eq!(seen(&mut tx), [Ok(2), Ok(3), Ok(4)]);
+    // They are read again, in order.
+    assert_eq!(rx.try_recv_with(&check, |e| e.header.seq), Some(Ok(2)));
+    assert_eq!(seen(&mut tx), [Ok(3), Ok(4)]);
+    // Released slots are written again; the scan follows the counters.
+    tx.try_send(&EnvelopeHeader::new(5, Flags::empty()).with_seq(5), 5u64)
+        .unwrap();
+    assert_eq!(seen(&mut tx), [Ok(3), Ok(4), Ok(5)]);
+    {
+        let batch = rx.batch();
+        assert_eq!(batch.release_first(9), 0, "nothing taken, nothing released");
+    }
+    assert_eq!(seen(&mut tx), [Ok(3), Ok(4), Ok(5)]);
+}
+
 #[test]
 fn raw_byte_payloads_round_trip_and_are_bounded() {
     let l = layout(2, 128);
