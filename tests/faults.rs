@@ -341,7 +341,7 @@ fn a_checkpoint_carries_the_state_into_the_next_incarnation() {
     second.terminate(Duration::from_secs(5));
     // A checkpoint of another kernel does not fit.
     let err = rt
-        .launch_in::<Probe, _>(&home, Default::default(), &LaunchOptions::default(), |_| {})
+        .launch_in::<DrillKernel, _>(&home, 0, &LaunchOptions::default(), |_| {})
         .unwrap_err();
     assert!(matches!(
         err,
