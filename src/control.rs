@@ -19,7 +19,7 @@
 //! | line | writer | fields |
 //! |---|---|---|
 //! | 0 | host | magic, version, requested state, incarnation |
-//! | 1 | device | acknowledged state and incarnation, fault code, heartbeat, processed count, fault detail, commit word (the host's one write here: the fence) |
+//! | 1 | device | acknowledged state and incarnation, fault code, heartbeat, processed count, fault detail, commit word (the host's one write here: the fence), the `seq` being served |
 //! | 2 | sleeper (device) / read by wakers | the [`Doorbell`] |
 
 use crate::doorbell::Doorbell;
@@ -198,7 +198,9 @@ pub struct ControlBlock {
     /// advances it with a CAS per message; the host fences it once with a
     /// `fetch_or` (the only host write on this line).
     pub(crate) commit: AtomicU64,
-    _pad1: [u8; 80],
+    /// `seq` of the message the device loop is running (or ran last).
+    pub(crate) serving: AtomicU64,
+    _pad1: [u8; 72],
     // Line 2: the doorbell.
     pub(crate) doorbell: Doorbell,
     _pad2: [u8; 124],
@@ -244,7 +246,8 @@ impl ControlBlock {
             processed: AtomicU64::new(0),
             fault_detail: AtomicU64::new(0),
             commit: AtomicU64::new(0),
-            _pad1: [0; 80],
+            serving: AtomicU64::new(0),
+            _pad1: [0; 72],
             doorbell: Doorbell::new(),
             _pad2: [0; 124],
         }
@@ -299,6 +302,7 @@ impl ControlBlock {
         self.fault_detail.store(0, Ordering::Relaxed);
         self.processed.store(0, Ordering::Relaxed);
         self.commit.store(0, Ordering::Relaxed);
+        self.serving.store(0, Ordering::Relaxed);
         self.acked_state
             .store(LifecycleState::Created as u32, Ordering::Relaxed);
         // Publishes the reset above; pairs with the device's acquire of the
@@ -329,6 +333,16 @@ impl ControlBlock {
     /// The sequence number of the last committed message.
     pub fn committed(&self) -> u64 {
         self.commit.load(Ordering::Acquire) >> 1
+    }
+
+    /// `seq` of the message the device loop was running when it last said
+    /// so: if it is above [`ControlBlock::committed`], that message was in
+    /// a handler when the incarnation failed (it may be what killed it).
+    pub fn serving(&self) -> u64 {
+        // Pairs with the store-release in `begin_serving`; a host that
+        // reads it after acquiring `Faulted` or fencing sees the device's
+        // last store before those.
+        self.serving.load(Ordering::Acquire)
     }
 
     /// The incarnation the host wants served.
@@ -402,6 +416,12 @@ impl ControlBlock {
         self.commit
             .compare_exchange(prev << 1, seq << 1, Ordering::Release, Ordering::Relaxed)
             .is_ok()
+    }
+
+    /// Device: the loop starts running the message `seq`.
+    pub fn begin_serving(&self, seq: u64) {
+        // Pairs with the host's load-acquire in `serving`.
+        self.serving.store(seq, Ordering::Release);
     }
 
     /// Device: reports a fault and acknowledges `Faulted` for `incarnation`.

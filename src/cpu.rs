@@ -103,16 +103,16 @@ struct DeviceLoop<K: Kernel> {
     poller: Arc<PollerShared>,
     space: Arc<SpaceWaker>,
     home: Arc<HomeCore>,
-    checkpoint_every: u64,
     #[cfg(feature = "fault-injection")]
     injector: Option<Arc<crate::inject::FaultInjector>>,
     outbox: VecDeque<Pending>,
     outbox_limit: usize,
     clock: Hlc,
     acked: LifecycleState,
-    processed: u64,
-    /// `seq` of the last message committed.
-    committed: u64,
+    progress: Progress,
+    /// A message served whose replies wait in the outbox: its `seq`, and
+    /// whether a fault is injected after its commit.
+    pending: Option<(u64, bool)>,
     /// Send stamp of the last message served, and its gap to the one before.
     last_send: u64,
     send_gap_ns: u64,
@@ -154,7 +154,6 @@ impl<K: Kernel> DeviceLoop<K> {
             poller: p.poller,
             space: p.space,
             home: p.home,
-            checkpoint_every: p.checkpoint_every,
             #[cfg(feature = "fault-injection")]
             injector: p.injector,
             outbox: VecDeque::with_capacity(p.max_in_flight),
@@ -166,8 +165,12 @@ impl<K: Kernel> DeviceLoop<K> {
                 (p.id.index() as u16).wrapping_add(1),
             )),
             acked: LifecycleState::Created,
-            processed: 0,
-            committed: 0,
+            progress: Progress {
+                committed: 0,
+                processed: 0,
+                checkpoint_every: p.checkpoint_every,
+            },
+            pending: None,
             last_send: 0,
             send_gap_ns: u64::MAX,
         }
@@ -256,7 +259,9 @@ impl<K: Kernel> DeviceLoop<K> {
             LifecycleState::Terminated | LifecycleState::Faulted => {
                 // Best effort: replies already made reach their callers
                 // rather than resolving as `Terminated`.
-                self.flush_outbox();
+                if let Err(step) = self.settle() {
+                    return step;
+                }
                 self.ack(LifecycleState::Terminated);
                 return Step::Exit;
             }
@@ -266,17 +271,27 @@ impl<K: Kernel> DeviceLoop<K> {
             }
             LifecycleState::Deactivated => {
                 self.ack(LifecycleState::Deactivated);
-                return if self.flush_outbox() > 0 {
+                let queued = self.outbox.len();
+                return match self.settle() {
+                    Err(step) => step,
+                    Ok(_) if self.outbox.len() < queued => Step::Worked,
+                    Ok(_) => Step::Idle,
+                };
+            }
+            LifecycleState::Active => self.ack(LifecycleState::Active),
+        }
+        let queued = self.outbox.len();
+        let mut worked = 0;
+        match self.settle() {
+            Err(step) => return step,
+            Ok(false) => {
+                return if self.outbox.len() < queued {
                     Step::Worked
                 } else {
                     Step::Idle
                 };
             }
-            LifecycleState::Active => self.ack(LifecycleState::Active),
-        }
-        let mut worked = self.flush_outbox();
-        if !self.outbox.is_empty() {
-            return if worked > 0 { Step::Worked } else { Step::Idle };
+            Ok(true) => worked += queued,
         }
         let check = HeaderCheck::only(MAX_INLINE as u32, &self.served);
         let mut taken = 0;
@@ -296,7 +311,6 @@ impl<K: Kernel> DeviceLoop<K> {
                     src: self.id,
                 };
                 let clock = &self.clock;
-                #[cfg(feature = "fault-injection")]
                 let control = &self.control;
                 let (last_send, send_gap) = (&mut self.last_send, &mut self.send_gap_ns);
                 #[cfg(feature = "fault-injection")]
@@ -309,6 +323,9 @@ impl<K: Kernel> DeviceLoop<K> {
                     *send_gap = env.header.hlc.saturating_sub(*last_send);
                     *last_send = env.header.hlc;
                     let stamp = clock.receive(env.header.hlc);
+                    // Before anything can fail: the host's hand-back tells
+                    // the message that was in a handler from the rest.
+                    control.begin_serving(env.header.seq);
                     #[cfg(feature = "fault-injection")]
                     let mut corrupt = false;
                     #[cfg(feature = "fault-injection")]
@@ -412,36 +429,27 @@ impl<K: Kernel> DeviceLoop<K> {
                             break;
                         }
                         flush(&mut self.k2h, &mut self.outbox, &self.poller);
-                        if !self.control.commit(self.committed, seq) {
-                            self.home.count_fenced(1);
-                            exit = Some(None);
+                        if !self.outbox.is_empty() {
+                            // More replies than K2H has room for: the
+                            // message stays uncommitted (and its H2K slot
+                            // unreleased) until they are all published.
+                            self.pending = Some((seq, fault_after));
                             break;
                         }
-                        self.committed = seq;
-                        committed_in_batch += 1;
-                        self.processed += 1;
-                        if (self.checkpoint_every > 0
-                            && self.processed % self.checkpoint_every == 0)
-                            || self.home.take_checkpoint_request()
-                        {
-                            checkpoint::<K>(
-                                &self.home,
-                                self.incarnation,
-                                self.processed,
-                                &self.state,
-                            );
-                        }
-                        // Per message, so a long batch of slow but
-                        // progressing handlers never looks hung. After the
-                        // checkpoint: a host that sees this count knows the
-                        // message's checkpoint decision is made.
-                        self.control.record_progress(self.processed, self.processed);
-                        if fault_after {
-                            // Committed, its reply published, and then the
-                            // fault strikes before its H2K slot is released.
-                            committed_in_batch -= 1;
-                            exit = Some(Some((FaultCode::HandlerFault, INJECTED_DETAIL)));
-                            break;
+                        match commit::<K>(
+                            &mut self.progress,
+                            &self.control,
+                            &self.home,
+                            self.incarnation,
+                            &self.state,
+                            seq,
+                            fault_after,
+                        ) {
+                            Ok(()) => committed_in_batch += 1,
+                            Err(e) => {
+                                exit = Some(e);
+                                break;
+                            }
                         }
                     }
                     Served::Fault(code, detail) => {
@@ -484,11 +492,120 @@ impl<K: Kernel> DeviceLoop<K> {
     fn flush_outbox(&mut self) -> usize {
         flush(&mut self.k2h, &mut self.outbox, &self.poller)
     }
+
+    /// Commits the message `seq` (its replies are published); see
+    /// [`commit`].
+    fn commit(&mut self, seq: u64, fault_after: bool) -> Result<(), Option<(FaultCode, u64)>> {
+        commit::<K>(
+            &mut self.progress,
+            &self.control,
+            &self.home,
+            self.incarnation,
+            &self.state,
+            seq,
+            fault_after,
+        )
+    }
+
+    /// Publishes queued replies and, once they are all out, commits and
+    /// releases a message that was waiting for them. `Ok(true)`: nothing is
+    /// left waiting; `Ok(false)`: K2H is still full; `Err`: the loop ends.
+    fn settle(&mut self) -> Result<bool, Step> {
+        if self.control.is_fenced() {
+            self.home.count_fenced(self.outbox.len() as u64);
+            self.outbox.clear();
+            self.leave_fenced();
+            return Err(Step::Exit);
+        }
+        self.flush_outbox();
+        if !self.outbox.is_empty() {
+            return Ok(false);
+        }
+        let Some((seq, fault_after)) = self.pending.take() else {
+            return Ok(true);
+        };
+        let committed = self.commit(seq, fault_after);
+        if let Ok(()) = committed {
+            // It is still the oldest slot of H2K: release it now.
+            let mut batch = self.h2k.batch();
+            let _ = batch.try_pop_with(|_| ());
+            batch.release_first(1);
+            self.space.wake_if_wanted();
+        }
+        match committed {
+            Ok(()) => Ok(true),
+            Err(None) => {
+                self.leave_fenced();
+                Err(Step::Exit)
+            }
+            Err(Some((code, detail))) => {
+                self.fault(code, detail);
+                Err(Step::Exit)
+            }
+        }
+    }
+}
+
+/// What the loop has committed.
+struct Progress {
+    /// `seq` of the last message committed.
+    committed: u64,
+    /// Messages committed.
+    processed: u64,
+    /// Checkpoint every this many (0: on request only).
+    checkpoint_every: u64,
+}
+
+/// Commits the message `seq` (its replies are published). `Err` says how
+/// the loop ends: `None` fenced (the commit lost to the host's fence;
+/// nothing counts), `Some` an injected fault after the commit.
+fn commit<K: Kernel>(
+    p: &mut Progress,
+    control: &Arc<ControlBlock>,
+    home: &HomeCore,
+    incarnation: u16,
+    state: &K::State,
+    seq: u64,
+    fault_after: bool,
+) -> Result<(), Option<(FaultCode, u64)>> {
+    if !control.commit(p.committed, seq) {
+        home.count_fenced(1);
+        return Err(None);
+    }
+    p.committed = seq;
+    p.processed += 1;
+    if (p.checkpoint_every > 0 && p.processed % p.checkpoint_every == 0)
+        || home.take_checkpoint_request()
+    {
+        checkpoint::<K>(home, control, incarnation, p.processed, state);
+    }
+    // Per message, so a long batch of slow but progressing handlers never
+    // looks hung. After the checkpoint: a host that sees this count knows
+    // the message's checkpoint decision is made.
+    control.record_progress(p.processed, p.processed);
+    if fault_after {
+        // Committed, its reply published, and then the fault strikes
+        // before its H2K slot is released.
+        return Err(Some((FaultCode::HandlerFault, INJECTED_DETAIL)));
+    }
+    Ok(())
 }
 
 /// Stores the state in the actor's home (refused there if fenced).
-fn checkpoint<K: Kernel>(home: &HomeCore, incarnation: u16, processed: u64, state: &K::State) {
-    home.store_checkpoint(K::NAME, incarnation, processed, bytemuck::bytes_of(state));
+fn checkpoint<K: Kernel>(
+    home: &HomeCore,
+    control: &Arc<ControlBlock>,
+    incarnation: u16,
+    processed: u64,
+    state: &K::State,
+) {
+    home.store_checkpoint(
+        K::NAME,
+        control,
+        incarnation,
+        processed,
+        bytemuck::bytes_of(state),
+    );
 }
 
 /// Moves queued replies into K2H; returns how many.

@@ -154,6 +154,9 @@ struct HomeState {
     started: u32,
     /// The control block of the incarnation launched last.
     live: Option<Arc<ControlBlock>>,
+    /// Whether that incarnation's unprocessed messages have been handed
+    /// back (`GpuSlot::recover`): the next one may start only then.
+    live_recovered: bool,
     history: VecDeque<IncarnationRecord>,
     checkpoint: Option<Checkpoint>,
 }
@@ -190,14 +193,19 @@ impl HomeCore {
     pub(crate) fn store_checkpoint(
         &self,
         kernel: &'static str,
+        control: &Arc<ControlBlock>,
         incarnation: u16,
         processed: u64,
         bytes: &[u8],
     ) -> bool {
         let mut st = self.lock();
-        let current = st.started.wrapping_sub(1) as u16;
-        let fenced = st.live.as_ref().is_none_or(|cb| cb.is_fenced());
-        if current != incarnation || fenced {
+        // The serving incarnation is known by its control block (its 16-bit
+        // number repeats after 65 536 restarts).
+        let current = st
+            .live
+            .as_ref()
+            .is_some_and(|cb| Arc::ptr_eq(cb, control) && !cb.is_fenced());
+        if !current {
             drop(st);
             self.count_fenced(1);
             return false;
@@ -223,20 +231,22 @@ impl HomeCore {
     }
 
     /// Starts the next incarnation with `control`, if the previous one is
-    /// fenced. Returns its number and the checkpoint to start from.
+    /// fenced and has handed back what it left unprocessed. Returns its
+    /// number and the checkpoint to start from.
     pub(crate) fn begin(
         &self,
         control: &Arc<ControlBlock>,
     ) -> Result<(u16, Option<Checkpoint>), u16> {
         let mut st = self.lock();
         if let Some(prev) = &st.live
-            && !prev.is_fenced()
+            && !(prev.is_fenced() && st.live_recovered)
         {
             return Err(st.started.wrapping_sub(1) as u16);
         }
         let incarnation = st.started as u16;
         st.started = st.started.wrapping_add(1);
         st.live = Some(control.clone());
+        st.live_recovered = false;
         if st.history.len() == HISTORY {
             st.history.pop_front();
         }
@@ -246,6 +256,15 @@ impl HomeCore {
             ending: Ending::Serving,
         });
         Ok((incarnation, st.checkpoint.clone()))
+    }
+
+    /// The incarnation of `control` has handed back its unprocessed
+    /// messages.
+    pub(crate) fn recovered(&self, control: &Arc<ControlBlock>) {
+        let mut st = self.lock();
+        if st.live.as_ref().is_some_and(|cb| Arc::ptr_eq(cb, control)) {
+            st.live_recovered = true;
+        }
     }
 
     /// Records how `incarnation` ended (first ending wins).
@@ -264,37 +283,48 @@ impl HomeCore {
     }
 }
 
+/// Where a home's dropped replays go: the runtime's dead-letter sink, if
+/// the runtime is still there.
+pub(crate) type DeadLetterTap = Box<dyn Fn(DeadLetter) + Send + Sync>;
+
 struct HomeInner<W: Waiter> {
     core: Arc<HomeCore>,
     replay: Mutex<VecDeque<Replay<W>>>,
+    dead_letters: DeadLetterTap,
 }
 
 impl<W: Waiter> Drop for HomeInner<W> {
     /// No next incarnation will come: replayed asks resolve with the fault
-    /// that handed them back (tells among them are only counted: the sink
-    /// belongs to a runtime that may be gone).
+    /// that handed them back, replayed tells become dead letters.
     fn drop(&mut self) {
         let queue = std::mem::take(self.replay.get_mut().unwrap_or_else(|p| p.into_inner()));
-        let fault = self
-            .core
-            .lock()
-            .history
-            .iter()
-            .rev()
-            .find_map(|r| match r.ending {
+        let (fault, incarnation) = {
+            let st = self.core.lock();
+            let fault = st.history.iter().rev().find_map(|r| match r.ending {
                 Ending::Faulted(f) => Some(f),
                 _ => None,
             });
+            (fault, st.started.wrapping_sub(1) as u16)
+        };
         let error = fault.map_or(AskError::Terminated, AskError::Faulted);
-        let mut tells = 0u64;
+        let reason = fault.map_or(DeadLetterReason::Terminated, DeadLetterReason::Faulted);
+        let actor = ActorId::new(
+            self.core.node,
+            crate::id::ActorKind::Gpu,
+            self.core.index,
+            incarnation,
+        );
         for r in queue {
             match r {
                 Replay::Ask { waiter, .. } => crate::runtime::complete(waiter, Err(error)),
-                Replay::Tell { .. } => tells += 1,
+                Replay::Tell { payload, src } => (self.dead_letters)(DeadLetter {
+                    actor,
+                    src,
+                    seq: 0,
+                    payload,
+                    reason,
+                }),
             }
-        }
-        if tells > 0 {
-            tracing::warn!(actor = ?self.core.index, tells, "replay queue dropped with its home");
         }
     }
 }
@@ -325,7 +355,7 @@ impl<W: Waiter> fmt::Debug for ActorHome<W> {
 }
 
 impl<W: Waiter> ActorHome<W> {
-    pub(crate) fn new(node: u16, index: u32) -> Self {
+    pub(crate) fn new(node: u16, index: u32, dead_letters: DeadLetterTap) -> Self {
         ActorHome {
             inner: Arc::new(HomeInner {
                 core: Arc::new(HomeCore {
@@ -334,6 +364,7 @@ impl<W: Waiter> ActorHome<W> {
                     state: Mutex::new(HomeState {
                         started: 0,
                         live: None,
+                        live_recovered: false,
                         history: VecDeque::new(),
                         checkpoint: None,
                     }),
@@ -341,6 +372,7 @@ impl<W: Waiter> ActorHome<W> {
                     checkpoint_requested: AtomicBool::new(false),
                 }),
                 replay: Mutex::new(VecDeque::new()),
+                dead_letters,
             }),
         }
     }

@@ -127,6 +127,7 @@ pub fn structs() -> Vec<Struct> {
             processed: "uint64_t",
             fault_detail: "uint64_t",
             commit: "uint64_t",
+            serving: "uint64_t",
             doorbell: "uint32_t",
         }),
     ]
@@ -472,10 +473,11 @@ mod tests {
                 "processed",
                 "fault_detail",
                 "commit",
+                "serving",
                 "doorbell"
             ]
             .map(|f| find("rk_control_block", f)),
-            [8, 12, 128, 144, 152, 160, 168, 256]
+            [8, 12, 128, 144, 152, 160, 168, 176, 256]
         );
     }
 }

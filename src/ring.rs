@@ -315,8 +315,9 @@ mod mem {
         /// Runs `f` on the slot of `counter`.
         ///
         /// # Safety
-        /// The calling half owns that slot under the SPSC protocol (the
-        /// consumer: `head <= counter < tail` acquired).
+        /// No one writes that slot while `f` runs: the consumer reading
+        /// `head <= counter < tail` (tail acquired), or the producer reading
+        /// a slot it published, while it stages nothing (`&mut` producer).
         #[inline(always)]
         pub(crate) unsafe fn with_slot<R>(&self, counter: u64, f: impl FnOnce(&[u8]) -> R) -> R {
             // SAFETY: the caller owns the slot, so no one writes it while `f`
@@ -1036,7 +1037,8 @@ impl Consumer {
     }
 }
 
-/// Slots read as one batch and released with one store-release.
+/// Slots read as one batch and released with one store-release, when
+/// dropped or by [`ReadBatch::release`] / [`ReadBatch::release_first`].
 pub struct ReadBatch<'a> {
     consumer: &'a mut Consumer,
     taken: u64,
@@ -1097,8 +1099,13 @@ impl ReadBatch<'_> {
 }
 
 impl Drop for ReadBatch<'_> {
+    /// Releases what was taken — unless the thread is unwinding: then the
+    /// slots stay published, to be read again (a reader that panicked may
+    /// not have finished with them).
     fn drop(&mut self) {
-        self.consumer.release(self.taken);
+        if !std::thread::panicking() {
+            self.consumer.release(self.taken);
+        }
     }
 }
 

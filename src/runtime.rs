@@ -219,9 +219,11 @@ pub enum LaunchError {
     /// The device thread could not be started.
     #[error("starting the device loop failed: {0}")]
     Spawn(String),
-    /// The actor's previous incarnation is still serving (not fenced): two
-    /// incarnations never serve one actor.
-    #[error("incarnation {incarnation} of this actor is still serving")]
+    /// The actor's previous incarnation is still serving (not fenced), or
+    /// has not handed back what it left unprocessed
+    /// ([`GpuSlot::recover`], or dropping its slot): two incarnations never
+    /// serve one actor.
+    #[error("incarnation {incarnation} of this actor is still serving or not recovered")]
     IncarnationLive {
         /// The serving incarnation.
         incarnation: u16,
@@ -576,7 +578,16 @@ impl Runtime {
     /// [`Runtime::launch_in`].
     pub fn home<W: Waiter>(&self) -> ActorHome<W> {
         let index = self.inner.next_index.fetch_add(1, Ordering::Relaxed);
-        ActorHome::new(self.inner.node, index)
+        let runtime = Arc::downgrade(&self.inner);
+        ActorHome::new(
+            self.inner.node,
+            index,
+            Box::new(move |letter| {
+                if let Some(rt) = runtime.upgrade() {
+                    rt.dead_letter(letter);
+                }
+            }),
+        )
     }
 
     /// The number of dead letters so far (see [`RuntimeBuilder::dead_letters`]).
@@ -672,6 +683,7 @@ impl Runtime {
         let abort = |e: String| {
             control.fence();
             home.core().ended(incarnation, 0, Ending::Terminated);
+            home.core().recovered(&control);
             LaunchError::Spawn(e)
         };
         let (h2k, h2k_rx) = crate::ring::Ring::new(h2k_layout);
@@ -737,7 +749,7 @@ impl Runtime {
             device: Some(device),
             runtime: self.inner.clone(),
             home: home.clone(),
-            recovered: false,
+            settled: None,
         })
     }
 }
@@ -816,7 +828,10 @@ pub struct GpuSlot<W: Waiter> {
     device: Option<JoinHandle<()>>,
     runtime: Arc<RuntimeInner>,
     home: ActorHome<W>,
-    recovered: bool,
+    /// Set by [`GpuSlot::recover`]: the fault it settled with (if any) and
+    /// whether it kept messages for replay. `hand_back` follows it, so
+    /// every message of one incarnation gets one disposition.
+    settled: Option<(Option<Fault>, bool)>,
 }
 
 /// What [`GpuSlot::recover`] did with the messages a fenced incarnation
@@ -967,10 +982,9 @@ impl<W: Waiter> GpuSlot<W> {
     /// [`GpuSlot::terminate`] and `Drop` call it too. Only the first call
     /// does anything; a slot that is not closed is left alone.
     pub fn recover(&mut self) -> Recovery {
-        if self.recovered || self.is_open() {
+        if self.settled.is_some() || self.is_open() {
             return Recovery::default();
         }
-        self.recovered = true;
         let fault = self.fault();
         let (error, reason, ending) = match fault {
             Some(f) => (
@@ -986,6 +1000,12 @@ impl<W: Waiter> GpuSlot<W> {
         };
         let committed = self.shared.fence(ending);
         let replay = fault.is_some() && self.shared.policy == PendingPolicy::Replay;
+        self.settled = Some((fault, replay));
+        // The message that was in a handler when the incarnation failed may
+        // be what killed it: it is failed, never replayed (a poison message
+        // would otherwise fault every incarnation after it).
+        let serving = self.shared.control.serving();
+        let culprit = (replay && serving > committed).then_some(serving);
         // After a fault under `Fail`, the poller has already failed every
         // waiter (promptly, without waiting for this call).
         let swept = fault.is_some() && !replay;
@@ -1012,7 +1032,7 @@ impl<W: Waiter> GpuSlot<W> {
                 let Ok(waiter) = shared.waiters.take(h.correlation) else {
                     return;
                 };
-                if replay {
+                if replay && culprit != Some(h.seq) {
                     replays.push(Replay::Ask {
                         payload,
                         waiter,
@@ -1022,7 +1042,7 @@ impl<W: Waiter> GpuSlot<W> {
                     report.failed_asks += 1;
                     complete(waiter, Err(error));
                 }
-            } else if replay {
+            } else if replay && culprit != Some(h.seq) {
                 replays.push(Replay::Tell {
                     payload,
                     src: h.src,
@@ -1044,8 +1064,22 @@ impl<W: Waiter> GpuSlot<W> {
             self.runtime.dead_letter(letter);
         }
         report.failed_asks += self.shared.close_and_sweep(error);
+        // The next incarnation may start now.
+        self.home.core().recovered(&self.shared.control);
         tracing::debug!(actor = ?actor, ?report, "recovered");
         report
+    }
+
+    /// Stops the slot without waiting (what `Drop` does): stops intake,
+    /// asks the device loop to terminate, and [`recover`](GpuSlot::recover)s
+    /// at once — fencing the incarnation, so a message it has not committed
+    /// by now is handed back, never processed. [`GpuSlot::terminate`] is
+    /// the graceful stop that waits for the device loop first.
+    pub fn stop(&mut self) -> Recovery {
+        self.shared.closed.store(true, Ordering::Release);
+        let _ = self.shared.control.request(LifecycleState::Terminated);
+        self.shared.wake_device();
+        self.recover()
     }
 
     /// Applies the slot's [`PendingPolicy`] to a message the actor accepted
@@ -1055,8 +1089,14 @@ impl<W: Waiter> GpuSlot<W> {
     /// else failed — an ask resolves with the fault or `Terminated`, a tell
     /// becomes a dead letter.
     pub fn hand_back(&mut self, item: Replay<W>) {
-        let fault = self.fault();
-        if fault.is_some() && self.shared.policy == PendingPolicy::Replay {
+        let (fault, replay) = self.settled.unwrap_or_else(|| {
+            let fault = self.fault();
+            (
+                fault,
+                fault.is_some() && self.shared.policy == PendingPolicy::Replay,
+            )
+        });
+        if replay {
             self.home.push_back_replay(item);
             return;
         }
@@ -1365,10 +1405,7 @@ impl<W: Waiter> Drop for GpuSlot<W> {
     /// loop to terminate, without waiting for it.
     fn drop(&mut self) {
         if self.device.is_some() || self.is_open() {
-            self.shared.closed.store(true, Ordering::Release);
-            let _ = self.shared.control.request(LifecycleState::Terminated);
-            self.shared.wake_device();
-            self.recover();
+            self.stop();
         }
     }
 }

@@ -183,10 +183,11 @@ fn replay_policy_serves_the_unprocessed_in_the_next_incarnation_in_order() {
     assert_eq!(first.incarnation(), 0);
     let asks = rig.send(&mut first, 0);
     rig.fault();
-    // The next incarnation cannot start before the fault is handled …
+    // The message in the handler when it panicked is failed; the rest is
+    // kept for the next incarnation.
     let recovery = first.recover();
-    assert_eq!(recovery.replayed, (N - AT) as usize);
-    assert_eq!(rig.home.pending_replays(), (N - AT) as usize);
+    assert_eq!(recovery.replayed, (N - AT - 1) as usize);
+    assert_eq!(rig.home.pending_replays(), (N - AT - 1) as usize);
     let mut second = rig.launch(&LaunchOptions::default().on_fault(PendingPolicy::Replay));
     assert_eq!(second.incarnation(), 1);
     assert_eq!(
@@ -199,7 +200,7 @@ fn replay_policy_serves_the_unprocessed_in_the_next_incarnation_in_order() {
     rig.resolve(asks);
     second.terminate(Duration::from_secs(5));
     let report = rig.ledger.check(&rig.home.history());
-    assert_eq!((report.processed, report.failed), (N, 0), "{report:?}");
+    assert_eq!((report.processed, report.failed), (N - 1, 1), "{report:?}");
     assert_eq!(report.incarnations, 2);
 }
 
@@ -374,4 +375,85 @@ fn a_corrupt_k2h_envelope_faults_one_slot_and_the_runtime_serves_the_others() {
         Ok(9)
     );
     other.terminate(Duration::from_secs(5));
+}
+
+/// A message that kills every incarnation it reaches (a poison message) is
+/// failed, not replayed: the rest is replayed and served.
+#[test]
+fn the_message_that_faulted_is_failed_not_replayed() {
+    let rt = Runtime::new().unwrap();
+    let home = rt.home::<ChannelWaiter>();
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let opts = inactive().on_fault(PendingPolicy::Replay);
+    let mut first = rt
+        .launch_in::<Probe, _>(&home, Default::default(), &opts, move |e| {
+            let _ = tx.lock().unwrap().send(e);
+        })
+        .unwrap();
+    let before = conformance::ask(&mut first, Echo(1));
+    let poison = conformance::ask(&mut first, Explode());
+    let after: Vec<_> = (2..5)
+        .map(|v| conformance::ask(&mut first, Echo(v)))
+        .collect();
+    first.activate().unwrap();
+    assert!(matches!(
+        rx.recv_timeout(conformance::DEADLINE),
+        Ok(SlotEvent::Faulted(_))
+    ));
+    assert_eq!(before.wait().unwrap().decode::<u64>(), Ok(1));
+    // Not recovered yet: the next incarnation may not start.
+    assert!(matches!(
+        rt.launch_in::<Probe, _>(&home, Default::default(), &opts, |_| {}),
+        Err(LaunchError::IncarnationLive { incarnation: 0 })
+    ));
+    let recovery = first.recover();
+    assert_eq!((recovery.replayed, recovery.failed_asks), (3, 1));
+    assert!(
+        matches!(poison.wait(), Err(AskError::Faulted(f)) if f.code == FaultCode::HandlerPanic)
+    );
+    let mut second = rt
+        .launch_in::<Probe, _>(&home, Default::default(), &LaunchOptions::default(), |_| {})
+        .unwrap();
+    assert_eq!(second.replay(), ReplayStatus::Done);
+    for (v, p) in (2..5).zip(after) {
+        assert_eq!(p.wait().unwrap().decode::<u64>(), Ok(v));
+    }
+    second.terminate(Duration::from_secs(5));
+}
+
+/// Tells handed back when the home is dropped with no next incarnation
+/// still reach the dead-letter sink.
+#[test]
+fn replays_left_in_a_dropped_home_become_dead_letters() {
+    let letters = Arc::new(Mutex::new(Vec::new()));
+    let sink = letters.clone();
+    let rt = Runtime::builder()
+        .dead_letters(move |l| sink.lock().unwrap().push(l))
+        .build()
+        .unwrap();
+    let home = rt.home::<ChannelWaiter>();
+    let injector = Arc::new(FaultInjector::at([(0, Injection::Panic)]));
+    let opts = inactive().on_fault(PendingPolicy::Replay).inject(injector);
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let mut slot = rt
+        .launch_in::<Probe, _>(&home, Default::default(), &opts, move |e| {
+            let _ = tx.lock().unwrap().send(e);
+        })
+        .unwrap();
+    conformance::tell(&mut slot, Add(1));
+    conformance::tell(&mut slot, Add(2));
+    let ask = conformance::ask(&mut slot, Total());
+    slot.activate().unwrap();
+    assert!(rx.recv_timeout(conformance::DEADLINE).is_ok());
+    let recovery = slot.recover();
+    // The first tell was in the handler (failed); the rest kept for replay.
+    assert_eq!((recovery.dead_letters, recovery.replayed), (1, 2));
+    drop(slot);
+    drop(home);
+    assert!(matches!(ask.wait(), Err(AskError::Faulted(_))));
+    let letters = letters.lock().unwrap();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert_eq!(letters[1].payload.get::<Add>(), Some(Add(2)));
 }

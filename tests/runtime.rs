@@ -259,3 +259,28 @@ fn stale_and_foreign_replies_are_counted_not_delivered() {
     assert!(slot.is_open());
     slot.terminate(Duration::from_secs(5));
 }
+
+/// A handler that answers eight deferred asks at once, into a K2H ring of
+/// four slots: the message commits only once all its replies are out, and
+/// every caller gets its own reply.
+#[test]
+fn replies_beyond_k2h_room_are_all_delivered() {
+    use ringkernel::conformance::{REVERSE_BATCH, Reverse, Reversed};
+    let rt = Runtime::new().unwrap();
+    let mut slot = launch::<Reverse>(&rt, &LaunchOptions::default().k2h_capacity(4)).unwrap();
+    for round in 0..5u64 {
+        let asks: Vec<_> = (0..REVERSE_BATCH as u64)
+            .map(|i| {
+                (
+                    round * 100 + i,
+                    conformance::ask(&mut slot, Reversed(round * 100 + i)),
+                )
+            })
+            .collect();
+        for (v, p) in asks {
+            assert_eq!(p.wait().unwrap().decode::<u64>(), Ok(v * 10));
+        }
+    }
+    assert_eq!(slot.status().processed, 5 * REVERSE_BATCH as u64);
+    slot.terminate(Duration::from_secs(5));
+}

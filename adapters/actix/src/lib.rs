@@ -209,9 +209,11 @@ impl<K: Kernel> GpuActor<K> {
             *self.initial,
             &self.options,
             move |event| {
-                // Non-blocking: the poller thread never waits on a mailbox.
+                // Non-blocking, and never lost to a full mailbox (`do_send`
+                // ignores its capacity): the poller thread never waits on a
+                // mailbox, and the actor must hear of a fault.
                 if let Some(addr) = addr.upgrade() {
-                    let _ = addr.try_send(Event(event));
+                    addr.do_send(Event(event));
                 }
             },
         );
@@ -239,6 +241,9 @@ impl<K: Kernel> GpuActor<K> {
         let mut inner = self.inner.borrow_mut();
         hand_back_overflow(&mut inner);
         if let Some(mut slot) = inner.slot.take() {
+            // Fence and hand back now, on the arbiter (non-blocking): a
+            // supervised restart may launch the next incarnation at once.
+            slot.stop();
             let timeout = self.terminate_timeout;
             // Waiting for the kernel's acknowledgement blocks: not on the
             // arbiter.

@@ -183,14 +183,19 @@ impl<K: Kernel> Actor for GpuActor<K> {
 
     async fn on_start(args: GpuArgs<K>, actor_ref: ActorRef<Self>) -> Result<Self, LaunchError> {
         let me = actor_ref.downgrade();
+        // The poller thread must not wait on a bounded mailbox, and the
+        // actor must hear of a fault even when its mailbox is full: the
+        // event is sent from a task on the actor's runtime.
+        let tokio = tokio::runtime::Handle::current();
         let mut slot = args.runtime.launch_in::<K, KameoWaiter>(
             &args.home,
             args.initial,
             &args.options,
             move |event| {
-                // Non-blocking: the poller thread never waits on a mailbox.
                 if let Some(me) = me.upgrade() {
-                    let _ = me.tell(Event(event)).try_send();
+                    tokio.spawn(async move {
+                        let _ = me.tell(Event(event)).send().await;
+                    });
                 }
             },
         )?;
