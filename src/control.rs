@@ -200,7 +200,9 @@ pub struct ControlBlock {
     pub(crate) commit: AtomicU64,
     /// `seq` of the message the device loop is running (or ran last).
     pub(crate) serving: AtomicU64,
-    _pad1: [u8; 72],
+    /// Its correlation id (0 for a tell).
+    pub(crate) serving_correlation: AtomicU64,
+    _pad1: [u8; 64],
     // Line 2: the doorbell.
     pub(crate) doorbell: Doorbell,
     _pad2: [u8; 124],
@@ -247,7 +249,8 @@ impl ControlBlock {
             fault_detail: AtomicU64::new(0),
             commit: AtomicU64::new(0),
             serving: AtomicU64::new(0),
-            _pad1: [0; 72],
+            serving_correlation: AtomicU64::new(0),
+            _pad1: [0; 64],
             doorbell: Doorbell::new(),
             _pad2: [0; 124],
         }
@@ -303,6 +306,7 @@ impl ControlBlock {
         self.processed.store(0, Ordering::Relaxed);
         self.commit.store(0, Ordering::Relaxed);
         self.serving.store(0, Ordering::Relaxed);
+        self.serving_correlation.store(0, Ordering::Relaxed);
         self.acked_state
             .store(LifecycleState::Created as u32, Ordering::Relaxed);
         // Publishes the reset above; pairs with the device's acquire of the
@@ -343,6 +347,13 @@ impl ControlBlock {
         // reads it after acquiring `Faulted` or fencing sees the device's
         // last store before those.
         self.serving.load(Ordering::Acquire)
+    }
+
+    /// The correlation id of the message [`ControlBlock::serving`] names (0
+    /// for a tell). Consistent with it once the device has stopped
+    /// (acknowledged `Faulted`).
+    pub fn serving_correlation(&self) -> u64 {
+        self.serving_correlation.load(Ordering::Relaxed)
     }
 
     /// The incarnation the host wants served.
@@ -418,9 +429,13 @@ impl ControlBlock {
             .is_ok()
     }
 
-    /// Device: the loop starts running the message `seq`.
-    pub fn begin_serving(&self, seq: u64) {
-        // Pairs with the host's load-acquire in `serving`.
+    /// Device: the loop starts running the message `seq` (an ask's
+    /// correlation id, or 0).
+    pub fn begin_serving(&self, seq: u64, correlation: u64) {
+        self.serving_correlation
+            .store(correlation, Ordering::Relaxed);
+        // Publishes the correlation with it; pairs with the host's
+        // load-acquire in `serving` (and with its acquire of `Faulted`).
         self.serving.store(seq, Ordering::Release);
     }
 

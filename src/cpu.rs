@@ -301,7 +301,11 @@ impl<K: Kernel> DeviceLoop<K> {
             let mut batch = self.h2k.batch();
             // Dequeue only with a K2H slot reserved (and nothing queued
             // before it), so the reply this message may need has room.
-            while taken < BATCH && self.outbox.is_empty() && self.k2h.has_room() {
+            while taken < BATCH
+                && self.outbox.is_empty()
+                && self.k2h.has_room()
+                && !self.control.is_fenced()
+            {
                 let handlers = &self.handlers;
                 let state = &mut self.state;
                 let mut replies = Replies {
@@ -325,7 +329,14 @@ impl<K: Kernel> DeviceLoop<K> {
                     let stamp = clock.receive(env.header.hlc);
                     // Before anything can fail: the host's hand-back tells
                     // the message that was in a handler from the rest.
-                    control.begin_serving(env.header.seq);
+                    control.begin_serving(
+                        env.header.seq,
+                        if env.header.flags.contains(Flags::ASK) {
+                            env.header.correlation.to_bits()
+                        } else {
+                            0
+                        },
+                    );
                     #[cfg(feature = "fault-injection")]
                     let mut corrupt = false;
                     #[cfg(feature = "fault-injection")]

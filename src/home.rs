@@ -20,6 +20,38 @@
 //! A hung cpu handler cannot be killed: its thread and the memory it can
 //! still touch (its rings and control block) are leaked to it rather than
 //! freed, and fenced.
+//!
+//! The framework adapters do all of this for their actors; through the
+//! core API a restart reads:
+//!
+//! ```
+//! use ringkernel::conformance::{self, Add, ChannelWaiter, Explode, Probe, Total};
+//! use ringkernel::home::PendingPolicy;
+//! use ringkernel::runtime::{AskError, LaunchOptions, ReplayStatus, Runtime};
+//!
+//! let rt = Runtime::new()?;
+//! let home = rt.home::<ChannelWaiter>();
+//! let opts = LaunchOptions::default()
+//!     .on_fault(PendingPolicy::Replay)
+//!     .checkpoint_every(1);
+//! let mut first = rt.launch_in::<Probe, _>(&home, Default::default(), &opts, |_| {})?;
+//! conformance::tell(&mut first, Add(40));
+//! let boom = conformance::ask(&mut first, Explode()).wait();
+//! assert!(matches!(boom, Err(AskError::Faulted(_))));
+//!
+//! // The fault fenced the incarnation; hand back what it left unprocessed
+//! // (here: nothing), then start the next one. It resumes from the
+//! // checkpoint taken after `Add(40)`.
+//! while first.is_open() {
+//!     std::thread::yield_now();
+//! }
+//! first.recover();
+//! let mut second = rt.launch_in::<Probe, _>(&home, Default::default(), &opts, |_| {})?;
+//! assert_eq!(second.incarnation(), 1);
+//! assert_eq!(second.replay(), ReplayStatus::Done);
+//! assert_eq!(conformance::ask(&mut second, Total()).wait()?.decode::<u64>()?, 40);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use crate::control::ControlBlock;
 use crate::id::ActorId;

@@ -128,6 +128,7 @@ pub fn structs() -> Vec<Struct> {
             fault_detail: "uint64_t",
             commit: "uint64_t",
             serving: "uint64_t",
+            serving_correlation: "uint64_t",
             doorbell: "uint32_t",
         }),
     ]
@@ -474,10 +475,11 @@ mod tests {
                 "fault_detail",
                 "commit",
                 "serving",
+                "serving_correlation",
                 "doorbell"
             ]
             .map(|f| find("rk_control_block", f)),
-            [8, 12, 128, 144, 152, 160, 168, 176, 256]
+            [8, 12, 128, 144, 152, 160, 168, 176, 184, 256]
         );
     }
 }

@@ -1493,6 +1493,22 @@ impl<W: Waiter> PolledSlot<W> {
             self.shared.fence(Ending::Faulted(fault));
             self.drain(p);
             if self.shared.policy == PendingPolicy::Replay {
+                // The ask that was in a handler when the device reported the
+                // fault is failed, not replayed: resolve it now rather than
+                // when the owner recovers. (The device has stopped, so
+                // `serving` and its correlation are a consistent pair.)
+                let control = &self.shared.control;
+                let serving = control.serving();
+                if control.acked_state() == Ok(LifecycleState::Faulted)
+                    && serving > control.committed()
+                    && control.serving_correlation() != 0
+                    && let Ok(w) = self
+                        .shared
+                        .waiters
+                        .take(CorrelationId::from_bits(control.serving_correlation()))
+                {
+                    complete(w, Err(AskError::Faulted(fault)));
+                }
                 self.shared.closed.store(true, Ordering::Release);
                 fence(Ordering::SeqCst);
                 self.shared.space.wake_if_wanted();

@@ -132,7 +132,8 @@ typedef struct rk_control_block {
     uint64_t fault_detail; /* offset 160 */
     uint64_t commit; /* offset 168 */
     uint64_t serving; /* offset 176 */
-    uint8_t _pad2[72];
+    uint64_t serving_correlation; /* offset 184 */
+    uint8_t _pad2[64];
     uint32_t doorbell; /* offset 256 */
     uint8_t _pad3[124];
 } rk_control_block;
@@ -150,6 +151,7 @@ RK_STATIC_ASSERT(offsetof(rk_control_block, processed) == 152, "offsetof rk_cont
 RK_STATIC_ASSERT(offsetof(rk_control_block, fault_detail) == 160, "offsetof rk_control_block.fault_detail");
 RK_STATIC_ASSERT(offsetof(rk_control_block, commit) == 168, "offsetof rk_control_block.commit");
 RK_STATIC_ASSERT(offsetof(rk_control_block, serving) == 176, "offsetof rk_control_block.serving");
+RK_STATIC_ASSERT(offsetof(rk_control_block, serving_correlation) == 184, "offsetof rk_control_block.serving_correlation");
 RK_STATIC_ASSERT(offsetof(rk_control_block, doorbell) == 256, "offsetof rk_control_block.doorbell");
 
 #endif /* RINGKERNEL_PROTOCOL_H */
