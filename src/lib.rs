@@ -17,6 +17,7 @@
 //! | [`kernel`] | kernel definitions: messages, state, handlers |
 //! | [`runtime`] | the host side: launch, asks and tells, the K2H poller, lifecycle, watchdog |
 //! | [`home`] | an actor's identity across incarnations: fencing, replay, checkpoints |
+//! | [`registry`] | one address space: mailboxes of CPU and GPU actors by id, topics with wildcards |
 //! | [`conformance`] | the behaviours every backend must show, written once |
 //!
 //! The protocol is described byte by byte in `docs/protocol.md`.
@@ -70,6 +71,8 @@ pub mod kernel;
 #[cfg(not(ringkernel_loom))]
 pub mod layout;
 pub mod region;
+#[cfg(not(ringkernel_loom))]
+pub mod registry;
 pub mod ring;
 #[cfg(not(ringkernel_loom))]
 pub mod runtime;

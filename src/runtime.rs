@@ -455,7 +455,7 @@ impl RuntimeBuilder {
             incoming: Mutex::new(Vec::new()),
             has_incoming: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
-            hlc: Hlc::new(ClockDomain::host(self.node)),
+            hlc: Arc::new(Hlc::new(ClockDomain::host(self.node))),
             watchdog_ns: self.watchdog.as_nanos().min(u64::MAX as u128) as u64,
             watchdog_clock: self.watchdog_clock,
         });
@@ -472,6 +472,7 @@ impl RuntimeBuilder {
                 max_slots: self.max_slots,
                 live_slots: Arc::new(AtomicUsize::new(0)),
                 next_index: AtomicU32::new(0),
+                registry: crate::registry::Registry::new(shared.hlc.clone()),
                 poller: shared,
                 join: Mutex::new(Some(join)),
                 dead_letters: self.dead_letters,
@@ -506,6 +507,7 @@ struct RuntimeInner {
     live_slots: Arc<AtomicUsize>,
     next_index: AtomicU32,
     poller: Arc<PollerShared>,
+    registry: crate::registry::Registry,
     join: Mutex<Option<JoinHandle<()>>>,
     dead_letters: Option<DeadLetterSink>,
     dead_letter_count: AtomicU64,
@@ -588,6 +590,12 @@ impl Runtime {
                 }
             }),
         )
+    }
+
+    /// This runtime's registry: mailboxes of CPU and GPU actors by id, and
+    /// topics (see [`registry`](crate::registry)).
+    pub fn registry(&self) -> &crate::registry::Registry {
+        &self.inner.registry
     }
 
     /// The number of dead letters so far (see [`RuntimeBuilder::dead_letters`]).
@@ -1437,7 +1445,7 @@ pub(crate) struct PollerShared {
     incoming: Mutex<Vec<Box<dyn PollSlot>>>,
     has_incoming: AtomicBool,
     shutdown: AtomicBool,
-    pub(crate) hlc: Hlc,
+    pub(crate) hlc: Arc<Hlc>,
     watchdog_ns: u64,
     watchdog_clock: Arc<dyn PhysicalClock>,
 }

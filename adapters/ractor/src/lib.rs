@@ -62,6 +62,7 @@ use ringkernel::control::LifecycleState;
 use ringkernel::home::{ActorHome, Replay};
 use ringkernel::id::ActorId;
 use ringkernel::kernel::{Kernel, Message, Payload, Reply};
+use ringkernel::registry::{Delivery, DeliveryError, Mailbox};
 use ringkernel::runtime::{
     AskError, CallError, Fault, GpuSlot, LaunchOptions, ReplayStatus, Runtime, SlotController,
     SlotEvent, SubmitError, Waiter,
@@ -118,6 +119,9 @@ pub enum GpuMsg {
     Ask(Payload, RpcReplyPort<Result<Reply, GpuError>>),
     /// A tell.
     Tell(Payload),
+    /// A delivery from the runtime's registry (a send by id or a publish):
+    /// a tell that keeps its sender.
+    Deliver(Delivery),
     /// Stop dequeuing: messages wait in H2K until [`GpuMsg::Activate`].
     Deactivate(RpcReplyPort<Result<(), GpuError>>),
     /// Serve again.
@@ -253,6 +257,31 @@ impl std::fmt::Debug for GpuActorState {
     }
 }
 
+/// Sends a tell, awaiting ring space in order (the mailbox waits behind).
+async fn tell_in_order(slot: &mut GpuSlot<Port>, payload: Payload, src: ActorId) {
+    let mut payload = payload;
+    loop {
+        match slot.tell(payload, src) {
+            Ok(()) => break,
+            Err(SubmitError::Full(back)) => {
+                payload = back;
+                slot.space().await;
+            }
+            Err(SubmitError::Closed(payload)) => {
+                slot.hand_back(Replay::Tell { payload, src });
+                break;
+            }
+            Err(e) => {
+                // ractor's cast has no way back to the sender: the refusal
+                // is logged (the typed handle and `GpuMailbox` check before
+                // sending).
+                tracing::warn!(actor = ?slot.id(), error = %e, "tell refused");
+                break;
+            }
+        }
+    }
+}
+
 /// The actor failed because its kernel faulted.
 #[derive(Debug, thiserror::Error)]
 #[error("GPU actor {kernel} faulted: {fault}")]
@@ -339,29 +368,8 @@ impl<K: Kernel> Actor for GpuActor<K> {
                     }
                 }
             }
-            GpuMsg::Tell(payload) => {
-                let mut payload = payload;
-                loop {
-                    match slot.tell(payload, me) {
-                        Ok(()) => break,
-                        Err(SubmitError::Full(back)) => {
-                            payload = back;
-                            slot.space().await;
-                        }
-                        Err(SubmitError::Closed(payload)) => {
-                            slot.hand_back(Replay::Tell { payload, src: me });
-                            break;
-                        }
-                        Err(e) => {
-                            // ractor's cast has no way back to the sender:
-                            // the refusal is logged (the typed handle checks
-                            // before sending).
-                            tracing::warn!(actor = ?slot.id(), error = %e, "tell refused");
-                            break;
-                        }
-                    }
-                }
-            }
+            GpuMsg::Tell(payload) => tell_in_order(slot, payload, me).await,
+            GpuMsg::Deliver(d) => tell_in_order(slot, d.payload, d.src).await,
             GpuMsg::Deactivate(port) => {
                 let _ = port.send(slot.deactivate().map_err(GpuError::from));
             }
@@ -616,6 +624,55 @@ impl<K: Kernel> GpuActorRef<K> {
             ractor::rpc::CallResult::Success(s) => Ok(s),
             _ => Err(GpuError::Rpc("no answer".into())),
         }
+    }
+}
+
+/// A GPU actor's mailbox for the runtime's [`Registry`](ringkernel::registry::Registry):
+/// deliveries (sends by id, publishes) become tells, through the actor's
+/// mailbox like any other message.
+#[derive(Debug, Clone)]
+pub struct GpuMailbox {
+    actor: ActorRef<GpuMsg>,
+    served: Arc<[u32]>,
+}
+
+impl GpuMailbox {
+    /// The mailbox of a spawned [`GpuActor<K>`].
+    pub fn new<K: Kernel>(actor: ActorRef<GpuMsg>) -> Self {
+        GpuMailbox {
+            served: GpuActorRef::<K>::new(actor.clone()).served,
+            actor,
+        }
+    }
+}
+
+impl Mailbox for GpuMailbox {
+    fn try_deliver(&self, d: Delivery) -> Result<(), DeliveryError> {
+        if self.served.binary_search(&d.payload.type_id()).is_err() {
+            return Err(DeliveryError::Refused(d));
+        }
+        // ractor mailboxes are unbounded: never `Full`.
+        self.actor
+            .send_message(GpuMsg::Deliver(d))
+            .map_err(|_| DeliveryError::Closed(d))
+    }
+}
+
+/// An ordinary ractor actor's mailbox for the registry: its message type
+/// converts from a [`Delivery`].
+pub struct CpuMailbox<M: ractor::Message>(pub ActorRef<M>);
+
+impl<M: ractor::Message> std::fmt::Debug for CpuMailbox<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CpuMailbox").field(&self.0.get_id()).finish()
+    }
+}
+
+impl<M: ractor::Message + From<Delivery>> Mailbox for CpuMailbox<M> {
+    fn try_deliver(&self, d: Delivery) -> Result<(), DeliveryError> {
+        self.0
+            .send_message(M::from(d))
+            .map_err(|_| DeliveryError::Closed(d))
     }
 }
 

@@ -345,3 +345,90 @@ async fn controller_activates_an_actor_held_by_a_full_ring() {
     actor.stop(None);
     handle.await.unwrap();
 }
+
+/// A plain ractor actor that records what the registry delivers to it.
+struct Recorder;
+
+struct Recorded(ringkernel::registry::Delivery);
+
+impl From<ringkernel::registry::Delivery> for Recorded {
+    fn from(d: ringkernel::registry::Delivery) -> Self {
+        Recorded(d)
+    }
+}
+
+impl Actor for Recorder {
+    type Msg = Recorded;
+    type State = mpsc::UnboundedSender<ringkernel::registry::Delivery>;
+    type Arguments = mpsc::UnboundedSender<ringkernel::registry::Delivery>;
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<Recorded>,
+        tx: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(tx)
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<Recorded>,
+        Recorded(d): Recorded,
+        tx: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let _ = tx.send(d);
+        Ok(())
+    }
+}
+
+/// One address space: a publish reaches a GPU actor and a CPU actor
+/// through the registry; a type the kernel does not serve is refused and
+/// handed back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_publish_reaches_gpu_and_cpu_actors() {
+    use ringkernel::id::ActorId;
+    use ringkernel::kernel::Payload;
+    use ringkernel::registry::DeliveryError;
+    use ringkernel_ractor::{CpuMailbox, GpuMailbox};
+    use std::sync::Arc;
+
+    let rt = Runtime::new().unwrap();
+    let gpu_actor = GpuActor::<Probe>::new(rt.clone());
+    let gpu_id = gpu_actor.home().id();
+    let (gpu, _) = Actor::spawn(None, gpu_actor, Default::default())
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (cpu, _) = Actor::spawn(None, Recorder, tx).await.unwrap();
+    let cpu_id = ActorId::cpu(rt.node(), 1);
+    let reg = rt.registry();
+    reg.register(gpu_id, Arc::new(GpuMailbox::new::<Probe>(gpu.clone())));
+    reg.register(cpu_id, Arc::new(CpuMailbox(cpu.clone())));
+    reg.subscribe("sums/+", gpu_id).unwrap();
+    reg.subscribe("sums/#", cpu_id).unwrap();
+    for v in 1..=10 {
+        let r = reg.publish(cpu_id, "sums/a", Payload::new(Add(v))).unwrap();
+        assert_eq!((r.delivered, r.refused.len()), (2, 0));
+    }
+    // One level too deep for the GPU actor's pattern.
+    let r = reg
+        .publish(cpu_id, "sums/a/b", Payload::new(Add(1000)))
+        .unwrap();
+    assert_eq!(r.delivered, 1);
+    let typed = GpuActorRef::<Probe>::new(gpu.clone());
+    assert_eq!(typed.ask(Total()).await.unwrap(), 55);
+    for _ in 0..11 {
+        let d = tokio::time::timeout(DEADLINE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.src, cpu_id);
+    }
+    // A type the kernel does not serve: refused before it is sent, and
+    // handed back.
+    let unserved = Payload::from_parts(0x77, &[1]);
+    let back = reg.send(cpu_id, gpu_id, unserved).unwrap_err();
+    assert!(matches!(back, DeliveryError::Refused(d) if d.payload == unserved));
+    gpu.stop(None);
+    cpu.stop(None);
+}
