@@ -33,6 +33,7 @@ use actix::prelude::*;
 use ringkernel::home::{ActorHome, Replay};
 use ringkernel::id::ActorId;
 use ringkernel::kernel::{Kernel, Message as KernelMessage, Payload, Reply};
+use ringkernel::registry::{Delivery, DeliveryError, Mailbox};
 use ringkernel::runtime::{
     AskError, GpuSlot, LaunchOptions, ReplayStatus, Runtime, SlotController, SlotEvent,
     SubmitError, Waiter,
@@ -538,6 +539,90 @@ impl<K: Kernel> Handler<Activate> for GpuActor<K> {
             Some(slot) => slot.activate().map_err(|_| GpuError::Closed),
             None => Err(GpuError::Closed),
         }
+    }
+}
+
+/// A delivery from the runtime's registry (a send by id or a publish), as
+/// an actix message: a GPU actor takes it as a tell; an ordinary actor that
+/// handles it can be reached through a [`CpuMailbox`].
+#[derive(Debug, Clone, Copy)]
+pub struct Delivered(pub Delivery);
+
+impl actix::Message for Delivered {
+    type Result = ();
+}
+
+impl<K: Kernel> Handler<Delivered> for GpuActor<K> {
+    type Result = ();
+
+    fn handle(&mut self, Delivered(d): Delivered, ctx: &mut Context<Self>) {
+        // `GpuMailbox` refused unserved types before sending.
+        if self.refusal(d.payload.type_id()).is_none() {
+            let inner = self.inner.clone();
+            submit::<K>(&inner, Queued::Tell(d.payload), ctx);
+        }
+    }
+}
+
+/// A GPU actor's mailbox for the runtime's
+/// [`Registry`](ringkernel::registry::Registry): deliveries become tells,
+/// through the actor's mailbox like any other message. A full actix
+/// mailbox hands the delivery back (`Full`).
+pub struct GpuMailbox<K: Kernel> {
+    addr: Addr<GpuActor<K>>,
+    served: Vec<u32>,
+}
+
+impl<K: Kernel> std::fmt::Debug for GpuMailbox<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuMailbox")
+            .field("kernel", &K::NAME)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: Kernel> GpuMailbox<K> {
+    /// The mailbox of a started GPU actor.
+    pub fn new(addr: Addr<GpuActor<K>>) -> Self {
+        let mut served = K::cpu_handlers().map(|h| h.type_ids()).unwrap_or_default();
+        served.sort_unstable();
+        GpuMailbox { addr, served }
+    }
+}
+
+fn delivery_error<M>(e: SendError<M>, d: Delivery) -> DeliveryError {
+    match e {
+        SendError::Full(_) => DeliveryError::Full(d),
+        SendError::Closed(_) => DeliveryError::Closed(d),
+    }
+}
+
+impl<K: Kernel> Mailbox for GpuMailbox<K> {
+    fn try_deliver(&self, d: Delivery) -> Result<(), DeliveryError> {
+        if self.served.binary_search(&d.payload.type_id()).is_err() {
+            return Err(DeliveryError::Refused(d));
+        }
+        self.addr
+            .try_send(Delivered(d))
+            .map_err(|e| delivery_error(e, d))
+    }
+}
+
+/// An ordinary actix actor's mailbox for the registry: any actor that
+/// handles [`Delivered`].
+pub struct CpuMailbox(pub Recipient<Delivered>);
+
+impl std::fmt::Debug for CpuMailbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CpuMailbox")
+    }
+}
+
+impl Mailbox for CpuMailbox {
+    fn try_deliver(&self, d: Delivery) -> Result<(), DeliveryError> {
+        self.0
+            .try_send(Delivered(d))
+            .map_err(|e| delivery_error(e, d))
     }
 }
 

@@ -170,3 +170,56 @@ async fn deactivate_then_activate_and_the_controller() {
     assert_eq!(report, Ok([100, 0]));
     assert_eq!(addr.send(Activate).await.unwrap(), Ok(()));
 }
+
+/// An ordinary actix actor that records what the registry delivers.
+struct Recorder(tokio::sync::mpsc::UnboundedSender<ringkernel::registry::Delivery>);
+
+impl Actor for Recorder {
+    type Context = Context<Self>;
+}
+
+impl Handler<ringkernel_actix::Delivered> for Recorder {
+    type Result = ();
+    fn handle(&mut self, d: ringkernel_actix::Delivered, _: &mut Context<Self>) {
+        let _ = self.0.send(d.0);
+    }
+}
+
+/// One address space: a publish reaches a GPU actor and a CPU actor
+/// through the registry; an unserved type is refused and handed back.
+#[actix_rt::test]
+async fn registry_publish_reaches_gpu_and_cpu_actors() {
+    use ringkernel::id::ActorId;
+    use ringkernel::kernel::Payload;
+    use ringkernel::registry::DeliveryError;
+    use ringkernel_actix::{CpuMailbox, GpuMailbox};
+    use std::sync::Arc;
+
+    let rt = Runtime::new().unwrap();
+    let gpu_actor = GpuActor::<Probe>::new(rt.clone(), Default::default());
+    let gpu_id = gpu_actor.home().id();
+    let gpu = gpu_actor.start();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let cpu = Recorder(tx).start();
+    let cpu_id = ActorId::cpu(rt.node(), 1);
+    let reg = rt.registry();
+    reg.register(gpu_id, Arc::new(GpuMailbox::new(gpu.clone())));
+    reg.register(cpu_id, Arc::new(CpuMailbox(cpu.recipient())));
+    reg.subscribe("sums/+", gpu_id).unwrap();
+    reg.subscribe("sums/#", cpu_id).unwrap();
+    for v in 1..=10 {
+        let r = reg.publish(cpu_id, "sums/a", Payload::new(Add(v))).unwrap();
+        assert_eq!((r.delivered, r.refused.len()), (2, 0), "{r:?}");
+    }
+    assert_eq!(gpu.send(Ask(Total())).await.unwrap(), Ok(55));
+    for _ in 0..10 {
+        let d = tokio::time::timeout(DEADLINE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.src, cpu_id);
+    }
+    let unserved = Payload::from_parts(0x77, &[1]);
+    let back = reg.send(cpu_id, gpu_id, unserved).unwrap_err();
+    assert!(matches!(back, DeliveryError::Refused(d) if d.payload == unserved));
+}

@@ -43,6 +43,7 @@ use kameo::reply::ReplySender;
 use ringkernel::home::{ActorHome, Replay};
 use ringkernel::id::ActorId;
 use ringkernel::kernel::{Kernel, Message as KernelMessage, Payload, Reply};
+use ringkernel::registry::{Delivery, DeliveryError, Mailbox};
 use ringkernel::runtime::{
     AskError, GpuSlot, LaunchError, LaunchOptions, ReplayStatus, Runtime, SlotEvent, SubmitError,
     Waiter,
@@ -280,6 +281,105 @@ where
 /// Answers a waiter that was refused before reaching the kernel.
 fn fail(w: KameoWaiter, e: GpuError) {
     w.0.fail(e);
+}
+
+/// A delivery from the runtime's registry (a send by id or a publish), as
+/// a kameo message: a GPU actor takes it as a tell; an ordinary actor that
+/// handles it can be reached through a [`CpuMailbox`].
+#[derive(Debug, Clone, Copy)]
+pub struct Delivered(pub Delivery);
+
+impl<K: Kernel> Message<Delivered> for GpuActor<K> {
+    type Reply = ();
+
+    async fn handle(&mut self, Delivered(d): Delivered, _: &mut Context<Self, ()>) {
+        let Some(slot) = self.slot.as_mut() else {
+            return;
+        };
+        let mut payload = d.payload;
+        loop {
+            match slot.tell(payload, d.src) {
+                Ok(()) => return,
+                Err(SubmitError::Full(back)) => {
+                    payload = back;
+                    slot.space().await;
+                }
+                // `GpuMailbox` refused unserved types before sending.
+                Err(SubmitError::UnknownType { .. }) => return,
+                Err(e) => {
+                    slot.hand_back(Replay::Tell {
+                        payload: e.into_inner(),
+                        src: d.src,
+                    });
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn delivery_error<M>(e: kameo::error::SendError<M>, d: Delivery) -> DeliveryError {
+    match e {
+        kameo::error::SendError::MailboxFull(_) => DeliveryError::Full(d),
+        _ => DeliveryError::Closed(d),
+    }
+}
+
+/// A GPU actor's mailbox for the runtime's
+/// [`Registry`](ringkernel::registry::Registry): deliveries become tells,
+/// through the actor's mailbox like any other message. A full kameo
+/// mailbox hands the delivery back (`Full`).
+pub struct GpuMailbox<K: Kernel> {
+    actor: ActorRef<GpuActor<K>>,
+    served: Vec<u32>,
+}
+
+impl<K: Kernel> std::fmt::Debug for GpuMailbox<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuMailbox")
+            .field("kernel", &K::NAME)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: Kernel> GpuMailbox<K> {
+    /// The mailbox of a spawned GPU actor.
+    pub fn new(actor: ActorRef<GpuActor<K>>) -> Self {
+        let mut served = K::cpu_handlers().map(|h| h.type_ids()).unwrap_or_default();
+        served.sort_unstable();
+        GpuMailbox { actor, served }
+    }
+}
+
+impl<K: Kernel> Mailbox for GpuMailbox<K> {
+    fn try_deliver(&self, d: Delivery) -> Result<(), DeliveryError> {
+        if self.served.binary_search(&d.payload.type_id()).is_err() {
+            return Err(DeliveryError::Refused(d));
+        }
+        self.actor
+            .tell(Delivered(d))
+            .try_send()
+            .map_err(|e| delivery_error(e, d))
+    }
+}
+
+/// An ordinary kameo actor's mailbox for the registry: any actor that
+/// handles [`Delivered`].
+pub struct CpuMailbox<A: Actor + Message<Delivered>>(pub ActorRef<A>);
+
+impl<A: Actor + Message<Delivered>> std::fmt::Debug for CpuMailbox<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CpuMailbox").field(&self.0.id()).finish()
+    }
+}
+
+impl<A: Actor + Message<Delivered>> Mailbox for CpuMailbox<A> {
+    fn try_deliver(&self, d: Delivery) -> Result<(), DeliveryError> {
+        self.0
+            .tell(Delivered(d))
+            .try_send()
+            .map_err(|e| delivery_error(e, d))
+    }
 }
 
 impl<K: Kernel, M: KernelMessage> Message<Tell<M>> for GpuActor<K> {

@@ -185,3 +185,62 @@ async fn deactivate_then_activate() {
         .unwrap();
     assert_eq!(report, [100, 0]);
 }
+
+/// An ordinary kameo actor that records what the registry delivers.
+struct Recorder(mpsc::UnboundedSender<ringkernel::registry::Delivery>);
+
+impl Actor for Recorder {
+    type Args = Self;
+    type Error = std::convert::Infallible;
+
+    async fn on_start(args: Self, _: ActorRef<Self>) -> Result<Self, Self::Error> {
+        Ok(args)
+    }
+}
+
+impl Message<ringkernel_kameo::Delivered> for Recorder {
+    type Reply = ();
+
+    async fn handle(&mut self, d: ringkernel_kameo::Delivered, _: &mut Context<Self, ()>) {
+        let _ = self.0.send(d.0);
+    }
+}
+
+/// One address space: a publish reaches a GPU actor and a CPU actor
+/// through the registry; an unserved type is refused and handed back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_publish_reaches_gpu_and_cpu_actors() {
+    use ringkernel::id::ActorId;
+    use ringkernel::kernel::Payload;
+    use ringkernel::registry::DeliveryError;
+    use ringkernel_kameo::{CpuMailbox, GpuMailbox};
+    use std::sync::Arc;
+
+    let rt = Runtime::new().unwrap();
+    let args = GpuArgs::<Probe>::new(rt.clone(), Default::default());
+    let gpu_id = args.home().id();
+    let gpu = GpuActor::<Probe>::spawn(args);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cpu = Recorder::spawn(Recorder(tx));
+    let cpu_id = ActorId::cpu(rt.node(), 1);
+    let reg = rt.registry();
+    reg.register(gpu_id, Arc::new(GpuMailbox::new(gpu.clone())));
+    reg.register(cpu_id, Arc::new(CpuMailbox(cpu.clone())));
+    reg.subscribe("sums/+", gpu_id).unwrap();
+    reg.subscribe("sums/#", cpu_id).unwrap();
+    for v in 1..=10 {
+        let r = reg.publish(cpu_id, "sums/a", Payload::new(Add(v))).unwrap();
+        assert_eq!((r.delivered, r.refused.len()), (2, 0), "{r:?}");
+    }
+    assert_eq!(gpu.ask(Ask(Total())).await.unwrap(), 55);
+    for _ in 0..10 {
+        let d = tokio::time::timeout(DEADLINE, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.src, cpu_id);
+    }
+    let unserved = Payload::from_parts(0x77, &[1]);
+    let back = reg.send(cpu_id, gpu_id, unserved).unwrap_err();
+    assert!(matches!(back, DeliveryError::Refused(d) if d.payload == unserved));
+}
