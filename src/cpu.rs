@@ -60,7 +60,17 @@ struct Replies<'a> {
     outbox_limit: usize,
     clock: &'a Hlc,
     src: ActorId,
+    /// Messages this handler sent to other actors.
+    sends: usize,
 }
+
+/// Messages one handler may send to other actors (`Ctx::send`); more fault
+/// the actor (fault detail [`TOO_MANY_SENDS`]) rather than vanish.
+pub(crate) const MAX_SENDS: usize = 256;
+
+/// The `HandlerFault` detail of a handler that sent more than
+/// [`MAX_SENDS`] messages.
+pub(crate) const TOO_MANY_SENDS: u64 = 0x2_0000_0000;
 
 impl ReplySink for Replies<'_> {
     fn send_reply(
@@ -79,7 +89,15 @@ impl ReplySink for Replies<'_> {
             .with_stamp(stamp.hlc, stamp.domain);
         let len = payload.len().min(MAX_INLINE);
         header.payload_len = len as u32;
-        if self.outbox.len() >= self.outbox_limit {
+        let is_send = !flags.contains(Flags::REPLY);
+        if is_send {
+            self.sends += 1;
+            if self.sends > MAX_SENDS {
+                // Reported by the loop as a fault of this message.
+                return;
+            }
+        }
+        if !is_send && self.outbox.len() >= self.outbox_limit {
             // More replies than asks can be in flight: a handler answered a
             // deferred ask twice. The extra reply could only be late.
             tracing::warn!(actor = ?self.src, correlation = ?to, "reply beyond the in-flight limit dropped");
@@ -313,6 +331,7 @@ impl<K: Kernel> DeviceLoop<K> {
                     outbox_limit: self.outbox_limit,
                     clock: &self.clock,
                     src: self.id,
+                    sends: 0,
                 };
                 let clock = &self.clock;
                 let control = &self.control;
@@ -380,6 +399,9 @@ impl<K: Kernel> DeviceLoop<K> {
                     let outcome = match result {
                         Err(_) => Served::Fault(FaultCode::HandlerPanic, 0),
                         Ok(Err(e)) => Served::Fault(FaultCode::HandlerFault, u64::from(e.0)),
+                        Ok(Ok(())) if replies.sends > MAX_SENDS => {
+                            Served::Fault(FaultCode::HandlerFault, TOO_MANY_SENDS)
+                        }
                         Ok(Ok(())) => {
                             if header.flags.contains(Flags::ASK) && !answered {
                                 replies.send_reply(

@@ -122,9 +122,29 @@ pub enum DeadLetterReason {
     Faulted(Fault),
     /// The actor was terminated (or dropped) before processing it.
     Terminated,
+    /// A kernel addressed it to an actor the poller could not deliver to.
+    Unroutable(RouteFailure),
 }
 
-/// A tell that was accepted and will never be processed. Delivered to the
+/// Why the poller could not deliver a message a kernel sent.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteFailure {
+    /// No mailbox is registered under the destination's id.
+    UnknownActor,
+    /// The destination is gone.
+    Closed,
+    /// The destination does not take this message type.
+    Refused,
+    /// The destination's overflow was full
+    /// ([`ROUTE_OVERFLOW`](crate::runtime::ROUTE_OVERFLOW) parked).
+    Overflow,
+    /// The runtime stopped with it parked.
+    Shutdown,
+}
+
+/// A tell that was accepted and will never be processed (or a message a
+/// kernel sent that could not be delivered). Delivered to the
 /// runtime's dead-letter sink ([`RuntimeBuilder::dead_letters`](crate::runtime::RuntimeBuilder::dead_letters)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeadLetter {

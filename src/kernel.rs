@@ -372,6 +372,27 @@ impl<R: Pod> Ctx<'_, R> {
         })
     }
 
+    /// Sends `msg` to another actor — a CPU actor or a GPU actor, by its id
+    /// in the runtime's [`Registry`](crate::registry::Registry) — as a tell.
+    /// It leaves with this message's replies (so a faulted incarnation's
+    /// sends never leave), and the runtime's poller delivers it without
+    /// blocking; what it cannot deliver becomes a dead letter.
+    pub fn send<M: Message>(&mut self, dst: ActorId, msg: M) {
+        const {
+            assert!(
+                std::mem::size_of::<M>() <= MAX_INLINE,
+                "message exceeds MAX_INLINE bytes"
+            )
+        };
+        self.sink.send_reply(
+            CorrelationId::NONE,
+            dst,
+            M::TYPE_ID,
+            Flags::empty(),
+            bytemuck::bytes_of(&msg),
+        );
+    }
+
     /// Answers an ask deferred earlier (by this or another handler).
     pub fn reply_to<R2: Pod>(&mut self, deferred: Deferred<R2>, value: R2) {
         self.sink.send_reply(

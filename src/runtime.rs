@@ -20,10 +20,11 @@ use crate::envelope::{EnvelopeHeader, Flags, HeaderCheck};
 use crate::error::{LayoutError, StateError};
 use crate::hlc::{Hlc, PhysicalClock};
 use crate::home::{
-    ActorHome, DeadLetter, DeadLetterReason, Ending, HomeCore, PendingPolicy, Replay,
+    ActorHome, DeadLetter, DeadLetterReason, Ending, HomeCore, PendingPolicy, Replay, RouteFailure,
 };
 use crate::id::{ActorId, ActorKind, ClockDomain, CorrelationId};
 use crate::kernel::{BackendKind, Kernel, MAX_INLINE, Payload, Reply, SYS_NO_REPLY};
+use crate::registry::{Delivery, DeliveryError};
 use crate::ring::{Consumer, Producer, RingLayout, RingObserver};
 use crate::space::SpaceWaker;
 use crate::waiter::{SlabFull, WaiterSlab};
@@ -449,15 +450,19 @@ impl RuntimeBuilder {
                 backend: self.backend,
             });
         }
+        let hlc = Arc::new(Hlc::new(ClockDomain::host(self.node)));
         let shared = Arc::new(PollerShared {
             bell: Doorbell::new(),
             thread: OnceLock::new(),
             incoming: Mutex::new(Vec::new()),
             has_incoming: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
-            hlc: Arc::new(Hlc::new(ClockDomain::host(self.node))),
+            hlc: hlc.clone(),
             watchdog_ns: self.watchdog.as_nanos().min(u64::MAX as u128) as u64,
             watchdog_clock: self.watchdog_clock,
+            registry: crate::registry::Registry::new(hlc),
+            dead_letters: self.dead_letters,
+            dead_letter_count: AtomicU64::new(0),
         });
         let for_thread = shared.clone();
         let join = std::thread::Builder::new()
@@ -472,11 +477,8 @@ impl RuntimeBuilder {
                 max_slots: self.max_slots,
                 live_slots: Arc::new(AtomicUsize::new(0)),
                 next_index: AtomicU32::new(0),
-                registry: crate::registry::Registry::new(shared.hlc.clone()),
                 poller: shared,
                 join: Mutex::new(Some(join)),
-                dead_letters: self.dead_letters,
-                dead_letter_count: AtomicU64::new(0),
             }),
         })
     }
@@ -507,13 +509,17 @@ struct RuntimeInner {
     live_slots: Arc<AtomicUsize>,
     next_index: AtomicU32,
     poller: Arc<PollerShared>,
-    registry: crate::registry::Registry,
     join: Mutex<Option<JoinHandle<()>>>,
-    dead_letters: Option<DeadLetterSink>,
-    dead_letter_count: AtomicU64,
 }
 
 impl RuntimeInner {
+    fn dead_letter(&self, letter: DeadLetter) {
+        self.poller.dead_letter(letter);
+    }
+}
+
+impl PollerShared {
+    /// Hands a letter to the dead-letter sink (and counts it).
     fn dead_letter(&self, letter: DeadLetter) {
         self.dead_letter_count.fetch_add(1, Ordering::Relaxed);
         match &self.dead_letters {
@@ -595,12 +601,12 @@ impl Runtime {
     /// This runtime's registry: mailboxes of CPU and GPU actors by id, and
     /// topics (see [`registry`](crate::registry)).
     pub fn registry(&self) -> &crate::registry::Registry {
-        &self.inner.registry
+        &self.inner.poller.registry
     }
 
     /// The number of dead letters so far (see [`RuntimeBuilder::dead_letters`]).
     pub fn dead_letters(&self) -> u64 {
-        self.inner.dead_letter_count.load(Ordering::Relaxed)
+        self.inner.poller.dead_letter_count.load(Ordering::Relaxed)
     }
 
     /// Launches an actor slot of kernel `K` with initial `state`, as a new
@@ -1448,6 +1454,9 @@ pub(crate) struct PollerShared {
     pub(crate) hlc: Arc<Hlc>,
     watchdog_ns: u64,
     watchdog_clock: Arc<dyn PhysicalClock>,
+    registry: crate::registry::Registry,
+    dead_letters: Option<DeadLetterSink>,
+    dead_letter_count: AtomicU64,
 }
 
 impl PollerShared {
@@ -1470,7 +1479,7 @@ impl PollerShared {
 
 trait PollSlot: Send {
     /// Drains K2H and checks state and watchdog; returns work done.
-    fn poll(&mut self, p: &PollerShared) -> usize;
+    fn poll(&mut self, p: &PollerShared, router: &mut Router) -> usize;
     /// Whether K2H holds replies or the slot has a fault not yet handled.
     fn has_replies(&mut self) -> bool;
     /// Whether the slot is gone for good and may be dropped by the poller.
@@ -1495,11 +1504,11 @@ impl<W: Waiter> PolledSlot<W> {
     /// replies it published before its last commit, close the slot, fail
     /// every waiter (unless the policy replays: then the owner's
     /// [`GpuSlot::recover`] sorts them) and tell the adapter.
-    fn fault(&mut self, p: &PollerShared, fault: Fault) {
+    fn fault(&mut self, p: &PollerShared, router: &mut Router, fault: Fault) {
         if self.shared.fault.set(fault).is_ok() {
             tracing::warn!(actor = ?self.shared.id, kernel = self.shared.name, %fault, "actor slot faulted");
             self.shared.fence(Ending::Faulted(fault));
-            self.drain(p);
+            self.drain(p, router);
             if self.shared.policy == PendingPolicy::Replay {
                 // The ask that was in a handler when the device reported the
                 // fault is failed, not replayed: resolve it now rather than
@@ -1539,7 +1548,7 @@ impl<W: Waiter> PolledSlot<W> {
 
 impl<W: Waiter> PolledSlot<W> {
     /// Drains K2H: completes waiters; returns (envelopes, corrupt ones).
-    fn drain(&mut self, p: &PollerShared) -> (usize, usize) {
+    fn drain(&mut self, p: &PollerShared, router: &mut Router) -> (usize, usize) {
         let shared = &*self.shared;
         let check = HeaderCheck::any_type(MAX_INLINE as u32);
         let (mut done, mut bad) = (0, 0);
@@ -1552,8 +1561,22 @@ impl<W: Waiter> PolledSlot<W> {
                 continue;
             };
             let h = *reply.header();
-            // Merge at the domain boundary before completing the waiter.
-            p.hlc.receive(h.hlc);
+            // Merge at the domain boundary before completing the waiter or
+            // delivering.
+            let stamp = p.hlc.receive(h.hlc);
+            if !h.flags.contains(Flags::REPLY) {
+                // A message the kernel addressed to another actor.
+                router.route(
+                    p,
+                    Delivery {
+                        payload: Payload::from_parts(h.type_id, reply.bytes()),
+                        src: h.src,
+                        dst: h.dst,
+                        stamp,
+                    },
+                );
+                continue;
+            }
             let _span = tracing::trace_span!("reply", actor = ?shared.id, correlation = ?h.correlation, trace_id = h.trace_id, hlc = h.hlc).entered();
             match shared.waiters.take(h.correlation) {
                 Ok(w) if h.flags.contains(Flags::ERROR) && h.type_id == SYS_NO_REPLY => {
@@ -1576,12 +1599,12 @@ impl<W: Waiter> PolledSlot<W> {
 }
 
 impl<W: Waiter> PollSlot for PolledSlot<W> {
-    fn poll(&mut self, p: &PollerShared) -> usize {
+    fn poll(&mut self, p: &PollerShared, router: &mut Router) -> usize {
         // The state is read before draining: a device publishes its replies
         // before it acknowledges `Faulted` (store-release), so every reply
         // made before a fault is drained before the fault's sweep below.
         let status = self.shared.control.status();
-        let (done, bad) = self.drain(p);
+        let (done, bad) = self.drain(p, router);
         if self.shared.fault.get().is_some() {
             return done;
         }
@@ -1592,6 +1615,7 @@ impl<W: Waiter> PollSlot for PolledSlot<W> {
             // serving every other slot).
             self.fault(
                 p,
+                router,
                 Fault {
                     code: FaultCode::BadEnvelope,
                     detail: HOST_DETECTED_CORRUPT_K2H,
@@ -1604,6 +1628,7 @@ impl<W: Waiter> PollSlot for PolledSlot<W> {
             if status.state == LifecycleState::Faulted {
                 self.fault(
                     p,
+                    router,
                     Fault {
                         code: status.fault,
                         detail: status.fault_detail,
@@ -1620,6 +1645,7 @@ impl<W: Waiter> PollSlot for PolledSlot<W> {
                 } else if now.saturating_sub(self.watch.since_ns) >= p.watchdog_ns {
                     self.fault(
                         p,
+                        router,
                         Fault {
                             code: FaultCode::Watchdog,
                             detail: p.watchdog_ns,
@@ -1718,8 +1744,94 @@ pub(crate) fn device_spin_budget(gap_ns: u64) -> Duration {
     }
 }
 
+/// Messages the poller routes from kernels to other actors' mailboxes: a
+/// full mailbox parks the delivery in a per-destination overflow (FIFO,
+/// bounded by [`ROUTE_OVERFLOW`]), retried every poll; the poller never
+/// waits on a mailbox. What cannot be delivered is a dead letter.
+#[derive(Default)]
+pub(crate) struct Router {
+    overflow: std::collections::HashMap<ActorId, std::collections::VecDeque<Delivery>>,
+}
+
+/// Deliveries parked per destination before more become dead letters.
+pub const ROUTE_OVERFLOW: usize = 1024;
+
+impl Router {
+    fn dead(p: &PollerShared, d: Delivery, why: RouteFailure) {
+        p.dead_letter(DeadLetter {
+            actor: d.dst,
+            src: d.src,
+            seq: 0,
+            payload: d.payload,
+            reason: DeadLetterReason::Unroutable(why),
+        });
+    }
+
+    fn refused(p: &PollerShared, e: DeliveryError) {
+        let why = match &e {
+            DeliveryError::Unknown(_) => RouteFailure::UnknownActor,
+            DeliveryError::Refused(_) => RouteFailure::Refused,
+            _ => RouteFailure::Closed,
+        };
+        Self::dead(p, e.into_inner(), why);
+    }
+
+    /// Delivers `d`, or parks it behind what waits for the same actor.
+    fn route(&mut self, p: &PollerShared, d: Delivery) {
+        if let Some(q) = self.overflow.get_mut(&d.dst) {
+            if q.len() < ROUTE_OVERFLOW {
+                q.push_back(d);
+            } else {
+                Self::dead(p, d, RouteFailure::Overflow);
+            }
+            return;
+        }
+        match p.registry.deliver(d) {
+            Ok(()) => {}
+            Err(DeliveryError::Full(d)) => {
+                self.overflow.entry(d.dst).or_default().push_back(d);
+            }
+            Err(e) => Self::refused(p, e),
+        }
+    }
+
+    /// Retries the parked deliveries, in order per destination; returns how
+    /// many went out.
+    fn retry(&mut self, p: &PollerShared) -> usize {
+        let mut moved = 0;
+        self.overflow.retain(|_, q| {
+            while let Some(d) = q.pop_front() {
+                match p.registry.deliver(d) {
+                    Ok(()) => moved += 1,
+                    Err(DeliveryError::Full(d)) => {
+                        q.push_front(d);
+                        return true;
+                    }
+                    Err(e) => Self::refused(p, e),
+                }
+            }
+            false
+        });
+        moved
+    }
+
+    fn is_empty(&self) -> bool {
+        self.overflow.is_empty()
+    }
+
+    /// The runtime stops: what is still parked is a dead letter.
+    fn shut_down(&mut self, p: &PollerShared) {
+        for (_, q) in self.overflow.drain() {
+            for d in q {
+                Self::dead(p, d, RouteFailure::Shutdown);
+            }
+        }
+    }
+}
+
 fn poller_loop(p: &PollerShared) {
     let mut slots: Vec<Box<dyn PollSlot>> = Vec::new();
+    let mut router = Router::default();
     let mut idle = Idle::new(POLLER_SPIN);
     let tick = Duration::from_nanos((p.watchdog_ns / 4).clamp(1_000_000, 1_000_000_000));
     loop {
@@ -1730,10 +1842,14 @@ fn poller_loop(p: &PollerShared) {
         }
         let mut done = 0;
         for s in slots.iter_mut() {
-            done += s.poll(p);
+            done += s.poll(p, &mut router);
+        }
+        if !router.is_empty() {
+            done += router.retry(p);
         }
         slots.retain(|s| !s.finished());
         if p.shutdown.load(Ordering::Acquire) && slots.is_empty() {
+            router.shut_down(p);
             return;
         }
         if done > 0 {
@@ -1749,7 +1865,13 @@ fn poller_loop(p: &PollerShared) {
                 || p.shutdown.load(Ordering::Acquire)
                 || slots.iter_mut().any(|s| s.has_replies())
         };
-        p.bell.park(has_work, || std::thread::park_timeout(tick));
+        // Parked deliveries are retried at least every millisecond.
+        let timeout = if router.is_empty() {
+            tick
+        } else {
+            tick.min(Duration::from_millis(1))
+        };
+        p.bell.park(has_work, || std::thread::park_timeout(timeout));
         idle.reset();
     }
 }

@@ -432,3 +432,70 @@ async fn registry_publish_reaches_gpu_and_cpu_actors() {
     gpu.stop(None);
     cpu.stop(None);
 }
+
+/// Tell: send `Add(v)` to the actor `to`.
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
+struct Pass {
+    to: u64,
+    v: u64,
+}
+
+impl ringkernel::kernel::Message for Pass {
+    const TYPE_ID: u32 = 1;
+    type Reply = ();
+}
+
+struct Passer;
+
+impl ringkernel::kernel::Kernel for Passer {
+    type State = u64;
+    const NAME: &'static str = "passer";
+    fn cpu_handlers() -> Option<ringkernel::kernel::CpuHandlers<Self>> {
+        Some(
+            ringkernel::kernel::CpuHandlers::new().on(|_: &mut u64, p: Pass, ctx| {
+                ctx.send(ringkernel::id::ActorId::from_bits(p.to), Add(p.v));
+                Ok(())
+            }),
+        )
+    }
+}
+
+/// A kernel's handler sends to another GPU actor by id: the poller routes
+/// it through the registry into that actor's ractor mailbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_sends_to_another_gpu_actor_by_id() {
+    use ringkernel_ractor::GpuMailbox;
+    use std::sync::Arc;
+
+    let rt = Runtime::new().unwrap();
+    let sum_actor = GpuActor::<Probe>::new(rt.clone());
+    let sum_id = sum_actor.home().id();
+    let (sum, _) = Actor::spawn(None, sum_actor, Default::default())
+        .await
+        .unwrap();
+    rt.registry()
+        .register(sum_id, Arc::new(GpuMailbox::new::<Probe>(sum.clone())));
+    let (passer, _) = Actor::spawn(None, GpuActor::<Passer>::new(rt.clone()), 0)
+        .await
+        .unwrap();
+    let passer = GpuActorRef::<Passer>::new(passer);
+    for v in 1..=100 {
+        passer
+            .tell(Pass {
+                to: sum_id.to_bits(),
+                v,
+            })
+            .unwrap();
+    }
+    let total = GpuActorRef::<Probe>::new(sum.clone());
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        if total.ask(Total()).await.unwrap() == 5050 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not all routed");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(rt.dead_letters(), 0);
+}
