@@ -262,6 +262,9 @@ impl<C: PhysicalClock> fmt::Debug for Hlc<C> {
     }
 }
 
+/// An HLC over an injected clock, as a runtime keeps for its host domain.
+pub type DynHlc = Hlc<std::sync::Arc<dyn PhysicalClock>>;
+
 impl Hlc<TscClock> {
     /// A clock for `domain` over the default [`TscClock`].
     pub fn new(domain: ClockDomain) -> Self {

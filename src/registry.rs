@@ -30,7 +30,7 @@
 //! # Ok::<(), ringkernel::registry::TopicError>(())
 //! ```
 
-use crate::hlc::{Hlc, Timestamp};
+use crate::hlc::{DynHlc, Timestamp};
 use crate::id::ActorId;
 use crate::kernel::Payload;
 use std::collections::HashMap;
@@ -221,7 +221,7 @@ pub struct Registry {
     mailboxes: RwLock<HashMap<ActorId, Arc<dyn Mailbox>>>,
     subscriptions: RwLock<Vec<Subscription>>,
     next_subscription: AtomicU64,
-    hlc: Arc<Hlc>,
+    hlc: Arc<DynHlc>,
 }
 
 impl fmt::Debug for Registry {
@@ -243,7 +243,7 @@ fn key(id: ActorId) -> ActorId {
 
 impl Registry {
     /// An empty registry stamping with `hlc`.
-    pub fn new(hlc: Arc<Hlc>) -> Self {
+    pub fn new(hlc: Arc<DynHlc>) -> Self {
         Registry {
             mailboxes: RwLock::new(HashMap::new()),
             subscriptions: RwLock::new(Vec::new()),
@@ -460,7 +460,8 @@ mod tests {
 
     #[test]
     fn publish_fans_out_once_per_actor_and_reports_refusals() {
-        let reg = Registry::new(Arc::new(Hlc::new(ClockDomain::host(0))));
+        let clock: Arc<dyn crate::hlc::PhysicalClock> = Arc::new(crate::hlc::SystemClock);
+        let reg = Registry::new(Arc::new(DynHlc::with_clock(ClockDomain::host(0), clock)));
         let (a, b, full, gone) = (
             ActorId::cpu(0, 1),
             ActorId::gpu(0, 2).with_incarnation(3),

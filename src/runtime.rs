@@ -18,7 +18,7 @@ use crate::control::{ControlBlock, FaultCode, LifecycleState, SlotStatus};
 use crate::doorbell::Doorbell;
 use crate::envelope::{EnvelopeHeader, Flags, HeaderCheck};
 use crate::error::{LayoutError, StateError};
-use crate::hlc::{Hlc, PhysicalClock};
+use crate::hlc::{DynHlc, PhysicalClock, TscClock};
 use crate::home::{
     ActorHome, DeadLetter, DeadLetterReason, Ending, HomeCore, PendingPolicy, Replay, RouteFailure,
 };
@@ -366,6 +366,7 @@ pub struct RuntimeBuilder {
     max_slots: usize,
     watchdog: Duration,
     watchdog_clock: Arc<dyn PhysicalClock>,
+    host_clock: Arc<dyn PhysicalClock>,
     dead_letters: Option<DeadLetterSink>,
 }
 
@@ -390,6 +391,7 @@ impl Default for RuntimeBuilder {
             max_slots: 1024,
             watchdog: Duration::from_secs(5),
             watchdog_clock: Arc::new(MonotonicClock::default()),
+            host_clock: Arc::new(TscClock::new()),
             dead_letters: None,
         }
     }
@@ -428,6 +430,14 @@ impl RuntimeBuilder {
         self
     }
 
+    /// The physical clock under the host's HLC (default: the TSC clock,
+    /// re-anchored to wall time). Device loops keep their own clocks; a
+    /// skewed host clock is how tests show every domain boundary merges.
+    pub fn host_clock(mut self, clock: Arc<dyn PhysicalClock>) -> Self {
+        self.host_clock = clock;
+        self
+    }
+
     /// Where tells that were accepted and will never be processed go (a
     /// fault or termination left them in H2K). Called on the thread that
     /// recovers the slot (the actor's own); it must not block. Without a
@@ -450,7 +460,10 @@ impl RuntimeBuilder {
                 backend: self.backend,
             });
         }
-        let hlc = Arc::new(Hlc::new(ClockDomain::host(self.node)));
+        let hlc = Arc::new(DynHlc::with_clock(
+            ClockDomain::host(self.node),
+            self.host_clock,
+        ));
         let shared = Arc::new(PollerShared {
             bell: Doorbell::new(),
             thread: OnceLock::new(),
@@ -1451,7 +1464,7 @@ pub(crate) struct PollerShared {
     incoming: Mutex<Vec<Box<dyn PollSlot>>>,
     has_incoming: AtomicBool,
     shutdown: AtomicBool,
-    pub(crate) hlc: Arc<Hlc>,
+    pub(crate) hlc: Arc<DynHlc>,
     watchdog_ns: u64,
     watchdog_clock: Arc<dyn PhysicalClock>,
     registry: crate::registry::Registry,
