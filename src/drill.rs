@@ -501,3 +501,34 @@ pub async fn run_sender<S, F>(
         }
     }
 }
+
+/// The last ask of a drill, from the extra sender `sender`: asked (through
+/// `send`, so through restarts) until the actor answers one — proof that
+/// the incarnation serving at the end serves, replays included. Every
+/// attempt is recorded in the ledger.
+///
+/// # Panics
+/// If the framework refuses the ask or it never resolves.
+pub async fn run_barrier<S, F>(ledger: &Ledger, sender: u32, mut send: S)
+where
+    S: FnMut(Work) -> F,
+    F: Future<Output = Sent>,
+{
+    for seq in 0.. {
+        let Sent::Ask(reply) = send(ledger.work(sender, seq)).await else {
+            panic!("the drill's last ask was refused");
+        };
+        ledger.accepted(sender, seq, true);
+        let outcome = reply.await.expect("the drill's last ask resolved");
+        ledger.resolved(sender, seq, outcome);
+        if matches!(outcome, Outcome::Reply(_)) {
+            return;
+        }
+    }
+}
+
+/// Whether every incarnation in `history` has ended (the drill checks only
+/// then).
+pub fn all_ended(history: &[IncarnationRecord]) -> bool {
+    history.iter().all(|r| r.ending != Ending::Serving)
+}

@@ -120,6 +120,15 @@ pub trait Kernel: Send + Sync + Sized + 'static {
     }
 }
 
+/// The message type ids kernel `K` serves (on the cpu backend), sorted;
+/// empty for a kernel without cpu handlers. Adapters refuse other types
+/// before sending.
+pub fn served_types<K: Kernel>() -> Vec<u32> {
+    let mut served = K::cpu_handlers().map(|h| h.type_ids()).unwrap_or_default();
+    served.sort_unstable();
+    served
+}
+
 /// An inline message payload, type-erased: what travels through an actor's
 /// mailbox to its H2K ring.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,7 @@
 
 use actix::prelude::*;
 use ringkernel::drill::{self, DrillKernel, Ledger, Outcome, Sent};
-use ringkernel::home::{Ending, PendingPolicy};
+use ringkernel::home::PendingPolicy;
 use ringkernel::runtime::{LaunchOptions, Runtime};
 use ringkernel_actix::{Ask, GpuActor, Tell};
 use std::sync::Arc;
@@ -72,29 +72,12 @@ async fn run(policy: PendingPolicy, seed: u64) {
     // Wind down: no more faults; a last ask is served by the current
     // incarnation (replays first), then the actor stops.
     injector.stop();
-    let barrier = SENDERS;
-    let mut seq = 0;
-    loop {
-        let Sent::Ask(reply) = send(addr.clone(), ledger.work(barrier, seq), true).await else {
-            unreachable!("asks are always sent")
-        };
-        ledger.accepted(barrier, seq, true);
-        let outcome = reply.await.expect("the barrier ask resolved");
-        ledger.resolved(barrier, seq, outcome);
-        seq += 1;
-        if matches!(outcome, Outcome::Reply(_)) {
-            break;
-        }
-    }
+    drill::run_barrier(&ledger, SENDERS, |w| send(addr.clone(), w, true)).await;
     // With its last `Addr` gone the actor stops for good (no restart);
     // `stopped` terminates the slot on a helper thread: wait for it.
     drop(addr);
     let deadline = Instant::now() + DEADLINE;
-    while home
-        .history()
-        .last()
-        .is_some_and(|r| r.ending == Ending::Serving)
-    {
+    while !drill::all_ended(&home.history()) {
         assert!(
             Instant::now() < deadline,
             "the last incarnation never ended"

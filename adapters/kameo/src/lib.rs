@@ -345,8 +345,7 @@ impl<K: Kernel> std::fmt::Debug for GpuMailbox<K> {
 impl<K: Kernel> GpuMailbox<K> {
     /// The mailbox of a spawned GPU actor.
     pub fn new(actor: ActorRef<GpuActor<K>>) -> Self {
-        let mut served = K::cpu_handlers().map(|h| h.type_ids()).unwrap_or_default();
-        served.sort_unstable();
+        let served = ringkernel::kernel::served_types::<K>();
         GpuMailbox { actor, served }
     }
 }

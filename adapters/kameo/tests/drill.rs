@@ -15,7 +15,7 @@ use kameo::Actor;
 use kameo::actor::{ActorRef, Spawn, WeakActorRef};
 use kameo::error::{ActorStopReason, SendError};
 use ringkernel::drill::{self, DrillKernel, Ledger, Outcome, Sent};
-use ringkernel::home::{Ending, PendingPolicy};
+use ringkernel::home::PendingPolicy;
 use ringkernel::runtime::{LaunchOptions, Runtime};
 use ringkernel_kameo::{Ask, GpuActor, GpuArgs};
 use std::ops::ControlFlow;
@@ -137,20 +137,7 @@ async fn run(policy: PendingPolicy, seed: u64) {
     // Wind down: no more faults; the current incarnation serves (replays
     // included) a last ask, then stops.
     injector.stop();
-    let barrier = SENDERS;
-    let mut seq = 0;
-    loop {
-        let Sent::Ask(reply) = send(rx.clone(), ledger.work(barrier, seq)).await else {
-            panic!("barrier refused")
-        };
-        ledger.accepted(barrier, seq, true);
-        let outcome = reply.await.expect("the barrier ask resolved");
-        ledger.resolved(barrier, seq, outcome);
-        seq += 1;
-        if matches!(outcome, Outcome::Reply(_)) {
-            break;
-        }
-    }
+    drill::run_barrier(&ledger, SENDERS, |w| send(rx.clone(), w)).await;
     // No restarts from here on, then stop whichever incarnation is current.
     restarter.stop_gracefully().await.unwrap();
     restarter.wait_for_shutdown().await;
@@ -159,11 +146,7 @@ async fn run(policy: PendingPolicy, seed: u64) {
     last.wait_for_shutdown().await;
 
     let deadline = std::time::Instant::now() + DEADLINE;
-    while home
-        .history()
-        .last()
-        .is_some_and(|r| r.ending == Ending::Serving)
-    {
+    while !drill::all_ended(&home.history()) {
         assert!(
             std::time::Instant::now() < deadline,
             "the last incarnation never ended"

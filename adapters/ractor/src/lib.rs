@@ -501,8 +501,7 @@ impl<K: Kernel> std::fmt::Debug for GpuActorRef<K> {
 impl<K: Kernel> GpuActorRef<K> {
     /// Wraps the ref of a spawned [`GpuActor<K>`].
     pub fn new(actor: ActorRef<GpuMsg>) -> Self {
-        let mut served = K::cpu_handlers().map(|h| h.type_ids()).unwrap_or_default();
-        served.sort_unstable();
+        let served = ringkernel::kernel::served_types::<K>();
         GpuActorRef {
             actor,
             served: served.into(),

@@ -12,7 +12,7 @@
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use ringkernel::drill::{self, DrillKernel, Ledger, Outcome, Sent};
-use ringkernel::home::{Ending, PendingPolicy};
+use ringkernel::home::PendingPolicy;
 use ringkernel::kernel::Payload;
 use ringkernel::runtime::{LaunchOptions, Runtime};
 use ringkernel_ractor::{GpuActor, GpuMsg};
@@ -135,22 +135,7 @@ async fn run(policy: PendingPolicy, seed: u64) {
     // Wind down: no more faults; the current incarnation serves (replays
     // included) a last ask, then stops.
     injector.stop();
-    let barrier = SENDERS;
-    let mut seq = 0;
-    loop {
-        match send(rx.clone(), ledger.work(barrier, seq)).await {
-            Sent::Ask(reply) => {
-                ledger.accepted(barrier, seq, true);
-                let outcome = reply.await.expect("the barrier ask resolved");
-                ledger.resolved(barrier, seq, outcome);
-                seq += 1;
-                if matches!(outcome, Outcome::Reply(_)) {
-                    break;
-                }
-            }
-            other => panic!("barrier refused: {other:?}"),
-        }
-    }
+    drill::run_barrier(&ledger, SENDERS, |w| send(rx.clone(), w)).await;
     // No restarts from here on, then stop whichever incarnation is current.
     restarter.stop(None);
     restarter_done.await.unwrap();
@@ -160,11 +145,7 @@ async fn run(policy: PendingPolicy, seed: u64) {
     // A child killed with its supervisor skips `post_stop`: its slot ends
     // when its state is dropped. Wait for that.
     let deadline = std::time::Instant::now() + DEADLINE;
-    while home
-        .history()
-        .last()
-        .is_some_and(|r| r.ending == Ending::Serving)
-    {
+    while !drill::all_ended(&home.history()) {
         assert!(
             std::time::Instant::now() < deadline,
             "the last incarnation never ended"
