@@ -334,6 +334,13 @@ impl ControlBlock {
         self.commit.load(Ordering::Acquire) & COMMIT_FENCED != 0
     }
 
+    /// The commit word in one read: (last committed `seq`, fenced).
+    pub fn commit_state(&self) -> (u64, bool) {
+        // Pairs with the device's release CAS in `commit`.
+        let w = self.commit.load(Ordering::Acquire);
+        (w >> 1, w & COMMIT_FENCED != 0)
+    }
+
     /// The sequence number of the last committed message.
     pub fn committed(&self) -> u64 {
         self.commit.load(Ordering::Acquire) >> 1

@@ -8,7 +8,9 @@ use crate::envelope::{EnvelopeHeader, Flags, HeaderCheck};
 use crate::hlc::Hlc;
 use crate::home::HomeCore;
 use crate::id::{ActorId, ClockDomain, CorrelationId};
-use crate::kernel::{CpuHandlers, Kernel, MAX_INLINE, ReplySink, SYS_NO_REPLY};
+use crate::kernel::{
+    CpuHandlers, Kernel, MAX_INLINE, MAX_SENDS, ReplySink, SYS_NO_REPLY, TOO_MANY_SENDS,
+};
 use crate::ring::{Consumer, Producer};
 use crate::runtime::{Idle, PollerShared, device_spin_budget};
 use crate::space::SpaceWaker;
@@ -62,15 +64,9 @@ struct Replies<'a> {
     src: ActorId,
     /// Messages this handler sent to other actors.
     sends: usize,
+    /// `seq` of the message being served: its sends carry it.
+    origin: u64,
 }
-
-/// Messages one handler may send to other actors (`Ctx::send`); more fault
-/// the actor (fault detail [`TOO_MANY_SENDS`]) rather than vanish.
-pub(crate) const MAX_SENDS: usize = 256;
-
-/// The `HandlerFault` detail of a handler that sent more than
-/// [`MAX_SENDS`] messages.
-pub(crate) const TOO_MANY_SENDS: u64 = 0x2_0000_0000;
 
 impl ReplySink for Replies<'_> {
     fn send_reply(
@@ -96,8 +92,11 @@ impl ReplySink for Replies<'_> {
                 // Reported by the loop as a fault of this message.
                 return;
             }
+            // The poller routes it only once this message is committed.
+            header.seq = self.origin;
         }
-        if !is_send && self.outbox.len() >= self.outbox_limit {
+        // Sends do not count against the replies' bound.
+        if !is_send && self.outbox.len().saturating_sub(self.sends) >= self.outbox_limit {
             // More replies than asks can be in flight: a handler answered a
             // deferred ask twice. The extra reply could only be late.
             tracing::warn!(actor = ?self.src, correlation = ?to, "reply beyond the in-flight limit dropped");
@@ -332,6 +331,7 @@ impl<K: Kernel> DeviceLoop<K> {
                     clock: &self.clock,
                     src: self.id,
                     sends: 0,
+                    origin: 0,
                 };
                 let clock = &self.clock;
                 let control = &self.control;
@@ -385,6 +385,7 @@ impl<K: Kernel> DeviceLoop<K> {
                     };
                     let mut answered = false;
                     let header = env.header;
+                    replies.origin = header.seq;
                     let staged = replies.outbox.len();
                     let result = catch_unwind(AssertUnwindSafe(|| {
                         handler(

@@ -120,6 +120,15 @@ pub trait Kernel: Send + Sync + Sized + 'static {
     }
 }
 
+/// Messages one handler run may send to other actors ([`Ctx::send`]);
+/// more fault the actor (`HandlerFault`, detail [`TOO_MANY_SENDS`]) rather
+/// than vanish.
+pub const MAX_SENDS: usize = 256;
+
+/// The `HandlerFault` detail of a handler that sent more than
+/// [`MAX_SENDS`] messages.
+pub const TOO_MANY_SENDS: u64 = 0x2_0000_0000;
+
 /// The message type ids kernel `K` serves (on the cpu backend), sorted;
 /// empty for a kernel without cpu handlers. Adapters refuse other types
 /// before sending.

@@ -38,8 +38,9 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-/// A message on its way to a mailbox: what, from whom, to whom, and the
-/// sender's HLC stamp.
+/// A message on its way to a mailbox: what, from whom, to whom, and its
+/// HLC stamp — the sender's (a send or publish from the host), or the
+/// poller's after its merge (a message a kernel sent).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Delivery {
     /// The message.
@@ -48,7 +49,7 @@ pub struct Delivery {
     pub src: ActorId,
     /// The destination, as addressed.
     pub dst: ActorId,
-    /// Stamped when it was sent.
+    /// Its stamp (see above): later than every event it depends on.
     pub stamp: Timestamp,
 }
 
@@ -85,7 +86,9 @@ impl DeliveryError {
 /// A framework actor's mailbox, as the registry reaches it. Implemented by
 /// each adapter for its GPU actors and for ordinary actors.
 pub trait Mailbox: Send + Sync + 'static {
-    /// Delivers without blocking (never waits for mailbox room).
+    /// Delivers without blocking (never waits for mailbox room). Runs on
+    /// the runtime's poller thread for messages kernels send: waiting here
+    /// would stall every actor slot.
     ///
     /// # Errors
     /// [`DeliveryError`] with the delivery handed back.
@@ -216,7 +219,9 @@ struct Subscription {
 
 /// Mailboxes by actor id, and topic subscriptions (see the
 /// [module docs](self)). A GPU actor is registered under its id without
-/// the incarnation, so a restart re-registers it in place.
+/// the incarnation, so after a restart registering the new incarnation's
+/// mailbox replaces the old one in place (subscriptions stay). Until it
+/// does, deliveries to the old mailbox come back `Closed`.
 pub struct Registry {
     mailboxes: RwLock<HashMap<ActorId, Arc<dyn Mailbox>>>,
     subscriptions: RwLock<Vec<Subscription>>,

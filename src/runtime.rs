@@ -439,9 +439,11 @@ impl RuntimeBuilder {
     }
 
     /// Where tells that were accepted and will never be processed go (a
-    /// fault or termination left them in H2K). Called on the thread that
-    /// recovers the slot (the actor's own); it must not block. Without a
-    /// sink they are logged; [`Runtime::dead_letters`] counts them either way.
+    /// fault or termination left them in H2K), and messages kernels sent
+    /// that could not be delivered. Called on the thread that recovers the
+    /// slot (the actor's own) or on the poller thread: it must not block.
+    /// Without a sink they are logged; [`Runtime::dead_letters`] counts them
+    /// either way.
     pub fn dead_letters(mut self, sink: impl Fn(DeadLetter) + Send + Sync + 'static) -> Self {
         self.dead_letters = Some(Arc::new(sink));
         self
@@ -617,6 +619,12 @@ impl Runtime {
         &self.inner.poller.registry
     }
 
+    /// Reports a message that was accepted and can never be delivered (an
+    /// adapter's refusal after the fact) to the dead-letter sink.
+    pub fn report_dead_letter(&self, letter: DeadLetter) {
+        self.inner.dead_letter(letter);
+    }
+
     /// The number of dead letters so far (see [`RuntimeBuilder::dead_letters`]).
     pub fn dead_letters(&self) -> u64 {
         self.inner.poller.dead_letter_count.load(Ordering::Relaxed)
@@ -766,6 +774,7 @@ impl Runtime {
             shared: shared.clone(),
             k2h,
             watch: Watch::default(),
+            held: std::collections::VecDeque::new(),
         }));
         tracing::debug!(kernel = K::NAME, actor = ?id, incarnation, "launched");
         Ok(GpuSlot {
@@ -1141,6 +1150,18 @@ impl<W: Waiter> GpuSlot<W> {
         }
     }
 
+    /// Reports a message this actor accepted and can never serve (say, a
+    /// delivery of a type its kernel does not serve) as a dead letter.
+    pub fn dead_letter(&self, payload: Payload, src: ActorId, reason: DeadLetterReason) {
+        self.runtime.dead_letter(DeadLetter {
+            actor: self.shared.id,
+            src,
+            seq: 0,
+            payload,
+            reason,
+        });
+    }
+
     /// Sends the messages an earlier incarnation handed back for replay,
     /// oldest first; call it before sending anything new.
     pub fn replay(&mut self) -> ReplayStatus {
@@ -1509,6 +1530,9 @@ struct PolledSlot<W> {
     shared: Arc<SlotShared<W>>,
     k2h: Consumer,
     watch: Watch,
+    /// Messages the kernel sent, held until the message that sent them is
+    /// committed (`seq` of that message, the delivery).
+    held: std::collections::VecDeque<(u64, Delivery)>,
 }
 
 impl<W: Waiter> PolledSlot<W> {
@@ -1565,6 +1589,7 @@ impl<W: Waiter> PolledSlot<W> {
         let shared = &*self.shared;
         let check = HeaderCheck::any_type(MAX_INLINE as u32);
         let (mut done, mut bad) = (0, 0);
+        let held = &mut self.held;
         let mut batch = self.k2h.batch();
         while let Some(env) = batch.try_recv_with(&check, |e| Reply::new(e.header, e.payload)) {
             done += 1;
@@ -1578,16 +1603,17 @@ impl<W: Waiter> PolledSlot<W> {
             // delivering.
             let stamp = p.hlc.receive(h.hlc);
             if !h.flags.contains(Flags::REPLY) {
-                // A message the kernel addressed to another actor.
-                router.route(
-                    p,
+                // A message the kernel addressed to another actor: it leaves
+                // once the message that sent it (`h.seq`) is committed.
+                held.push_back((
+                    h.seq,
                     Delivery {
                         payload: Payload::from_parts(h.type_id, reply.bytes()),
                         src: h.src,
                         dst: h.dst,
                         stamp,
                     },
-                );
+                ));
                 continue;
             }
             let _span = tracing::trace_span!("reply", actor = ?shared.id, correlation = ?h.correlation, trace_id = h.trace_id, hlc = h.hlc).entered();
@@ -1607,7 +1633,29 @@ impl<W: Waiter> PolledSlot<W> {
             shared.wake_device();
             shared.space.wake_if_wanted();
         }
+        self.release_held(p, router);
         (done, bad)
+    }
+
+    /// Routes the held sends whose message has committed; drops (and
+    /// counts as fenced writes) those of a fenced incarnation that never
+    /// will — that message is handed back, so its sends must not leave.
+    fn release_held(&mut self, p: &PollerShared, router: &mut Router) {
+        if self.held.is_empty() {
+            return;
+        }
+        let (committed, fenced) = self.shared.control.commit_state();
+        while let Some(&(seq, d)) = self.held.front() {
+            if seq <= committed {
+                router.route(p, d);
+                self.held.pop_front();
+            } else if fenced {
+                self.shared.home.count_fenced(self.held.len() as u64);
+                self.held.clear();
+            } else {
+                break;
+            }
+        }
     }
 }
 
@@ -1674,7 +1722,8 @@ impl<W: Waiter> PollSlot for PolledSlot<W> {
     }
 
     fn has_replies(&mut self) -> bool {
-        !self.k2h.is_empty()
+        !self.held.is_empty()
+            || !self.k2h.is_empty()
             || (self.shared.fault.get().is_none()
                 && self.shared.control.acked_state() == Ok(LifecycleState::Faulted))
     }
@@ -1791,7 +1840,9 @@ impl Router {
 
     /// Delivers `d`, or parks it behind what waits for the same actor.
     fn route(&mut self, p: &PollerShared, d: Delivery) {
-        if let Some(q) = self.overflow.get_mut(&d.dst) {
+        // Keyed as the registry keys mailboxes: without the incarnation.
+        let key = d.dst.with_incarnation(0);
+        if let Some(q) = self.overflow.get_mut(&key) {
             if q.len() < ROUTE_OVERFLOW {
                 q.push_back(d);
             } else {
@@ -1802,7 +1853,7 @@ impl Router {
         match p.registry.deliver(d) {
             Ok(()) => {}
             Err(DeliveryError::Full(d)) => {
-                self.overflow.entry(d.dst).or_default().push_back(d);
+                self.overflow.entry(key).or_default().push_back(d);
             }
             Err(e) => Self::refused(p, e),
         }
@@ -1859,6 +1910,11 @@ fn poller_loop(p: &PollerShared) {
         }
         if !router.is_empty() {
             done += router.retry(p);
+        }
+        // A slot whose owner is gone gets one last drain: its last sends
+        // may have been published after the poll above.
+        for s in slots.iter_mut().filter(|s| s.finished()) {
+            s.poll(p, &mut router);
         }
         slots.retain(|s| !s.finished());
         if p.shutdown.load(Ordering::Acquire) && slots.is_empty() {

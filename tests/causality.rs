@@ -368,3 +368,20 @@ proptest! {
         check_run(run, gpus, cpus, &chains, skew_ms);
     }
 }
+
+/// The chain that needs the poller's merge: GPU → CPU → CPU with the host
+/// clock behind the device's (a poller passing the device's stamp on
+/// without merging it would let the CPU hop's send go backwards).
+#[test]
+fn gpu_then_cpu_then_cpu_with_the_host_behind() {
+    let run = RUN.fetch_add(1, Ordering::Relaxed);
+    check_run(run, 1, 2, &[vec![0, 1, 2], vec![0, 2, 1, 0, 1]], -1000);
+}
+
+/// The chain that needs the merge on dequeue: CPU → GPU with the host
+/// clock ahead of the device's.
+#[test]
+fn cpu_then_gpu_with_the_host_ahead() {
+    let run = RUN.fetch_add(1, Ordering::Relaxed);
+    check_run(run, 1, 1, &[vec![1, 0, 1, 0]], 1000);
+}

@@ -49,6 +49,19 @@ impl Message for Sync {
     type Reply = u64;
 }
 
+/// Ask: send `Value`s like `Forward`, then reply with how many.
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+#[repr(C)]
+struct ForwardAsk {
+    to: u64,
+    count: u64,
+}
+
+impl Message for ForwardAsk {
+    const TYPE_ID: u32 = 4;
+    type Reply = u64;
+}
+
 struct Relay;
 
 impl Kernel for Relay {
@@ -66,6 +79,14 @@ impl Kernel for Relay {
                 })
                 .on(|sent: &mut u64, _: Sync, ctx| {
                     ctx.reply(*sent);
+                    Ok(())
+                })
+                .on(|sent: &mut u64, f: ForwardAsk, ctx| {
+                    for v in 0..f.count {
+                        ctx.send(ActorId::from_bits(f.to), Value(v));
+                        *sent += 1;
+                    }
+                    ctx.reply(f.count);
                     Ok(())
                 }),
         )
@@ -268,8 +289,39 @@ fn a_handler_that_sends_without_bound_faults_instead_of_losing_messages() {
         SlotEvent::Faulted(f) => f,
         other => panic!("{other:?}"),
     };
-    assert_eq!(fault.code, FaultCode::HandlerFault);
+    assert_eq!(
+        (fault.code, fault.detail),
+        (FaultCode::HandlerFault, ringkernel::kernel::TOO_MANY_SENDS)
+    );
     // The faulting handler's sends never left, and the slot is closed.
     assert!(sink.got.lock().unwrap().is_empty());
     wait_for("the slot closes", || !slot.is_open());
+}
+
+/// Sends do not count against the bound of replies in flight: with a
+/// waiter slab of 4, a handler that sends 200 messages still replies.
+#[test]
+fn many_sends_then_a_reply_with_a_small_in_flight_limit() {
+    let rt = Runtime::new().unwrap();
+    let mut slot = rt
+        .launch::<Relay, ChannelWaiter>(0, &LaunchOptions::default().max_in_flight(4), |_| {})
+        .unwrap();
+    let sink = Arc::new(Sink::default());
+    let cpu = ActorId::cpu(0, 5);
+    rt.registry().register(cpu, sink.clone());
+    for round in 1..=3u64 {
+        let got = conformance::ask(
+            &mut slot,
+            ForwardAsk {
+                to: cpu.to_bits(),
+                count: 200,
+            },
+        )
+        .wait();
+        assert_eq!(got.unwrap().decode::<u64>(), Ok(200));
+        wait_for("sends delivered", || {
+            sink.got.lock().unwrap().len() as u64 == 200 * round
+        });
+    }
+    slot.terminate(Duration::from_secs(5));
 }

@@ -30,7 +30,7 @@
 
 use actix::dev::{MessageResponse, OneshotSender};
 use actix::prelude::*;
-use ringkernel::home::{ActorHome, Replay};
+use ringkernel::home::{ActorHome, DeadLetter, DeadLetterReason, Replay, RouteFailure};
 use ringkernel::id::ActorId;
 use ringkernel::kernel::{Kernel, Message as KernelMessage, Payload, Reply};
 use ringkernel::registry::{Delivery, DeliveryError, Mailbox};
@@ -131,7 +131,8 @@ impl std::fmt::Debug for ActixWaiter {
 /// A message waiting for ring room, in mailbox order.
 enum Queued {
     Ask(Payload, ActixWaiter),
-    Tell(Payload),
+    /// A tell, and who sent it (`NONE` for a plain actix tell).
+    Tell(Payload, ActorId),
 }
 
 /// The slot and the ordered overflow, shared by the actor and the
@@ -303,10 +304,7 @@ fn hand_back_overflow(inner: &mut Inner) {
                 waiter,
                 src: ActorId::NONE,
             },
-            Queued::Tell(payload) => Replay::Tell {
-                payload,
-                src: ActorId::NONE,
-            },
+            Queued::Tell(payload, src) => Replay::Tell { payload, src },
         };
         match inner.slot.as_mut() {
             Some(slot) => slot.hand_back(item),
@@ -365,15 +363,15 @@ fn try_submit(inner: &mut Inner, item: Queued) -> Option<Queued> {
             }
             Err(_) => None,
         },
-        Queued::Tell(payload) => match slot.tell(payload, me) {
+        Queued::Tell(payload, src) => match slot.tell(payload, src) {
             Ok(()) => None,
-            Err(SubmitError::Full(p)) => Some(Queued::Tell(p)),
+            Err(SubmitError::Full(p)) => Some(Queued::Tell(p, src)),
             Err(e) => {
                 // Unserved types are refused before they are queued; a
                 // closed slot applies its policy.
                 slot.hand_back(Replay::Tell {
                     payload: e.into_inner(),
-                    src: me,
+                    src,
                 });
                 None
             }
@@ -556,10 +554,22 @@ impl<K: Kernel> Handler<Delivered> for GpuActor<K> {
     type Result = ();
 
     fn handle(&mut self, Delivered(d): Delivered, ctx: &mut Context<Self>) {
-        // `GpuMailbox` refused unserved types before sending.
-        if self.refusal(d.payload.type_id()).is_none() {
-            let inner = self.inner.clone();
-            submit::<K>(&inner, Queued::Tell(d.payload), ctx);
+        match self.refusal(d.payload.type_id()) {
+            None => {
+                let inner = self.inner.clone();
+                submit::<K>(&inner, Queued::Tell(d.payload, d.src), ctx);
+            }
+            // Accepted by the mailbox, never servable: a dead letter.
+            Some(e) => self.runtime.report_dead_letter(DeadLetter {
+                actor: d.dst,
+                src: d.src,
+                seq: 0,
+                payload: d.payload,
+                reason: DeadLetterReason::Unroutable(match e {
+                    GpuError::UnknownType { .. } => RouteFailure::Refused,
+                    _ => RouteFailure::Closed,
+                }),
+            }),
         }
     }
 }
@@ -633,7 +643,7 @@ impl<K: Kernel, M: KernelMessage> Handler<Tell<M>> for GpuActor<K> {
             return Err(e);
         }
         let inner = self.inner.clone();
-        submit::<K>(&inner, Queued::Tell(Payload::new(msg)), ctx);
+        submit::<K>(&inner, Queued::Tell(Payload::new(msg), ActorId::NONE), ctx);
         Ok(())
     }
 }

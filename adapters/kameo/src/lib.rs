@@ -40,7 +40,7 @@ use kameo::error::ActorStopReason;
 use kameo::message::{Context, Message};
 use kameo::prelude::DelegatedReply;
 use kameo::reply::ReplySender;
-use ringkernel::home::{ActorHome, Replay};
+use ringkernel::home::{ActorHome, DeadLetter, DeadLetterReason, Replay, RouteFailure};
 use ringkernel::id::ActorId;
 use ringkernel::kernel::{Kernel, Message as KernelMessage, Payload, Reply};
 use ringkernel::registry::{Delivery, DeliveryError, Mailbox};
@@ -166,6 +166,7 @@ impl<K: Kernel> GpuArgs<K> {
 pub struct GpuActor<K: Kernel> {
     // `None` once stopped.
     slot: Option<GpuSlot<KameoWaiter>>,
+    runtime: Runtime,
     _kernel: std::marker::PhantomData<fn() -> K>,
 }
 
@@ -207,6 +208,7 @@ impl<K: Kernel> Actor for GpuActor<K> {
         }
         Ok(GpuActor {
             slot: Some(slot),
+            runtime: args.runtime,
             _kernel: std::marker::PhantomData,
         })
     }
@@ -294,6 +296,14 @@ impl<K: Kernel> Message<Delivered> for GpuActor<K> {
 
     async fn handle(&mut self, Delivered(d): Delivered, _: &mut Context<Self, ()>) {
         let Some(slot) = self.slot.as_mut() else {
+            // Accepted by the mailbox of a stopped actor: a dead letter.
+            self.runtime.report_dead_letter(DeadLetter {
+                actor: d.dst,
+                src: d.src,
+                seq: 0,
+                payload: d.payload,
+                reason: DeadLetterReason::Unroutable(RouteFailure::Closed),
+            });
             return;
         };
         let mut payload = d.payload;
@@ -304,8 +314,16 @@ impl<K: Kernel> Message<Delivered> for GpuActor<K> {
                     payload = back;
                     slot.space().await;
                 }
-                // `GpuMailbox` refused unserved types before sending.
-                Err(SubmitError::UnknownType { .. }) => return,
+                // `GpuMailbox` refuses unserved types before sending; a
+                // mailbox made for another kernel lets them through.
+                Err(SubmitError::UnknownType { value, .. }) => {
+                    slot.dead_letter(
+                        value,
+                        d.src,
+                        DeadLetterReason::Unroutable(RouteFailure::Refused),
+                    );
+                    return;
+                }
                 Err(e) => {
                     slot.hand_back(Replay::Tell {
                         payload: e.into_inner(),

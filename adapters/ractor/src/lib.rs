@@ -59,7 +59,7 @@
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ringkernel::control::LifecycleState;
-use ringkernel::home::{ActorHome, Replay};
+use ringkernel::home::{ActorHome, DeadLetterReason, Replay, RouteFailure};
 use ringkernel::id::ActorId;
 use ringkernel::kernel::{Kernel, Message, Payload, Reply};
 use ringkernel::registry::{Delivery, DeliveryError, Mailbox};
@@ -273,9 +273,13 @@ async fn tell_in_order(slot: &mut GpuSlot<Port>, payload: Payload, src: ActorId)
             }
             Err(e) => {
                 // ractor's cast has no way back to the sender: the refusal
-                // is logged (the typed handle and `GpuMailbox` check before
-                // sending).
-                tracing::warn!(actor = ?slot.id(), error = %e, "tell refused");
+                // is a dead letter (the typed handle and `GpuMailbox` check
+                // before sending).
+                slot.dead_letter(
+                    e.into_inner(),
+                    src,
+                    DeadLetterReason::Unroutable(RouteFailure::Refused),
+                );
                 break;
             }
         }
