@@ -15,7 +15,7 @@
 use ringkernel::hlc::Hlc;
 use ringkernel::id::ClockDomain;
 use ringkernel_bench::*;
-use ringkernel_bench::{actors, faults};
+use ringkernel_bench::{actors, faults, pipeline};
 use std::time::{Duration, Instant};
 
 fn cpu_now() -> Duration {
@@ -141,6 +141,7 @@ fn main() {
     let core_pair = std::cell::RefCell::new(actors::CorePair::new());
     let actix_pair = actors::ActixPair::new();
     let kameo_pair = actors::KameoPair::new();
+    let pipelines = std::cell::RefCell::new(pipeline::Pipelines::new());
 
     let mut comparisons = vec![
         Comparison {
@@ -237,6 +238,20 @@ fn main() {
             ops: 20_000 * scale,
             ours: Box::new(|n| kameo_pair.gpu_asks(n)),
             base: Box::new(|n| kameo_pair.native_asks(n)),
+        },
+        Comparison {
+            name: "pipeline_one_at_a_time",
+            config: "ingest → stage → stage → sink, one reading at a time (each waits for the sink): the two stages GPU actors (cpu backend) sending to the next by id, routed by the poller; base the same pipeline of native ractor actors casting to the next; end-to-end time per reading".into(),
+            ops: 5_000 * scale,
+            ours: Box::new(|n| pipelines.borrow_mut().gpu_one_at_a_time(n)),
+            base: Box::new(|n| pipelines.borrow_mut().native_one_at_a_time(n)),
+        },
+        Comparison {
+            name: "pipeline_flood",
+            config: "as pipeline_one_at_a_time, n readings sent at once then all received; time per reading (throughput)".into(),
+            ops: 50_000 * scale,
+            ours: Box::new(|n| pipelines.borrow_mut().gpu_flood(n)),
+            base: Box::new(|n| pipelines.borrow_mut().native_flood(n)),
         },
         Comparison {
             name: "kameo_tell",
