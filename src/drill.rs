@@ -532,3 +532,49 @@ where
 pub fn all_ended(history: &[IncarnationRecord]) -> bool {
     history.iter().all(|r| r.ending != Ending::Serving)
 }
+
+/// What every adapter's drill starts from: a ledger for `senders` senders
+/// (plus the last ask's), a runtime with the drill watchdog whose dead
+/// letters feed the ledger, the seeded injector, and launch options with
+/// `policy` and the injector.
+#[derive(Debug)]
+pub struct Setup {
+    /// Messages to send (see [`messages`]).
+    pub messages: u64,
+    /// The ledger.
+    pub ledger: Arc<Ledger>,
+    /// The runtime.
+    pub runtime: crate::runtime::Runtime,
+    /// The injector (stop it before the wind-down).
+    pub injector: Arc<FaultInjector>,
+    /// Launch options for the drilled actor.
+    pub options: crate::runtime::LaunchOptions,
+}
+
+impl Setup {
+    /// A drill of `senders` senders under `policy`, faults seeded by `seed`.
+    ///
+    /// # Panics
+    /// If the runtime cannot start.
+    pub fn new(senders: u32, policy: crate::home::PendingPolicy, seed: u64) -> Self {
+        let messages = messages();
+        let ledger = Arc::new(Ledger::new(senders as usize + 1));
+        let sink = ledger.clone();
+        let runtime = crate::runtime::Runtime::builder()
+            .watchdog(WATCHDOG)
+            .dead_letters(move |l| sink.dead_letter(&l))
+            .build()
+            .expect("the drill's runtime starts");
+        let injector = injector(seed, messages);
+        let options = crate::runtime::LaunchOptions::default()
+            .on_fault(policy)
+            .inject(injector.clone());
+        Setup {
+            messages,
+            ledger,
+            runtime,
+            injector,
+            options,
+        }
+    }
+}

@@ -7,11 +7,9 @@
 //! `RINGKERNEL_DRILL_MESSAGES` sets the size (default 10^5).
 
 use actix::prelude::*;
-use ringkernel::drill::{self, DrillKernel, Ledger, Outcome, Sent};
+use ringkernel::drill::{self, DrillKernel, Outcome, Sent};
 use ringkernel::home::PendingPolicy;
-use ringkernel::runtime::{LaunchOptions, Runtime};
 use ringkernel_actix::{Ask, GpuActor, Tell};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -37,22 +35,14 @@ async fn send(addr: Addr<GpuActor<DrillKernel>>, work: drill::Work, ask: bool) -
 }
 
 async fn run(policy: PendingPolicy, seed: u64) {
-    let n = drill::messages();
-    let ledger = Arc::new(Ledger::new(SENDERS as usize + 1));
-    let sink = ledger.clone();
-    let runtime = Runtime::builder()
-        .watchdog(drill::WATCHDOG)
-        .dead_letters(move |l| sink.dead_letter(&l))
-        .build()
-        .unwrap();
-    let injector = drill::injector(seed, n);
-    let gpu = GpuActor::<DrillKernel>::with_options(
+    let drill::Setup {
+        messages: n,
+        ledger,
         runtime,
-        0,
-        LaunchOptions::default()
-            .on_fault(policy)
-            .inject(injector.clone()),
-    );
+        injector,
+        options,
+    } = drill::Setup::new(SENDERS, policy, seed);
+    let gpu = GpuActor::<DrillKernel>::with_options(runtime, 0, options);
     let home = gpu.home().clone();
     let addr = Supervisor::start(move |_| gpu);
 

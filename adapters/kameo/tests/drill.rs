@@ -14,12 +14,10 @@
 use kameo::Actor;
 use kameo::actor::{ActorRef, Spawn, WeakActorRef};
 use kameo::error::{ActorStopReason, SendError};
-use ringkernel::drill::{self, DrillKernel, Ledger, Outcome, Sent};
+use ringkernel::drill::{self, DrillKernel, Outcome, Sent};
 use ringkernel::home::PendingPolicy;
-use ringkernel::runtime::{LaunchOptions, Runtime};
 use ringkernel_kameo::{Ask, GpuActor, GpuArgs};
 use std::ops::ControlFlow;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -101,20 +99,14 @@ async fn send(current: watch::Receiver<ActorRef<Gpu>>, work: drill::Work) -> Sen
 }
 
 async fn run(policy: PendingPolicy, seed: u64) {
-    let n = drill::messages();
-    let ledger = Arc::new(Ledger::new(SENDERS as usize + 1));
-    let sink = ledger.clone();
-    let runtime = Runtime::builder()
-        .watchdog(drill::WATCHDOG)
-        .dead_letters(move |l| sink.dead_letter(&l))
-        .build()
-        .unwrap();
-    let injector = drill::injector(seed, n);
-    let args = GpuArgs::<DrillKernel>::new(runtime, 0).options(
-        LaunchOptions::default()
-            .on_fault(policy)
-            .inject(injector.clone()),
-    );
+    let drill::Setup {
+        messages: n,
+        ledger,
+        runtime,
+        injector,
+        options,
+    } = drill::Setup::new(SENDERS, policy, seed);
+    let args = GpuArgs::<DrillKernel>::new(runtime, 0).options(options);
     let home = args.home().clone();
     let first = Gpu::spawn(args.clone());
     let (tx, rx) = watch::channel(first.clone());

@@ -11,12 +11,10 @@
 //! `RINGKERNEL_DRILL_MESSAGES` sets the size (default 10^5).
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
-use ringkernel::drill::{self, DrillKernel, Ledger, Outcome, Sent};
+use ringkernel::drill::{self, DrillKernel, Outcome, Sent};
 use ringkernel::home::PendingPolicy;
 use ringkernel::kernel::Payload;
-use ringkernel::runtime::{LaunchOptions, Runtime};
 use ringkernel_ractor::{GpuActor, GpuMsg};
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -98,21 +96,14 @@ async fn send(current: watch::Receiver<ActorRef<GpuMsg>>, work: drill::Work) -> 
 }
 
 async fn run(policy: PendingPolicy, seed: u64) {
-    let n = drill::messages();
-    let ledger = Arc::new(Ledger::new(SENDERS as usize + 1));
-    let sink = ledger.clone();
-    let runtime = Runtime::builder()
-        .watchdog(drill::WATCHDOG)
-        .dead_letters(move |l| sink.dead_letter(&l))
-        .build()
-        .unwrap();
-    let injector = drill::injector(seed, n);
-    let gpu = GpuActor::<DrillKernel>::with_options(
+    let drill::Setup {
+        messages: n,
+        ledger,
         runtime,
-        LaunchOptions::default()
-            .on_fault(policy)
-            .inject(injector.clone()),
-    );
+        injector,
+        options,
+    } = drill::Setup::new(SENDERS, policy, seed);
+    let gpu = GpuActor::<DrillKernel>::with_options(runtime, options);
     let home = gpu.home().clone();
     let (first, _) = Actor::spawn(None, gpu.clone(), 0).await.unwrap();
     let (tx, rx) = watch::channel(first.clone());
