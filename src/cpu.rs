@@ -6,11 +6,13 @@
 use crate::control::{ControlBlock, FaultCode, LifecycleState};
 use crate::envelope::{EnvelopeHeader, Flags, HeaderCheck};
 use crate::hlc::Hlc;
-use crate::home::HomeCore;
+use crate::home::{DeadLetter, DeadLetterReason, HomeCore};
 use crate::id::{ActorId, ClockDomain, CorrelationId};
+use crate::kernel::Payload;
 use crate::kernel::{
     CpuHandlers, Kernel, MAX_INLINE, MAX_SENDS, ReplySink, SYS_NO_REPLY, TOO_MANY_SENDS,
 };
+use crate::link::{CachedWake, Link, Staged};
 use crate::ring::{Consumer, Producer};
 use crate::runtime::{Idle, PollerShared, device_spin_budget};
 use crate::space::SpaceWaker;
@@ -46,17 +48,22 @@ pub(crate) fn spawn<K: Kernel>(parts: SlotParts<K>) -> std::io::Result<JoinHandl
         .spawn(move || DeviceLoop::new(parts).run())
 }
 
-/// A reply made by a handler, waiting for K2H room.
-struct Pending {
-    header: EnvelopeHeader,
-    len: usize,
-    bytes: [u8; MAX_INLINE],
+/// A message made by a handler, waiting for K2H room.
+type Pending = Staged;
+
+/// A K2K link out of this actor, as the device loop sees it.
+struct OutLink {
+    link: Arc<Link>,
+    wake: CachedWake,
+    /// Committed sends left in its outbox, as of the last push or flush.
+    outbox: usize,
 }
 
-/// A handler's replies are staged in a bounded outbox; the loop publishes
-/// them to K2H after the handler returns and before it commits the message
-/// (so a fenced incarnation's replies are never published, and a committed
-/// message's replies are in K2H before its commit is visible).
+/// A handler's replies and sends are staged; the loop publishes them after
+/// the handler returns and, for K2H, before it commits the message (so a
+/// fenced incarnation's replies are never published, and a committed
+/// message's replies are in K2H before its commit is visible); K2K sends go
+/// to their links' outboxes once the message is committed.
 struct Replies<'a> {
     outbox: &'a mut VecDeque<Pending>,
     outbox_limit: usize,
@@ -64,8 +71,11 @@ struct Replies<'a> {
     src: ActorId,
     /// Messages this handler sent to other actors.
     sends: usize,
-    /// `seq` of the message being served: its sends carry it.
+    /// Origin word of the message being served: its routed sends carry it.
     origin: u64,
+    /// Links out of this actor, and the K2K sends staged for them.
+    outbound: &'a [OutLink],
+    k2k: &'a mut Vec<(usize, Staged)>,
 }
 
 impl ReplySink for Replies<'_> {
@@ -92,6 +102,28 @@ impl ReplySink for Replies<'_> {
                 // Reported by the loop as a fault of this message.
                 return;
             }
+            if let Some(i) = self
+                .outbound
+                .iter()
+                .position(|o| o.link.to.index() == dst.index())
+            {
+                let o = &self.outbound[i];
+                // Types the receiver does not serve take the routed path
+                // (where the adapter refuses them as dead letters).
+                if !o.link.receiver_gone() && o.link.served.binary_search(&type_id).is_ok() {
+                    let staged = self.k2k.iter().filter(|(j, _)| *j == i).count();
+                    // Room: the ring's, and as much again in the outbox.
+                    if !o.link.report_failures
+                        || o.link.in_ring() + o.outbox + staged < 2 * o.link.capacity
+                    {
+                        self.k2k.push((i, Staged::new(header, &payload[..len])));
+                        return;
+                    }
+                    // Full, and the edge reports failures: a dead letter,
+                    // once this message commits.
+                    header.flags = header.flags.with(Flags::UNDELIVERED);
+                }
+            }
             // The poller routes it only once this message is committed.
             header.seq = self.origin;
         }
@@ -101,11 +133,17 @@ impl ReplySink for Replies<'_> {
             // deferred ask twice. The extra reply could only be late.
             tracing::warn!(actor = ?self.src, correlation = ?to, "reply beyond the in-flight limit dropped");
         } else {
-            let mut bytes = [0u8; MAX_INLINE];
-            bytes[..len].copy_from_slice(&payload[..len]);
-            self.outbox.push_back(Pending { header, len, bytes });
+            self.outbox.push_back(Staged::new(header, &payload[..len]));
         }
     }
+}
+
+/// Where the message being served came from: H2K (its `seq`), or link
+/// `inbound[i]` at position `pos`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    H2k(u64),
+    Link(usize, u64),
 }
 
 struct DeviceLoop<K: Kernel> {
@@ -127,16 +165,29 @@ struct DeviceLoop<K: Kernel> {
     clock: Hlc,
     acked: LifecycleState,
     progress: Progress,
-    /// A message served whose replies wait in the outbox: its `seq`, and
+    /// A message served whose replies wait in the outbox: its origin, and
     /// whether a fault is injected after its commit.
-    pending: Option<(u64, bool)>,
-    /// Send stamp of the last message served, and its gap to the one before.
+    pending: Option<(Origin, bool)>,
+    /// Send stamp of the last H2K message served, and its gap to the one
+    /// before.
     last_send: u64,
     send_gap_ns: u64,
+    /// K2K links, as of `links_generation`.
+    links_generation: u64,
+    inbound: Vec<Arc<Link>>,
+    outbound: Vec<OutLink>,
+    /// K2K sends of the message being served.
+    k2k: Vec<(usize, Staged)>,
+    /// Messages copied out of an inbound ring, being served.
+    inbuf: Vec<Staged>,
 }
 
 /// Messages served between two looks at the control block.
 const BATCH: usize = 64;
+
+/// How long a loop whose K2K outboxes wait for ring room sleeps at most
+/// (receivers do not ring senders when they free room).
+const OUTBOX_RETRY: std::time::Duration = std::time::Duration::from_micros(50);
 
 enum Step {
     Worked,
@@ -147,8 +198,8 @@ enum Step {
 /// How serving one message ended, before its commit.
 #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
 enum Served {
-    /// The handler returned; commit `seq` (then fault, if injected so).
-    Done { seq: u64, fault_after: bool },
+    /// The handler returned; commit it (then fault, if injected so).
+    Done { fault_after: bool },
     /// A fault: the message is not processed.
     Fault(FaultCode, u64),
     /// The incarnation was fenced meanwhile: leave quietly.
@@ -156,6 +207,10 @@ enum Served {
     /// Injected: the loop exits without a word.
     Exit,
 }
+
+/// How a run of messages ended early: the loop ends (`Some(Step)` after
+/// reporting), or it stops for now (`None`).
+type Stop = Option<Step>;
 
 impl<K: Kernel> DeviceLoop<K> {
     fn new(p: SlotParts<K>) -> Self {
@@ -190,6 +245,11 @@ impl<K: Kernel> DeviceLoop<K> {
             pending: None,
             last_send: 0,
             send_gap_ns: u64::MAX,
+            links_generation: u64::MAX,
+            inbound: Vec::new(),
+            outbound: Vec::new(),
+            k2k: Vec::new(),
+            inbuf: Vec::with_capacity(BATCH),
         }
     }
 
@@ -242,17 +302,31 @@ impl<K: Kernel> DeviceLoop<K> {
                         continue;
                     }
                     let acked = self.acked;
+                    let incarnation = self.incarnation;
+                    let blocked = self.links_blocked();
                     let (control, h2k, k2h) = (&self.control, &mut self.h2k, &mut self.k2h);
                     let outbox_blocked = !self.outbox.is_empty();
+                    let inbound = &self.inbound;
+                    let links_generation = self.links_generation;
+                    let home = &self.home;
                     let has_work = || {
                         control.requested_state() != Ok(acked)
                             || control.is_fenced()
+                            || home.links_generation() != links_generation
                             || (acked == LifecycleState::Active
-                                && !h2k.is_empty()
-                                && k2h.free_slots() > 0)
+                                && !blocked
+                                && k2h.free_slots() > 0
+                                && (!h2k.is_empty()
+                                    || inbound.iter().any(|l| l.has_inbound(incarnation))))
                             || (outbox_blocked && k2h.free_slots() > 0)
                     };
-                    control.doorbell().park(has_work, std::thread::park);
+                    if self.outbound.iter().any(|o| o.outbox > 0) {
+                        control
+                            .doorbell()
+                            .park(has_work, || std::thread::park_timeout(OUTBOX_RETRY));
+                    } else {
+                        control.doorbell().park(has_work, std::thread::park);
+                    }
                     idle.reset();
                 }
             }
@@ -272,6 +346,7 @@ impl<K: Kernel> DeviceLoop<K> {
                 return Step::Exit;
             }
         };
+        let mut worked = self.flush_links();
         match requested {
             LifecycleState::Terminated | LifecycleState::Faulted => {
                 // Best effort: replies already made reach their callers
@@ -291,18 +366,17 @@ impl<K: Kernel> DeviceLoop<K> {
                 let queued = self.outbox.len();
                 return match self.settle() {
                     Err(step) => step,
-                    Ok(_) if self.outbox.len() < queued => Step::Worked,
+                    Ok(_) if self.outbox.len() < queued || worked > 0 => Step::Worked,
                     Ok(_) => Step::Idle,
                 };
             }
             LifecycleState::Active => self.ack(LifecycleState::Active),
         }
         let queued = self.outbox.len();
-        let mut worked = 0;
         match self.settle() {
             Err(step) => return step,
             Ok(false) => {
-                return if self.outbox.len() < queued {
+                return if self.outbox.len() < queued || worked > 0 {
                     Step::Worked
                 } else {
                     Step::Idle
@@ -310,235 +384,392 @@ impl<K: Kernel> DeviceLoop<K> {
             }
             Ok(true) => worked += queued,
         }
-        let check = HeaderCheck::only(MAX_INLINE as u32, &self.served);
-        let mut taken = 0;
-        let mut committed_in_batch = 0;
-        let mut exit = None;
-        {
-            let mut batch = self.h2k.batch();
-            // Dequeue only with a K2H slot reserved (and nothing queued
-            // before it), so the reply this message may need has room.
-            while taken < BATCH
-                && self.outbox.is_empty()
-                && self.k2h.has_room()
-                && !self.control.is_fenced()
-            {
-                let handlers = &self.handlers;
-                let state = &mut self.state;
-                let mut replies = Replies {
-                    outbox: &mut self.outbox,
-                    outbox_limit: self.outbox_limit,
-                    clock: &self.clock,
-                    src: self.id,
-                    sends: 0,
-                    origin: 0,
-                };
-                let clock = &self.clock;
-                let control = &self.control;
-                let (last_send, send_gap) = (&mut self.last_send, &mut self.send_gap_ns);
-                #[cfg(feature = "fault-injection")]
-                let injector = &self.injector;
-                let Some(outcome) = batch.try_recv_with(&check, |env| {
-                    // Asked once per message (not per empty poll).
-                    #[cfg(feature = "fault-injection")]
-                    let injection = injector.as_ref().and_then(|i| i.next());
-                    // The sender's pace sizes the idle spin (see `Idle`).
-                    *send_gap = env.header.hlc.saturating_sub(*last_send);
-                    *last_send = env.header.hlc;
-                    let stamp = clock.receive(env.header.hlc);
-                    // Before anything can fail: the host's hand-back tells
-                    // the message that was in a handler from the rest.
-                    control.begin_serving(
-                        env.header.seq,
-                        if env.header.flags.contains(Flags::ASK) {
-                            env.header.correlation.to_bits()
-                        } else {
-                            0
-                        },
-                    );
-                    #[cfg(feature = "fault-injection")]
-                    let mut corrupt = false;
-                    #[cfg(feature = "fault-injection")]
-                    match injection {
-                        Some(crate::inject::Injection::Panic) => {
-                            return Served::Fault(FaultCode::HandlerPanic, INJECTED_DETAIL);
-                        }
-                        Some(crate::inject::Injection::Exit) => return Served::Exit,
-                        Some(crate::inject::Injection::Hang(d)) => {
-                            std::thread::sleep(d);
-                            if control.is_fenced() {
-                                return Served::Fenced;
-                            }
-                        }
-                        Some(crate::inject::Injection::CorruptReply) => corrupt = true,
-                        _ => {}
-                    }
-                    let Some((_, handler)) = handlers
-                        .entries
-                        .iter()
-                        .find(|(t, _)| *t == env.header.type_id)
-                    else {
-                        return Served::Fault(
-                            FaultCode::UnknownMessageType,
-                            u64::from(env.header.type_id),
-                        );
-                    };
-                    let mut answered = false;
-                    let header = env.header;
-                    replies.origin = header.seq;
-                    let staged = replies.outbox.len();
-                    let result = catch_unwind(AssertUnwindSafe(|| {
-                        handler(
-                            state,
-                            env.payload,
-                            &header,
-                            stamp,
-                            &mut replies,
-                            &mut answered,
-                        )
-                    }));
-                    let outcome = match result {
-                        Err(_) => Served::Fault(FaultCode::HandlerPanic, 0),
-                        Ok(Err(e)) => Served::Fault(FaultCode::HandlerFault, u64::from(e.0)),
-                        Ok(Ok(())) if replies.sends > MAX_SENDS => {
-                            Served::Fault(FaultCode::HandlerFault, TOO_MANY_SENDS)
-                        }
-                        Ok(Ok(())) => {
-                            if header.flags.contains(Flags::ASK) && !answered {
-                                replies.send_reply(
-                                    header.correlation,
-                                    header.src,
-                                    SYS_NO_REPLY,
-                                    Flags::REPLY | Flags::ERROR,
-                                    &[],
-                                );
-                            }
-                            Served::Done {
-                                seq: header.seq,
-                                fault_after: false,
-                            }
-                        }
-                    };
-                    if let Served::Fault(..) = outcome {
-                        // A failed handler's replies are not published.
-                        replies.outbox.truncate(staged);
-                    }
-                    #[cfg(feature = "fault-injection")]
-                    let outcome = match (outcome, injection) {
-                        (
-                            Served::Done { seq, .. },
-                            Some(crate::inject::Injection::FaultAfterReply),
-                        ) => Served::Done {
-                            seq,
-                            fault_after: true,
-                        },
-                        (Served::Done { seq, fault_after }, _) if corrupt => {
-                            corrupt_last_reply(replies.outbox, staged);
-                            Served::Done { seq, fault_after }
-                        }
-                        (o, _) => o,
-                    };
-                    outcome
-                }) else {
-                    break;
-                };
-                taken += 1;
-                let served = match outcome {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!(actor = ?self.id, error = %e, "invalid envelope in H2K");
-                        Served::Fault(FaultCode::BadEnvelope, 0)
-                    }
-                };
-                match served {
-                    Served::Done { seq, fault_after } => {
-                        // Publish the replies, then commit: a fenced
-                        // incarnation publishes nothing, and a committed
-                        // message's replies are in K2H before its commit
-                        // is visible to the host's fence.
-                        if self.control.is_fenced() {
-                            self.home.count_fenced(1 + self.outbox.len() as u64);
-                            self.outbox.clear();
-                            exit = Some(None);
-                            break;
-                        }
-                        flush(&mut self.k2h, &mut self.outbox, &self.poller);
-                        if !self.outbox.is_empty() {
-                            // More replies than K2H has room for: the
-                            // message stays uncommitted (and its H2K slot
-                            // unreleased) until they are all published.
-                            self.pending = Some((seq, fault_after));
-                            break;
-                        }
-                        match commit::<K>(
-                            &mut self.progress,
-                            &self.control,
-                            &self.home,
-                            self.incarnation,
-                            &self.state,
-                            seq,
-                            fault_after,
-                        ) {
-                            Ok(()) => committed_in_batch += 1,
-                            Err(e) => {
-                                exit = Some(e);
-                                break;
-                            }
-                        }
-                    }
-                    Served::Fault(code, detail) => {
-                        exit = Some(Some((code, detail)));
-                        break;
-                    }
-                    Served::Fenced => {
-                        exit = Some(None);
-                        break;
-                    }
-                    Served::Exit => {
-                        batch.release_first(committed_in_batch);
-                        return Step::Exit;
-                    }
-                }
-            }
-            // The H2K head never passes a message that is not committed:
-            // what the host finds there after a fence is exactly what was
-            // not processed.
-            batch.release_first(committed_in_batch);
+        self.refresh_links();
+        match self.serve_h2k() {
+            Ok(n) => worked += n,
+            Err(step) => return step,
         }
-        worked += taken;
-        if taken > 0 {
-            self.space.wake_if_wanted();
-        }
-        match exit {
-            Some(Some((code, detail))) => {
-                self.fault(code, detail);
-                return Step::Exit;
+        for i in 0..self.inbound.len() {
+            match self.serve_link(i) {
+                Ok(n) => worked += n,
+                Err(step) => return step,
             }
-            Some(None) => {
-                self.leave_fenced();
-                return Step::Exit;
-            }
-            None => {}
         }
         if worked > 0 { Step::Worked } else { Step::Idle }
     }
 
-    fn flush_outbox(&mut self) -> usize {
-        flush(&mut self.k2h, &mut self.outbox, &self.poller)
+    /// Reloads the link lists if they changed (between messages only: a
+    /// staged or pending message refers to them by index).
+    fn refresh_links(&mut self) {
+        let generation = self.home.links_generation();
+        if generation == self.links_generation || self.pending.is_some() || !self.k2k.is_empty() {
+            return;
+        }
+        let (generation, inbound, outbound) = self.home.links();
+        self.links_generation = generation;
+        self.inbound = inbound;
+        self.outbound = outbound
+            .into_iter()
+            .map(|link| OutLink {
+                outbox: link.outbox_len(),
+                link,
+                wake: CachedWake::default(),
+            })
+            .collect();
     }
 
-    /// Commits the message `seq` (its replies are published); see
-    /// [`commit`].
-    fn commit(&mut self, seq: u64, fault_after: bool) -> Result<(), Option<(FaultCode, u64)>> {
-        commit::<K>(
-            &mut self.progress,
-            &self.control,
-            &self.home,
-            self.incarnation,
-            &self.state,
-            seq,
-            fault_after,
-        )
+    /// Moves what K2K outboxes hold into their rings; returns how many.
+    fn flush_links(&mut self) -> usize {
+        let mut moved = 0;
+        for o in &mut self.outbound {
+            if o.outbox > 0 {
+                let left = o.link.flush(&mut o.wake);
+                moved += o.outbox.saturating_sub(left);
+                o.outbox = left;
+            }
+        }
+        moved
+    }
+
+    /// Whether a waiting link's outbox is at capacity: take no new message.
+    fn links_blocked(&self) -> bool {
+        self.outbound
+            .iter()
+            .any(|o| !o.link.report_failures && o.outbox >= o.link.capacity)
+    }
+
+    /// Serves what waits in H2K (a batch); returns how many were taken.
+    fn serve_h2k(&mut self) -> Result<usize, Step> {
+        let check = HeaderCheck::only(MAX_INLINE as u32, &self.served);
+        let mut buf = std::mem::take(&mut self.inbuf);
+        buf.clear();
+        let mut bad = None;
+        {
+            let mut batch = self.h2k.batch();
+            while buf.len() < BATCH {
+                match batch.try_recv_with(&check, |env| Staged::new(env.header, env.payload)) {
+                    Some(Ok(s)) => buf.push(s),
+                    Some(Err(e)) => {
+                        bad = Some(e);
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            // Released below, as far as committed.
+            batch.release_first(0);
+        }
+        let (taken, committed, stop) = self.serve_run(&buf, |i, s| {
+            let _ = i;
+            Origin::H2k(s.header.seq)
+        });
+        self.inbuf = buf;
+        // The H2K head never passes a message that is not committed: what
+        // the host finds there after a fence is exactly what was not
+        // processed.
+        self.h2k.release_next(committed);
+        if taken > 0 {
+            self.space.wake_if_wanted();
+        }
+        if let Some(stop) = stop {
+            return Err(stop);
+        }
+        if let Some(e) = bad
+            && taken == self.inbuf.len()
+            && self.pending.is_none()
+        {
+            tracing::error!(actor = ?self.id, error = %e, "invalid envelope in H2K");
+            self.fault(FaultCode::BadEnvelope, 0);
+            return Err(Step::Exit);
+        }
+        Ok(taken)
+    }
+
+    /// Serves what waits in the link `inbound[i]` (a batch).
+    fn serve_link(&mut self, i: usize) -> Result<usize, Step> {
+        let link = self.inbound[i].clone();
+        if !link.has_inbound(self.incarnation) {
+            return Ok(0);
+        }
+        let mut buf = std::mem::take(&mut self.inbuf);
+        buf.clear();
+        let Some((first, bad)) = link.take(self.incarnation, BATCH, &mut buf) else {
+            self.inbuf = buf;
+            return Ok(0);
+        };
+        let (taken, _, stop) = self.serve_run(&buf, |j, _| Origin::Link(i, first + j as u64));
+        self.inbuf = buf;
+        // Frees the ring up to what was committed (the sender may be
+        // waiting for room).
+        link.release_committed();
+        if let Some(stop) = stop {
+            return Err(stop);
+        }
+        if let Some(e) = bad
+            && taken == self.inbuf.len()
+            && self.pending.is_none()
+        {
+            tracing::error!(actor = ?self.id, error = %e, link = link.id.get(), "invalid envelope in a K2K link");
+            self.fault(FaultCode::BadEnvelope, 1);
+            return Err(Step::Exit);
+        }
+        Ok(taken)
+    }
+
+    /// Serves `buf` in order while a reply has room and no outbox waits;
+    /// returns (served, committed, how the loop ends if it does).
+    fn serve_run(
+        &mut self,
+        buf: &[Staged],
+        origin: impl Fn(usize, &Staged) -> Origin,
+    ) -> (usize, usize, Stop) {
+        let (mut taken, mut committed) = (0, 0);
+        while taken < buf.len()
+            && self.outbox.is_empty()
+            && self.k2h.has_room()
+            && !self.links_blocked()
+            && !self.control.is_fenced()
+        {
+            let msg = &buf[taken];
+            let from = origin(taken, msg);
+            taken += 1;
+            match self.serve_one(msg, from) {
+                Served::Done { fault_after } => {
+                    // Publish the replies, then commit: a fenced
+                    // incarnation publishes nothing, and a committed
+                    // message's replies are in K2H before its commit is
+                    // visible to the host's fence.
+                    if self.control.is_fenced() {
+                        self.home
+                            .count_fenced(1 + (self.outbox.len() + self.k2k.len()) as u64);
+                        self.outbox.clear();
+                        self.k2k.clear();
+                        self.leave_fenced();
+                        return (taken, committed, Some(Step::Exit));
+                    }
+                    flush(&mut self.k2h, &mut self.outbox, &self.poller);
+                    if !self.outbox.is_empty() {
+                        // More replies than K2H has room for: the message
+                        // stays uncommitted (and unreleased) until they are
+                        // all published.
+                        self.pending = Some((from, fault_after));
+                        return (taken, committed, None);
+                    }
+                    match self.commit(from, fault_after) {
+                        Ok(()) => committed += 1,
+                        Err(end) => return (taken, committed, Some(self.end(end))),
+                    }
+                }
+                Served::Fault(code, detail) => {
+                    self.fault(code, detail);
+                    return (taken, committed, Some(Step::Exit));
+                }
+                Served::Fenced => {
+                    self.leave_fenced();
+                    return (taken, committed, Some(Step::Exit));
+                }
+                Served::Exit => return (taken, committed, Some(Step::Exit)),
+            }
+        }
+        (taken, committed, None)
+    }
+
+    /// Reports how the loop ends after a failed commit.
+    fn end(&mut self, end: Option<(FaultCode, u64)>) -> Step {
+        match end {
+            None => self.leave_fenced(),
+            Some((code, detail)) => self.fault(code, detail),
+        }
+        Step::Exit
+    }
+
+    /// Runs the handler of one message, staging what it makes.
+    fn serve_one(&mut self, msg: &Staged, from: Origin) -> Served {
+        // Asked once per message (not per empty poll).
+        #[cfg(feature = "fault-injection")]
+        let injection = self.injector.as_ref().and_then(|i| i.next());
+        let header = msg.header;
+        let origin_word = match from {
+            Origin::H2k(seq) => {
+                // The sender's pace sizes the idle spin (see `Idle`).
+                self.send_gap_ns = header.hlc.saturating_sub(self.last_send);
+                self.last_send = header.hlc;
+                seq
+            }
+            Origin::Link(i, pos) => crate::link::origin_of_link(self.inbound[i].id, pos),
+        };
+        let stamp = self.clock.receive(header.hlc);
+        // Before anything can fail: the host's hand-back tells the message
+        // that was in a handler from the rest.
+        self.control.begin_serving(
+            origin_word,
+            if header.flags.contains(Flags::ASK) {
+                header.correlation.to_bits()
+            } else {
+                0
+            },
+        );
+        #[cfg(feature = "fault-injection")]
+        let mut corrupt = false;
+        #[cfg(feature = "fault-injection")]
+        match injection {
+            Some(crate::inject::Injection::Panic) => {
+                return Served::Fault(FaultCode::HandlerPanic, INJECTED_DETAIL);
+            }
+            Some(crate::inject::Injection::Exit) => return Served::Exit,
+            Some(crate::inject::Injection::Hang(d)) => {
+                std::thread::sleep(d);
+                if self.control.is_fenced() {
+                    return Served::Fenced;
+                }
+            }
+            Some(crate::inject::Injection::CorruptReply) => corrupt = true,
+            _ => {}
+        }
+        let Some((_, handler)) = self
+            .handlers
+            .entries
+            .iter()
+            .find(|(t, _)| *t == header.type_id)
+        else {
+            return Served::Fault(FaultCode::UnknownMessageType, u64::from(header.type_id));
+        };
+        let mut answered = false;
+        let staged = self.outbox.len();
+        let mut replies = Replies {
+            outbox: &mut self.outbox,
+            outbox_limit: self.outbox_limit,
+            clock: &self.clock,
+            src: self.id,
+            sends: 0,
+            origin: origin_word,
+            outbound: &self.outbound,
+            k2k: &mut self.k2k,
+        };
+        let state = &mut self.state;
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            handler(
+                state,
+                msg.payload(),
+                &header,
+                stamp,
+                &mut replies,
+                &mut answered,
+            )
+        }));
+        let outcome = match result {
+            Err(_) => Served::Fault(FaultCode::HandlerPanic, 0),
+            Ok(Err(e)) => Served::Fault(FaultCode::HandlerFault, u64::from(e.0)),
+            Ok(Ok(())) if replies.sends > MAX_SENDS => {
+                Served::Fault(FaultCode::HandlerFault, TOO_MANY_SENDS)
+            }
+            Ok(Ok(())) => {
+                if header.flags.contains(Flags::ASK) && !answered {
+                    replies.send_reply(
+                        header.correlation,
+                        header.src,
+                        SYS_NO_REPLY,
+                        Flags::REPLY | Flags::ERROR,
+                        &[],
+                    );
+                }
+                Served::Done { fault_after: false }
+            }
+        };
+        if let Served::Fault(..) = outcome {
+            // A failed handler's replies and sends are not published.
+            self.outbox.truncate(staged);
+            self.k2k.clear();
+        }
+        #[cfg(feature = "fault-injection")]
+        let outcome = match (outcome, injection) {
+            (Served::Done { .. }, Some(crate::inject::Injection::FaultAfterReply)) => {
+                Served::Done { fault_after: true }
+            }
+            (Served::Done { fault_after }, _) if corrupt => {
+                corrupt_last_reply(&mut self.outbox, staged);
+                Served::Done { fault_after }
+            }
+            (o, _) => o,
+        };
+        outcome
+    }
+
+    /// Commits a served message whose replies are published: by the control
+    /// block's commit word (H2K) or the link's (K2K). Then its K2K sends
+    /// go to their links, and progress (and a due checkpoint) is recorded.
+    /// `Err` says how the loop ends: `None` fenced (the commit lost to the
+    /// host's fence; nothing counts), `Some` an injected fault after it.
+    fn commit(&mut self, from: Origin, fault_after: bool) -> Result<(), Option<(FaultCode, u64)>> {
+        let ok = match from {
+            Origin::H2k(seq) => {
+                let ok = self.control.commit(self.progress.committed, seq);
+                if ok {
+                    self.progress.committed = seq;
+                }
+                ok
+            }
+            Origin::Link(i, pos) => self.inbound[i].control.commit(self.incarnation, pos),
+        };
+        if !ok {
+            self.home.count_fenced(1 + self.k2k.len() as u64);
+            self.k2k.clear();
+            return Err(None);
+        }
+        self.push_k2k();
+        let p = &mut self.progress;
+        p.processed += 1;
+        if (p.checkpoint_every > 0 && p.processed % p.checkpoint_every == 0)
+            || self.home.take_checkpoint_request()
+        {
+            checkpoint::<K>(
+                &self.home,
+                &self.control,
+                self.incarnation,
+                p.processed,
+                &self.state,
+            );
+        }
+        // Per message, so a long batch of slow but progressing handlers never
+        // looks hung. After the checkpoint: a host that sees this count knows
+        // the message's checkpoint decision is made.
+        self.control.record_progress(p.processed, p.processed);
+        if fault_after {
+            // Committed, its reply published, and then the fault strikes
+            // before its slot is released.
+            return Err(Some((FaultCode::HandlerFault, INJECTED_DETAIL)));
+        }
+        Ok(())
+    }
+
+    /// Hands the committed message's K2K sends to their links, in the order
+    /// they were made per link.
+    fn push_k2k(&mut self) {
+        if self.k2k.is_empty() {
+            return;
+        }
+        for (i, o) in self.outbound.iter_mut().enumerate() {
+            if !self.k2k.iter().any(|(j, _)| *j == i) {
+                continue;
+            }
+            let mine = self.k2k.iter().filter(|(j, _)| *j == i).map(|(_, s)| *s);
+            match o.link.push(mine, &mut o.wake) {
+                Ok(left) => o.outbox = left,
+                Err(lost) => {
+                    // The receiver went away for good meanwhile.
+                    for s in lost {
+                        self.poller.dead_letter(DeadLetter {
+                            actor: s.header.dst,
+                            src: s.header.src,
+                            seq: 0,
+                            payload: Payload::from_parts(s.header.type_id, s.payload()),
+                            reason: DeadLetterReason::Terminated,
+                        });
+                    }
+                }
+            }
+        }
+        self.k2k.clear();
     }
 
     /// Publishes queued replies and, once they are all out, commits and
@@ -546,36 +777,34 @@ impl<K: Kernel> DeviceLoop<K> {
     /// left waiting; `Ok(false)`: K2H is still full; `Err`: the loop ends.
     fn settle(&mut self) -> Result<bool, Step> {
         if self.control.is_fenced() {
-            self.home.count_fenced(self.outbox.len() as u64);
+            self.home
+                .count_fenced((self.outbox.len() + self.k2k.len()) as u64);
             self.outbox.clear();
+            self.k2k.clear();
             self.leave_fenced();
             return Err(Step::Exit);
         }
-        self.flush_outbox();
+        flush(&mut self.k2h, &mut self.outbox, &self.poller);
         if !self.outbox.is_empty() {
             return Ok(false);
         }
-        let Some((seq, fault_after)) = self.pending.take() else {
+        let Some((from, fault_after)) = self.pending.take() else {
             return Ok(true);
         };
-        let committed = self.commit(seq, fault_after);
-        if let Ok(()) = committed {
-            // It is still the oldest slot of H2K: release it now.
-            let mut batch = self.h2k.batch();
-            let _ = batch.try_pop_with(|_| ());
-            batch.release_first(1);
-            self.space.wake_if_wanted();
+        let committed = self.commit(from, fault_after);
+        if committed.is_ok() {
+            match from {
+                // It is still the oldest slot of H2K: release it now.
+                Origin::H2k(_) => {
+                    self.h2k.release_next(1);
+                    self.space.wake_if_wanted();
+                }
+                Origin::Link(i, _) => self.inbound[i].release_committed(),
+            }
         }
         match committed {
             Ok(()) => Ok(true),
-            Err(None) => {
-                self.leave_fenced();
-                Err(Step::Exit)
-            }
-            Err(Some((code, detail))) => {
-                self.fault(code, detail);
-                Err(Step::Exit)
-            }
+            Err(end) => Err(self.end(end)),
         }
     }
 }
@@ -588,41 +817,6 @@ struct Progress {
     processed: u64,
     /// Checkpoint every this many (0: on request only).
     checkpoint_every: u64,
-}
-
-/// Commits the message `seq` (its replies are published). `Err` says how
-/// the loop ends: `None` fenced (the commit lost to the host's fence;
-/// nothing counts), `Some` an injected fault after the commit.
-fn commit<K: Kernel>(
-    p: &mut Progress,
-    control: &Arc<ControlBlock>,
-    home: &HomeCore,
-    incarnation: u16,
-    state: &K::State,
-    seq: u64,
-    fault_after: bool,
-) -> Result<(), Option<(FaultCode, u64)>> {
-    if !control.commit(p.committed, seq) {
-        home.count_fenced(1);
-        return Err(None);
-    }
-    p.committed = seq;
-    p.processed += 1;
-    if (p.checkpoint_every > 0 && p.processed % p.checkpoint_every == 0)
-        || home.take_checkpoint_request()
-    {
-        checkpoint::<K>(home, control, incarnation, p.processed, state);
-    }
-    // Per message, so a long batch of slow but progressing handlers never
-    // looks hung. After the checkpoint: a host that sees this count knows
-    // the message's checkpoint decision is made.
-    control.record_progress(p.processed, p.processed);
-    if fault_after {
-        // Committed, its reply published, and then the fault strikes
-        // before its H2K slot is released.
-        return Err(Some((FaultCode::HandlerFault, INJECTED_DETAIL)));
-    }
-    Ok(())
 }
 
 /// Stores the state in the actor's home (refused there if fenced).
@@ -646,7 +840,7 @@ fn checkpoint<K: Kernel>(
 fn flush(k2h: &mut Producer, outbox: &mut VecDeque<Pending>, poller: &PollerShared) -> usize {
     let mut moved = 0;
     while let Some(p) = outbox.front() {
-        if k2h.try_send_bytes(&p.header, &p.bytes[..p.len]).is_err() {
+        if k2h.try_send_bytes(&p.header, p.payload()).is_err() {
             break;
         }
         outbox.pop_front();
@@ -666,11 +860,7 @@ pub(crate) const INJECTED_DETAIL: u64 = 0x1_0000_0000;
 #[cfg(feature = "fault-injection")]
 fn corrupt_last_reply(outbox: &mut VecDeque<Pending>, staged: usize) {
     if outbox.len() == staged {
-        outbox.push_back(Pending {
-            header: EnvelopeHeader::new(1, Flags::REPLY),
-            len: 0,
-            bytes: [0; MAX_INLINE],
-        });
+        outbox.push_back(Staged::new(EnvelopeHeader::new(1, Flags::REPLY), &[]));
     }
     if let Some(p) = outbox.back_mut() {
         p.header.magic = 0xBAD0;

@@ -54,8 +54,12 @@ impl Flags {
     pub const ARCHIVED: Flags = Flags(1 << 3);
     /// A fault report from a device slot.
     pub const FAULT: Flags = Flags(1 << 4);
+    /// K2H only: a send the device could not deliver (its K2K link was
+    /// full and reports failures); the poller reports it as a dead letter
+    /// once the message that sent it commits.
+    pub const UNDELIVERED: Flags = Flags(1 << 5);
     /// Every bit this protocol version defines.
-    pub const ALL: Flags = Flags(0x1F);
+    pub const ALL: Flags = Flags(0x3F);
 
     /// No flag set.
     pub const fn empty() -> Self {
@@ -101,7 +105,7 @@ impl std::ops::BitOr for Flags {
 
 impl fmt::Debug for Flags {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [&str; 5] = ["ASK", "REPLY", "ERROR", "ARCHIVED", "FAULT"];
+        const NAMES: [&str; 6] = ["ASK", "REPLY", "ERROR", "ARCHIVED", "FAULT", "UNDELIVERED"];
         let mut set = f.debug_set();
         for (bit, name) in NAMES.iter().enumerate() {
             if self.0 & (1 << bit) != 0 {
@@ -669,8 +673,8 @@ mod tests {
             format!("{:?}", Flags::ASK | Flags::ARCHIVED),
             "{ASK, ARCHIVED}"
         );
-        assert_eq!(Flags::from_bits(0x20), None);
-        assert_eq!(Flags::from_bits(0x1F), Some(Flags::ALL));
+        assert_eq!(Flags::from_bits(0x40), None);
+        assert_eq!(Flags::from_bits(0x3F), Some(Flags::ALL));
         assert!(Flags::ALL.contains(Flags::FAULT));
     }
 

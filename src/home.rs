@@ -56,6 +56,7 @@
 use crate::control::ControlBlock;
 use crate::id::ActorId;
 use crate::kernel::Payload;
+use crate::link::{Link, SlotWaker};
 use crate::runtime::{AskError, Fault, Waiter};
 use std::collections::VecDeque;
 use std::fmt;
@@ -136,6 +137,9 @@ pub enum RouteFailure {
     Closed,
     /// The destination does not take this message type.
     Refused,
+    /// The K2K link's outbox was full and the link reports failures
+    /// ([`LinkOptions::report_failures`](crate::link::LinkOptions::report_failures)).
+    LinkFull,
     /// The destination's overflow was full
     /// ([`ROUTE_OVERFLOW`](crate::runtime::ROUTE_OVERFLOW) parked).
     Overflow,
@@ -211,6 +215,13 @@ struct HomeState {
     live_recovered: bool,
     history: VecDeque<IncarnationRecord>,
     checkpoint: Option<Checkpoint>,
+    /// K2K links into this actor, and out of it.
+    inbound: Vec<Arc<Link>>,
+    outbound: Vec<Arc<Link>>,
+    /// The message types the last incarnation served.
+    served: Vec<u32>,
+    /// The home was dropped: no link attaches any more.
+    gone: bool,
 }
 
 /// The part of a home the device loop sees.
@@ -220,9 +231,105 @@ pub(crate) struct HomeCore {
     state: Mutex<HomeState>,
     fenced_writes: AtomicU64,
     checkpoint_requested: AtomicBool,
+    /// Bumped whenever the link lists change (the device loop reloads them).
+    links_generation: AtomicU64,
+    /// Where the live incarnation's device loop is woken (K2K senders ring it).
+    pub(crate) waker: Arc<SlotWaker>,
 }
 
 impl HomeCore {
+    /// The generation of the link lists.
+    pub(crate) fn links_generation(&self) -> u64 {
+        // Acquire: pairs with the release bump in `links_changed`; a loop that
+        // sees the new number reloads the lists under the lock.
+        self.links_generation.load(Ordering::Acquire)
+    }
+
+    fn links_changed(&self) {
+        self.links_generation.fetch_add(1, Ordering::Release);
+        // A parked device loop reloads its lists.
+        self.waker.wake();
+    }
+
+    /// The link lists: (generation, inbound, outbound).
+    pub(crate) fn links(&self) -> (u64, Vec<Arc<Link>>, Vec<Arc<Link>>) {
+        let st = self.lock();
+        let generation = self.links_generation();
+        (generation, st.inbound.clone(), st.outbound.clone())
+    }
+
+    /// Message types the actor serves (those of its last incarnation).
+    pub(crate) fn served(&self) -> Vec<u32> {
+        self.lock().served.clone()
+    }
+
+    /// Whether a link `from → to` exists already.
+    pub(crate) fn links_to(&self, to: u32) -> bool {
+        self.lock().outbound.iter().any(|l| l.to.index() == to)
+    }
+
+    /// Whether the home was dropped.
+    pub(crate) fn is_gone(&self) -> bool {
+        self.lock().gone
+    }
+
+    /// Adds a link out of this actor; `false` if the home is gone.
+    pub(crate) fn attach_outbound(&self, link: Arc<Link>) -> bool {
+        let mut st = self.lock();
+        if st.gone {
+            return false;
+        }
+        st.outbound.push(link);
+        drop(st);
+        self.links_changed();
+        true
+    }
+
+    /// Adds a link into this actor (a live incarnation serves it at once);
+    /// `false` if the home is gone.
+    pub(crate) fn attach_inbound(&self, link: Arc<Link>) -> bool {
+        let mut st = self.lock();
+        if st.gone {
+            return false;
+        }
+        if let Some(live) = &st.live
+            && !live.is_fenced()
+        {
+            link.reopen(st.started.wrapping_sub(1) as u16);
+        }
+        st.inbound.push(link);
+        drop(st);
+        self.links_changed();
+        true
+    }
+
+    /// Removes a link from the outbound list (its receiver is gone).
+    pub(crate) fn detach_outbound(&self, link: &Link) {
+        self.lock().outbound.retain(|l| l.id != link.id);
+        self.links_changed();
+    }
+
+    /// Fences every link into this actor: the live incarnation commits no
+    /// more of their messages.
+    pub(crate) fn fence_links(&self) {
+        for l in &self.lock().inbound {
+            l.control.fence();
+        }
+    }
+
+    /// Takes both link lists (the home is going away).
+    fn take_links(&self) -> (Vec<Arc<Link>>, Vec<Arc<Link>>) {
+        let mut st = self.lock();
+        st.gone = true;
+        let taken = (
+            std::mem::take(&mut st.inbound),
+            std::mem::take(&mut st.outbound),
+        );
+        drop(st);
+        self.links_changed();
+        taken
+    }
+
     fn lock(&self) -> MutexGuard<'_, HomeState> {
         // A panic while holding this lock cannot leave the state torn (every
         // update is a single assignment or push), so poisoning is ignored.
@@ -288,6 +395,7 @@ impl HomeCore {
     pub(crate) fn begin(
         &self,
         control: &Arc<ControlBlock>,
+        served: &[u32],
     ) -> Result<(u16, Option<Checkpoint>), u16> {
         let mut st = self.lock();
         if let Some(prev) = &st.live
@@ -299,6 +407,12 @@ impl HomeCore {
         st.started = st.started.wrapping_add(1);
         st.live = Some(control.clone());
         st.live_recovered = false;
+        served.clone_into(&mut st.served);
+        // The new incarnation serves the links into the actor from where the
+        // last one (and the host's hand-back) left them.
+        for l in &st.inbound {
+            l.reopen(incarnation);
+        }
         if st.history.len() == HISTORY {
             st.history.pop_front();
         }
@@ -366,6 +480,40 @@ impl<W: Waiter> Drop for HomeInner<W> {
             self.core.index,
             incarnation,
         );
+        let letter = |src: ActorId, to: ActorId, payload: Payload, reason| DeadLetter {
+            actor: to,
+            src,
+            seq: 0,
+            payload,
+            reason,
+        };
+        // The actor is gone for good: links out of it deliver what is in
+        // their rings and lose their outboxes; links into it lose both, and
+        // their senders route from now on (to nobody).
+        let (inbound, outbound) = self.core.take_links();
+        for l in outbound {
+            for s in l.close_sender() {
+                (self.dead_letters)(letter(
+                    s.header.src,
+                    s.header.dst,
+                    Payload::from_parts(s.header.type_id, s.payload()),
+                    DeadLetterReason::Terminated,
+                ));
+            }
+        }
+        for l in inbound {
+            for s in l.close_receiver() {
+                (self.dead_letters)(letter(
+                    s.header.src,
+                    s.header.dst,
+                    Payload::from_parts(s.header.type_id, s.payload()),
+                    reason,
+                ));
+            }
+            if let Some(sender) = l.sender_home.upgrade() {
+                sender.detach_outbound(&l);
+            }
+        }
         for r in queue {
             match r {
                 Replay::Ask { waiter, .. } => crate::runtime::complete(waiter, Err(error)),
@@ -419,9 +567,15 @@ impl<W: Waiter> ActorHome<W> {
                         live_recovered: false,
                         history: VecDeque::new(),
                         checkpoint: None,
+                        inbound: Vec::new(),
+                        outbound: Vec::new(),
+                        served: Vec::new(),
+                        gone: false,
                     }),
                     fenced_writes: AtomicU64::new(0),
                     checkpoint_requested: AtomicBool::new(false),
+                    links_generation: AtomicU64::new(0),
+                    waker: Arc::new(SlotWaker::default()),
                 }),
                 replay: Mutex::new(VecDeque::new()),
                 dead_letters,

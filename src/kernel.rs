@@ -350,6 +350,12 @@ impl<R: Pod> Ctx<'_, R> {
         self.header.trace_id
     }
 
+    /// The sender's stamp of this message (an HLC word): always below
+    /// [`Ctx::stamp`]'s.
+    pub fn sent_stamp(&self) -> u64 {
+        self.header.hlc
+    }
+
     /// The device-side stamp of this message's receipt (after the merge).
     pub fn stamp(&self) -> Timestamp {
         self.stamp
@@ -395,6 +401,11 @@ impl<R: Pod> Ctx<'_, R> {
     /// It leaves with this message's replies (so a faulted incarnation's
     /// sends never leave), and the runtime's poller delivers it without
     /// blocking; what it cannot deliver becomes a dead letter.
+    ///
+    /// To a GPU actor this actor is [linked](crate::link) to (by
+    /// [`Runtime::connect`](crate::runtime::Runtime::connect)), it goes
+    /// slot to slot over the K2K ring once this message commits, with no
+    /// host thread on the path.
     pub fn send<M: Message>(&mut self, dst: ActorId, msg: M) {
         const {
             assert!(

@@ -20,6 +20,10 @@ use crate::envelope::{
     ENVELOPE_MAGIC, EnvelopeHeader, Flags, HEADER_SIZE, PROTOCOL_VERSION, SYSTEM_TYPE_BASE,
 };
 use crate::hlc::{LOGICAL_BITS, LOGICAL_MASK};
+use crate::link::{
+    LINK_CONSUMED_BITS, LINK_CONTROL_SIZE, LINK_FENCED, LINK_MAGIC, LINK_RECEIVER_GONE,
+    LINK_SENDER_GONE, LINK_VERSION, LinkControl, ORIGIN_LINK,
+};
 use crate::region::REGION_ALIGN;
 use crate::ring::{
     DEFAULT_SLOT_SIZE, RING_HEADER_SIZE, RING_MAGIC, RING_VERSION, RingHeader, RingLayout,
@@ -131,6 +135,13 @@ pub fn structs() -> Vec<Struct> {
             serving_correlation: "uint64_t",
             doorbell: "uint32_t",
         }),
+        shared_struct!(LinkControl, "rk_link_control", "A K2K link's control words (receiver line, host line); its ring is an rk_ring_header with slots.", {
+            commit: "uint64_t",
+            closed: "uint64_t",
+            magic: "uint32_t",
+            version: "uint32_t",
+            capacity: "uint32_t",
+        }),
     ]
 }
 
@@ -181,6 +192,11 @@ pub fn constants() -> Vec<Constant> {
             name: "RK_FLAG_FAULT",
             value: Flags::FAULT.bits().into(),
             doc: "a fault report",
+        },
+        Constant {
+            name: "RK_FLAG_UNDELIVERED",
+            value: Flags::UNDELIVERED.bits().into(),
+            doc: "K2H: a send its K2K link could not take (a dead letter)",
         },
         Constant {
             name: "RK_FLAGS_ALL",
@@ -251,6 +267,46 @@ pub fn constants() -> Vec<Constant> {
             name: "RK_COMMIT_FENCED",
             value: COMMIT_FENCED,
             doc: "commit word: the host fenced this incarnation (seq is the word >> 1)",
+        },
+        Constant {
+            name: "RK_LINK_MAGIC",
+            value: LINK_MAGIC.into(),
+            doc: "\"RKLK\" as a little-endian u32",
+        },
+        Constant {
+            name: "RK_LINK_VERSION",
+            value: LINK_VERSION.into(),
+            doc: "link control layout version",
+        },
+        Constant {
+            name: "RK_LINK_CONTROL_SIZE",
+            value: LINK_CONTROL_SIZE as u64,
+            doc: "size of rk_link_control",
+        },
+        Constant {
+            name: "RK_LINK_FENCED",
+            value: LINK_FENCED,
+            doc: "fence bit of a link's commit word (epoch << 48 | consumed << 1 | fenced)",
+        },
+        Constant {
+            name: "RK_LINK_CONSUMED_BITS",
+            value: LINK_CONSUMED_BITS.into(),
+            doc: "bits of the consumed count in a link's commit word",
+        },
+        Constant {
+            name: "RK_LINK_RECEIVER_GONE",
+            value: LINK_RECEIVER_GONE,
+            doc: "closed bit: the receiver is gone for good",
+        },
+        Constant {
+            name: "RK_LINK_SENDER_GONE",
+            value: LINK_SENDER_GONE,
+            doc: "closed bit: the sender is gone for good",
+        },
+        Constant {
+            name: "RK_ORIGIN_LINK",
+            value: ORIGIN_LINK,
+            doc: "seq of a routed send made while serving a link message: this bit | link id << 40 | position",
         },
         Constant {
             name: "RK_DOORBELL_AWAKE",
@@ -480,6 +536,15 @@ mod tests {
             ]
             .map(|f| find("rk_control_block", f)),
             [8, 12, 128, 144, 152, 160, 168, 176, 184, 256]
+        );
+        assert_eq!(
+            (size_of::<LinkControl>(), align_of::<LinkControl>()),
+            (LINK_CONTROL_SIZE, 128)
+        );
+        assert_eq!(
+            ["commit", "closed", "magic", "version", "capacity"]
+                .map(|f| find("rk_link_control", f)),
+            [0, 128, 136, 140, 144]
         );
     }
 }

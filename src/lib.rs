@@ -17,6 +17,7 @@
 //! | [`kernel`] | kernel definitions: messages, state, handlers |
 //! | [`runtime`] | the host side: launch, asks and tells, the K2H poller, lifecycle, watchdog |
 //! | [`home`] | an actor's identity across incarnations: fencing, replay, checkpoints |
+//! | [`link`] | K2K links: a kernel's sends to another GPU actor, slot to slot |
 //! | [`registry`] | one address space: mailboxes of CPU and GPU actors by id, topics with wildcards |
 //! | [`conformance`] | the behaviours every backend must show, written once |
 //!
@@ -70,6 +71,8 @@ pub mod inject;
 pub mod kernel;
 #[cfg(not(ringkernel_loom))]
 pub mod layout;
+#[cfg(not(ringkernel_loom))]
+pub mod link;
 pub mod region;
 #[cfg(not(ringkernel_loom))]
 pub mod registry;

@@ -880,6 +880,41 @@ impl WriteBatch<'_> {
         Ok(written)
     }
 
+    /// Encodes `header` and raw `payload` bytes into the next free slot
+    /// (published with the batch).
+    ///
+    /// # Errors
+    /// [`PushError::TooLarge`] or [`PushError::Full`]; the caller keeps the bytes.
+    #[inline]
+    pub fn try_send_bytes(
+        &mut self,
+        header: &EnvelopeHeader,
+        payload: &[u8],
+    ) -> Result<EnvelopeHeader, PushError> {
+        let max = self.producer.slot_size() - HEADER_SIZE;
+        if payload.len() > max {
+            return Err(PushError::TooLarge {
+                len: payload.len(),
+                max,
+            });
+        }
+        match self
+            .producer
+            .stage_with(self.staged, |slot| encode_bytes(slot, header, payload))
+        {
+            Ok(Ok(written)) => {
+                self.staged += 1;
+                Ok(written)
+            }
+            // The size was checked above, so encoding into a slot cannot fail.
+            Ok(Err(_)) => Err(PushError::TooLarge {
+                len: payload.len(),
+                max,
+            }),
+            Err(RingFull) => Err(PushError::Full),
+        }
+    }
+
     /// Slots staged so far.
     pub fn len(&self) -> usize {
         self.staged as usize
@@ -1034,6 +1069,18 @@ impl Consumer {
             consumer: self,
             taken: 0,
         }
+    }
+
+    /// Releases the next `n` slots (at most those published), read earlier
+    /// through a batch that released none; returns how many.
+    pub fn release_next(&mut self, n: usize) -> usize {
+        let mut batch = self.batch();
+        for _ in 0..n {
+            if batch.try_pop_with(|_| ()).is_none() {
+                break;
+            }
+        }
+        batch.release()
     }
 }
 

@@ -24,6 +24,7 @@ use crate::home::{
 };
 use crate::id::{ActorId, ActorKind, ClockDomain, CorrelationId};
 use crate::kernel::{BackendKind, Kernel, MAX_INLINE, Payload, Reply, SYS_NO_REPLY};
+use crate::link::{ConnectError, Link, LinkId, LinkOptions, LinkStats, WakeTarget, lock};
 use crate::registry::{Delivery, DeliveryError};
 use crate::ring::{Consumer, Producer, RingLayout, RingObserver};
 use crate::space::SpaceWaker;
@@ -478,6 +479,7 @@ impl RuntimeBuilder {
             registry: crate::registry::Registry::new(hlc),
             dead_letters: self.dead_letters,
             dead_letter_count: AtomicU64::new(0),
+            routed: AtomicU64::new(0),
         });
         let for_thread = shared.clone();
         let join = std::thread::Builder::new()
@@ -494,6 +496,8 @@ impl RuntimeBuilder {
                 next_index: AtomicU32::new(0),
                 poller: shared,
                 join: Mutex::new(Some(join)),
+                homes: Mutex::new(std::collections::HashMap::new()),
+                links: Mutex::new(LinkGraph::default()),
             }),
         })
     }
@@ -525,6 +529,47 @@ struct RuntimeInner {
     next_index: AtomicU32,
     poller: Arc<PollerShared>,
     join: Mutex<Option<JoinHandle<()>>>,
+    /// Every home made here, by actor index (for `connect`).
+    homes: Mutex<std::collections::HashMap<u32, std::sync::Weak<HomeCore>>>,
+    links: Mutex<LinkGraph>,
+}
+
+/// The K2K links of a runtime, as a graph of actor indices.
+#[derive(Default)]
+struct LinkGraph {
+    next: u32,
+    edges: Vec<(u32, u32, bool, std::sync::Weak<Link>)>,
+}
+
+impl LinkGraph {
+    /// Drops the edges of closed links.
+    fn prune(&mut self) {
+        self.edges
+            .retain(|(_, _, _, l)| l.upgrade().is_some_and(|l| l.control.closed() == 0));
+    }
+
+    /// A path of waiting edges from `start` to `goal`, if there is one.
+    fn waiting_path(&self, start: u32, goal: u32) -> Option<Vec<u32>> {
+        let mut seen = std::collections::HashSet::new();
+        let mut stack = vec![vec![start]];
+        while let Some(path) = stack.pop() {
+            let at = *path.last()?;
+            if at == goal {
+                return Some(path);
+            }
+            if !seen.insert(at) {
+                continue;
+            }
+            for &(from, to, waits, _) in &self.edges {
+                if from == at && waits {
+                    let mut next = path.clone();
+                    next.push(to);
+                    stack.push(next);
+                }
+            }
+        }
+        None
+    }
 }
 
 impl RuntimeInner {
@@ -535,7 +580,7 @@ impl RuntimeInner {
 
 impl PollerShared {
     /// Hands a letter to the dead-letter sink (and counts it).
-    fn dead_letter(&self, letter: DeadLetter) {
+    pub(crate) fn dead_letter(&self, letter: DeadLetter) {
         self.dead_letter_count.fetch_add(1, Ordering::Relaxed);
         match &self.dead_letters {
             Some(sink) => {
@@ -602,7 +647,7 @@ impl Runtime {
     pub fn home<W: Waiter>(&self) -> ActorHome<W> {
         let index = self.inner.next_index.fetch_add(1, Ordering::Relaxed);
         let runtime = Arc::downgrade(&self.inner);
-        ActorHome::new(
+        let home = ActorHome::new(
             self.inner.node,
             index,
             Box::new(move |letter| {
@@ -610,7 +655,105 @@ impl Runtime {
                     rt.dead_letter(letter);
                 }
             }),
-        )
+        );
+        let mut homes = lock(&self.inner.homes);
+        homes.retain(|_, h| h.strong_count() > 0);
+        homes.insert(index, Arc::downgrade(home.core()));
+        home
+    }
+
+    /// Links GPU actor `from` to GPU actor `to` with a K2K ring: from now
+    /// on `from`'s handlers' sends to `to` (any incarnation) go slot to slot,
+    /// with no host thread on the path (see [`link`](crate::link)). The link
+    /// outlives restarts of either actor and closes when either's home is
+    /// dropped.
+    ///
+    /// # Errors
+    /// [`ConnectError`]: an actor unknown here (or never launched), not two
+    /// distinct GPU actors of this runtime, linked already, a bad capacity,
+    /// or an edge that would close a cycle of waiting links.
+    pub fn connect(
+        &self,
+        from: ActorId,
+        to: ActorId,
+        options: LinkOptions,
+    ) -> Result<LinkId, ConnectError> {
+        for id in [from, to] {
+            if id.node() != self.inner.node || id.kind() != Some(ActorKind::Gpu) {
+                return Err(ConnectError::NotLinkable(id));
+            }
+        }
+        if from.index() == to.index() {
+            return Err(ConnectError::NotLinkable(from));
+        }
+        crate::ring::RingLayout::with_capacity(options.capacity)?;
+        let find = |id: ActorId| {
+            lock(&self.inner.homes)
+                .get(&id.index())
+                .and_then(std::sync::Weak::upgrade)
+                .filter(|h| !h.is_gone() && !h.served().is_empty())
+                .ok_or(ConnectError::Unknown(id))
+        };
+        let (sender, receiver) = (find(from)?, find(to)?);
+        let mut graph = lock(&self.inner.links);
+        graph.prune();
+        if sender.links_to(to.index()) {
+            return Err(ConnectError::AlreadyLinked { from, to });
+        }
+        if !options.report_failures
+            && let Some(path) = graph.waiting_path(to.index(), from.index())
+        {
+            let node = self.inner.node;
+            return Err(ConnectError::Cycle {
+                from,
+                to,
+                path: path
+                    .into_iter()
+                    .map(|i| ActorId::new(node, ActorKind::Gpu, i, 0))
+                    .collect(),
+            });
+        }
+        let id = LinkId(graph.next);
+        if graph.next >= crate::link::MAX_LINKS {
+            return Err(ConnectError::TooManyLinks);
+        }
+        graph.next += 1;
+        let link = Arc::new(Link::new(
+            id,
+            from.with_incarnation(0),
+            to.with_incarnation(0),
+            options,
+            receiver.waker.clone(),
+            Arc::downgrade(&sender),
+            receiver.served(),
+        )?);
+        if !receiver.attach_inbound(link.clone()) || !sender.attach_outbound(link.clone()) {
+            link.close_receiver();
+            return Err(ConnectError::Unknown(from));
+        }
+        graph.edges.push((
+            from.index(),
+            to.index(),
+            !options.report_failures,
+            Arc::downgrade(&link),
+        ));
+        tracing::debug!(?from, ?to, link = id.get(), "linked");
+        Ok(id)
+    }
+
+    /// The counters of a link, while it is open.
+    pub fn link_stats(&self, id: LinkId) -> Option<LinkStats> {
+        lock(&self.inner.links)
+            .edges
+            .iter()
+            .filter_map(|(_, _, _, l)| l.upgrade())
+            .find(|l| l.id == id && !l.receiver_gone())
+            .map(|l| l.stats())
+    }
+
+    /// Messages kernels sent that the poller routed (K2K sends never are).
+    pub fn routed_messages(&self) -> u64 {
+        self.inner.poller.routed.load(Ordering::Relaxed)
     }
 
     /// This runtime's registry: mailboxes of CPU and GPU actors by id, and
@@ -708,7 +851,7 @@ impl Runtime {
         let control = Arc::new(ControlBlock::new());
         let (incarnation, checkpoint) = home
             .core()
-            .begin(&control)
+            .begin(&control, &served)
             .map_err(|incarnation| LaunchError::IncarnationLive { incarnation })?;
         let state = checkpoint.map_or(state, |c| bytemuck::pod_read_unaligned(&c.bytes));
         let index = home.core().index;
@@ -770,11 +913,18 @@ impl Runtime {
         })
         .map_err(|e| abort(e.to_string()))?;
         let _ = shared.device.set(device.thread().clone());
+        // K2K senders ring this incarnation's doorbell from now on.
+        home.core().waker.set(Some(WakeTarget {
+            control: control.clone(),
+            thread: device.thread().clone(),
+        }));
         self.inner.poller.add(Box::new(PolledSlot {
             shared: shared.clone(),
             k2h,
             watch: Watch::default(),
             held: std::collections::VecDeque::new(),
+            links: Vec::new(),
+            links_generation: u64::MAX,
         }));
         tracing::debug!(kernel = K::NAME, actor = ?id, incarnation, "launched");
         Ok(GpuSlot {
@@ -837,6 +987,7 @@ impl<W: Waiter> SlotShared<W> {
     /// now on) and records how it ended; returns the last committed `seq`.
     fn fence(&self, ending: Ending) -> u64 {
         let committed = self.control.fence();
+        self.home.fence_links();
         self.home.ended(self.id.incarnation(), committed, ending);
         committed
     }
@@ -1093,6 +1244,35 @@ impl<W: Waiter> GpuSlot<W> {
                 });
             }
         });
+        // Links into the actor: what this incarnation left in them waits for
+        // the next one (replay) — except the message in a handler when it
+        // failed — or is dead-lettered (fail, stop).
+        let incarnation = self.shared.id.incarnation();
+        let (_, inbound, _) = self.home.core().links();
+        for link in inbound {
+            let (epoch, _, _) = link.control.commit_state();
+            if epoch != incarnation {
+                continue;
+            }
+            let (consumed, pending) = link.unconsumed();
+            let poisoned = crate::link::link_of_origin(serving)
+                .is_some_and(|(id, pos)| id == link.id && !crate::link::passed(consumed, pos));
+            let lost = if replay {
+                usize::from(poisoned && !pending.is_empty())
+            } else {
+                pending.len()
+            };
+            for m in &pending[..lost] {
+                letters.push(DeadLetter {
+                    actor,
+                    src: m.header.src,
+                    seq: 0,
+                    payload: Payload::from_parts(m.header.type_id, m.payload()),
+                    reason,
+                });
+            }
+            link.hand_back(lost as u64);
+        }
         report.replayed = replays.len();
         report.dead_letters = letters.len();
         self.home.push_front_replays(replays);
@@ -1491,6 +1671,8 @@ pub(crate) struct PollerShared {
     registry: crate::registry::Registry,
     dead_letters: Option<DeadLetterSink>,
     dead_letter_count: AtomicU64,
+    /// Kernel sends routed by the poller.
+    routed: AtomicU64,
 }
 
 impl PollerShared {
@@ -1531,8 +1713,13 @@ struct PolledSlot<W> {
     k2h: Consumer,
     watch: Watch,
     /// Messages the kernel sent, held until the message that sent them is
-    /// committed (`seq` of that message, the delivery).
-    held: std::collections::VecDeque<(u64, Delivery)>,
+    /// committed (the origin of that message, the delivery, and whether it
+    /// is a dead letter rather than a delivery).
+    held: std::collections::VecDeque<(u64, Delivery, bool)>,
+    /// Links into the actor (their commit words commit the sends of link
+    /// messages), as of `links_generation`.
+    links: Vec<Arc<Link>>,
+    links_generation: u64,
 }
 
 impl<W: Waiter> PolledSlot<W> {
@@ -1613,6 +1800,7 @@ impl<W: Waiter> PolledSlot<W> {
                         dst: h.dst,
                         stamp,
                     },
+                    h.flags.contains(Flags::UNDELIVERED),
                 ));
                 continue;
             }
@@ -1645,9 +1833,35 @@ impl<W: Waiter> PolledSlot<W> {
             return;
         }
         let (committed, fenced) = self.shared.control.commit_state();
-        while let Some(&(seq, d)) = self.held.front() {
-            if seq <= committed {
-                router.route(p, d);
+        while let Some(&(origin, d, undelivered)) = self.held.front() {
+            let (done, fenced) = match crate::link::link_of_origin(origin) {
+                None => (origin <= committed, fenced),
+                Some((id, pos)) => {
+                    let g = self.shared.home.links_generation();
+                    if g != self.links_generation {
+                        (self.links_generation, self.links, _) = self.shared.home.links();
+                    }
+                    match self.links.iter().find(|l| l.id == id) {
+                        Some(l) => {
+                            // Another epoch: the word was reopened for the
+                            // next incarnation, so this one's message never
+                            // committed.
+                            let (epoch, consumed, fenced) = l.control.commit_state();
+                            let mine = epoch == self.shared.id.incarnation();
+                            (mine && crate::link::passed(consumed, pos), fenced || !mine)
+                        }
+                        // The link closed under it: its message is not
+                        // coming back.
+                        None => (false, true),
+                    }
+                }
+            };
+            if done {
+                if undelivered {
+                    Router::dead(p, d, RouteFailure::LinkFull);
+                } else {
+                    router.route(p, d);
+                }
                 self.held.pop_front();
             } else if fenced {
                 self.shared.home.count_fenced(self.held.len() as u64);
@@ -1840,6 +2054,7 @@ impl Router {
 
     /// Delivers `d`, or parks it behind what waits for the same actor.
     fn route(&mut self, p: &PollerShared, d: Delivery) {
+        p.routed.fetch_add(1, Ordering::Relaxed);
         // Keyed as the registry keys mailboxes: without the incarnation.
         let key = d.dst.with_incarnation(0);
         if let Some(q) = self.overflow.get_mut(&key) {

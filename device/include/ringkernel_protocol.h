@@ -32,7 +32,8 @@
 #define RK_FLAG_ERROR                    0x4ull /* a reply carrying an error */
 #define RK_FLAG_ARCHIVED                 0x8ull /* payload is an rkyv archive */
 #define RK_FLAG_FAULT                    0x10ull /* a fault report */
-#define RK_FLAGS_ALL                     0x1full /* every defined flag bit */
+#define RK_FLAG_UNDELIVERED              0x20ull /* K2H: a send its K2K link could not take (a dead letter) */
+#define RK_FLAGS_ALL                     0x3full /* every defined flag bit */
 #define RK_RING_MAGIC                    0x474e4952ull /* "RING" as a little-endian u32 */
 #define RK_RING_VERSION                  0x1ull /* ring layout version */
 #define RK_RING_HEADER_SIZE              0x180ull /* ring header bytes */
@@ -46,6 +47,14 @@
 #define RK_CONTROL_VERSION               0x2ull /* control block version */
 #define RK_CONTROL_BLOCK_SIZE            0x180ull /* control block bytes */
 #define RK_COMMIT_FENCED                 0x1ull /* commit word: the host fenced this incarnation (seq is the word >> 1) */
+#define RK_LINK_MAGIC                    0x4b4c4b52ull /* "RKLK" as a little-endian u32 */
+#define RK_LINK_VERSION                  0x1ull /* link control layout version */
+#define RK_LINK_CONTROL_SIZE             0x100ull /* size of rk_link_control */
+#define RK_LINK_FENCED                   0x1ull /* fence bit of a link's commit word (epoch << 48 | consumed << 1 | fenced) */
+#define RK_LINK_CONSUMED_BITS            0x2full /* bits of the consumed count in a link's commit word */
+#define RK_LINK_RECEIVER_GONE            0x1ull /* closed bit: the receiver is gone for good */
+#define RK_LINK_SENDER_GONE              0x2ull /* closed bit: the sender is gone for good */
+#define RK_ORIGIN_LINK                   0x8000000000000000ull /* seq of a routed send made while serving a link message: this bit | link id << 40 | position */
 #define RK_DOORBELL_AWAKE                0x0ull /* doorbell: the loop is running */
 #define RK_DOORBELL_PARKED               0x1ull /* doorbell: the loop is going to sleep */
 #define RK_HLC_LOGICAL_BITS              0x4ull /* low bits of the HLC word that count */
@@ -153,5 +162,23 @@ RK_STATIC_ASSERT(offsetof(rk_control_block, commit) == 168, "offsetof rk_control
 RK_STATIC_ASSERT(offsetof(rk_control_block, serving) == 176, "offsetof rk_control_block.serving");
 RK_STATIC_ASSERT(offsetof(rk_control_block, serving_correlation) == 184, "offsetof rk_control_block.serving_correlation");
 RK_STATIC_ASSERT(offsetof(rk_control_block, doorbell) == 256, "offsetof rk_control_block.doorbell");
+
+/* A K2K link's control words (receiver line, host line); its ring is an rk_ring_header with slots. */
+typedef struct rk_link_control {
+    RK_ALIGNAS(128) uint64_t commit; /* offset 0 */
+    uint8_t _pad0[120];
+    uint64_t closed; /* offset 128 */
+    uint32_t magic; /* offset 136 */
+    uint32_t version; /* offset 140 */
+    uint32_t capacity; /* offset 144 */
+    uint8_t _pad1[108];
+} rk_link_control;
+RK_STATIC_ASSERT(sizeof(rk_link_control) == 256, "sizeof rk_link_control");
+RK_STATIC_ASSERT(RK_ALIGNOF(rk_link_control) == 128, "alignof rk_link_control");
+RK_STATIC_ASSERT(offsetof(rk_link_control, commit) == 0, "offsetof rk_link_control.commit");
+RK_STATIC_ASSERT(offsetof(rk_link_control, closed) == 128, "offsetof rk_link_control.closed");
+RK_STATIC_ASSERT(offsetof(rk_link_control, magic) == 136, "offsetof rk_link_control.magic");
+RK_STATIC_ASSERT(offsetof(rk_link_control, version) == 140, "offsetof rk_link_control.version");
+RK_STATIC_ASSERT(offsetof(rk_link_control, capacity) == 144, "offsetof rk_link_control.capacity");
 
 #endif /* RINGKERNEL_PROTOCOL_H */

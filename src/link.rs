@@ -1,0 +1,715 @@
+//! K2K links: a handler's sends to another GPU actor, slot to slot, with no
+//! host thread on the path.
+//!
+//! A link is one SPSC [`ring`](crate::ring) of envelopes from a sending actor
+//! to a receiving actor (both GPU actors of one runtime), set up by
+//! [`Runtime::connect`](crate::runtime::Runtime::connect), plus a
+//! [`LinkControl`] block. It belongs to the two actors' *homes*, not to one
+//! incarnation: it outlives restarts on either side.
+//!
+//! ## Sender
+//!
+//! A handler's send to a linked actor is staged with the message's other
+//! effects. Once the message commits, the staged sends join the link's
+//! *outbox* (in the order they were made) and the loop moves the outbox into
+//! the ring as far as it has room, then rings the receiver's doorbell. So
+//! only committed messages' sends ever reach a receiver, and a full ring
+//! costs the sender nothing but an outbox: it goes on serving its inbound
+//! rings. When an outbox reaches the link's capacity the sender stops taking
+//! new messages until it drains — backpressure along the graph, which is why
+//! [`Runtime::connect`](crate::runtime::Runtime::connect) refuses an edge that
+//! would close a cycle. An edge declared with
+//! [`LinkOptions::report_failures`] is allowed in a cycle: a send that finds
+//! its outbox at capacity is reported as a dead letter
+//! ([`LinkFull`](crate::home::RouteFailure::LinkFull)) instead of waiting.
+//!
+//! ## Receiver and the link's commit word
+//!
+//! The receiver serves a link's messages like its H2K messages: it merges the
+//! stamp, runs the handler, publishes what it made, and commits — here by a
+//! CAS on the link's commit word (`epoch << 48 | consumed << 1 | fenced`),
+//! where `epoch` is the receiver's incarnation. The ring's head only moves
+//! past committed messages. When the receiver's incarnation ends, the host
+//! fences the word with a `fetch_or` (a late commit of the old incarnation
+//! then fails), hands back what it left per the
+//! [`PendingPolicy`](crate::runtime::PendingPolicy), and the next incarnation
+//! reopens the word with its own epoch and carries on from `consumed`.
+//!
+//! A handler that serves a link message and *routes* a send through the host
+//! marks it with the link and position ([`origin_of_link`]); the poller holds
+//! it until the link's commit word passes that position, as it holds the
+//! sends of H2K messages until the control block's commit word does.
+//!
+//! ## Closing
+//!
+//! When either actor's home is dropped, the link closes: what waits in the
+//! sender's outbox is reported as dead letters; a link whose receiver is gone
+//! also dead-letters what waits in the ring, and the sender's later sends to
+//! it take the routed path (where an unknown receiver is a dead letter). A
+//! link whose sender is gone is drained by its receiver.
+//!
+//! On the cpu backend the ring's producer end (and the outbox) and its
+//! consumer end each sit behind a lock that a device loop takes per batch,
+//! never across a handler; the host takes them only to close or hand back.
+//! The two ends never contend with each other.
+
+use crate::control::ControlBlock;
+use crate::envelope::{EnvelopeHeader, HeaderCheck};
+use crate::error::DecodeError;
+use crate::id::ActorId;
+use crate::kernel::MAX_INLINE;
+use crate::ring::{Consumer, Producer, RingObserver};
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::Thread;
+
+/// `"RKLK"` read as a little-endian `u32`.
+pub const LINK_MAGIC: u32 = u32::from_le_bytes(*b"RKLK");
+/// The link control layout version.
+pub const LINK_VERSION: u32 = 1;
+/// Size of [`LinkControl`] in bytes.
+pub const LINK_CONTROL_SIZE: usize = 256;
+/// The fence bit of a link's commit word.
+pub const LINK_FENCED: u64 = 1;
+/// Bits of a link's commit word that count consumed messages (above the
+/// fence bit, below the epoch).
+pub const LINK_CONSUMED_BITS: u32 = 47;
+/// `closed` bit: the receiver is gone for good.
+pub const LINK_RECEIVER_GONE: u64 = 1;
+/// `closed` bit: the sender is gone for good.
+pub const LINK_SENDER_GONE: u64 = 2;
+
+/// Links one runtime can make (ids are 23 bits in an origin word).
+pub const MAX_LINKS: u32 = 1 << 23;
+
+/// The routed-origin marker: a routed send's `seq` with this bit set names
+/// a link message (see [`origin_of_link`]), not an H2K `seq`.
+pub const ORIGIN_LINK: u64 = 1 << 63;
+const ORIGIN_POS_BITS: u32 = 40;
+const ORIGIN_POS_MASK: u64 = (1 << ORIGIN_POS_BITS) - 1;
+const CONSUMED_MASK: u64 = (1 << LINK_CONSUMED_BITS) - 1;
+
+/// Link slots hold well-formed envelopes with inline payloads.
+const CHECK: HeaderCheck<'static> = HeaderCheck::any_type(MAX_INLINE as u32);
+
+/// The origin word of a message served from link `link` at position `pos`
+/// (messages consumed before it): what its routed sends carry in `seq`, and
+/// what the control block's `serving` says while it is in a handler.
+pub const fn origin_of_link(link: LinkId, pos: u64) -> u64 {
+    ORIGIN_LINK | ((link.0 as u64 & 0x7F_FFFF) << ORIGIN_POS_BITS) | (pos & ORIGIN_POS_MASK)
+}
+
+/// Splits an origin word made by [`origin_of_link`]: the link and the low
+/// 40 bits of the position; `None` for an H2K `seq`.
+pub const fn link_of_origin(origin: u64) -> Option<(LinkId, u64)> {
+    if origin & ORIGIN_LINK == 0 {
+        return None;
+    }
+    Some((
+        LinkId(((origin >> ORIGIN_POS_BITS) & 0x7F_FFFF) as u32),
+        origin & ORIGIN_POS_MASK,
+    ))
+}
+
+/// Whether `consumed` has passed the message at (40-bit) position `pos`,
+/// comparing modulo 2^40 (the two are never 2^39 apart: at most a ring's
+/// worth of messages is unconsumed).
+pub(crate) fn passed(consumed: u64, pos: u64) -> bool {
+    let d = consumed.wrapping_sub(pos.wrapping_add(1)) & ORIGIN_POS_MASK;
+    d < (1 << (ORIGIN_POS_BITS - 1))
+}
+
+/// A link's shared control words: two 128-byte lines, one per writer.
+///
+/// | line | writer | field |
+/// |---|---|---|
+/// | 0 | receiver (the host's one write: the fence, and the reopen) | `commit`: `epoch << 48 \| consumed << 1 \| fenced` |
+/// | 1 | host | `closed`: [`LINK_RECEIVER_GONE`] \| [`LINK_SENDER_GONE`]; magic, version, capacity |
+#[repr(C, align(128))]
+pub struct LinkControl {
+    pub(crate) commit: AtomicU64,
+    _pad0: [u8; 120],
+    pub(crate) closed: AtomicU64,
+    pub(crate) magic: u32,
+    pub(crate) version: u32,
+    pub(crate) capacity: u32,
+    _reserved: u32,
+    _pad1: [u8; 104],
+}
+
+const _: () = assert!(std::mem::size_of::<LinkControl>() == LINK_CONTROL_SIZE);
+
+impl fmt::Debug for LinkControl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (epoch, consumed, fenced) = self.commit_state();
+        f.debug_struct("LinkControl")
+            .field("epoch", &epoch)
+            .field("consumed", &consumed)
+            .field("fenced", &fenced)
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+const fn commit_word(epoch: u16, consumed: u64, fenced: bool) -> u64 {
+    ((epoch as u64) << 48) | ((consumed & CONSUMED_MASK) << 1) | fenced as u64
+}
+
+impl LinkControl {
+    /// A link control block: fenced (no receiver incarnation serves it yet).
+    pub fn new(capacity: u32) -> Self {
+        LinkControl {
+            commit: AtomicU64::new(commit_word(0, 0, true)),
+            _pad0: [0; 120],
+            closed: AtomicU64::new(0),
+            magic: LINK_MAGIC,
+            version: LINK_VERSION,
+            capacity,
+            _reserved: 0,
+            _pad1: [0; 104],
+        }
+    }
+
+    /// `(epoch, consumed, fenced)`.
+    pub fn commit_state(&self) -> (u16, u64, bool) {
+        // Acquire: pairs with the receiver's release CAS in `commit`, so a
+        // host that sees `consumed` also sees what the receiver published
+        // before committing it.
+        let w = self.commit.load(Ordering::Acquire);
+        (
+            (w >> 48) as u16,
+            (w >> 1) & CONSUMED_MASK,
+            w & LINK_FENCED != 0,
+        )
+    }
+
+    /// Receiver: commits the message at `consumed` for incarnation `epoch`;
+    /// fails once the host has fenced the word (or reopened it for another
+    /// incarnation).
+    pub fn commit(&self, epoch: u16, consumed: u64) -> bool {
+        // Release: publishes the K2H envelopes written before (pairs with
+        // the host's AcqRel `fence` and the poller's acquire in
+        // `commit_state`).
+        self.commit
+            .compare_exchange(
+                commit_word(epoch, consumed, false),
+                commit_word(epoch, consumed + 1, false),
+                Ordering::Release,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+    }
+
+    /// Host: fences the word (the receiver's incarnation has ended); returns
+    /// how many messages it consumed.
+    pub fn fence(&self) -> u64 {
+        // AcqRel: pairs with the receiver's release CAS, as the control
+        // block's fence does.
+        (self.commit.fetch_or(LINK_FENCED, Ordering::AcqRel) >> 1) & CONSUMED_MASK
+    }
+
+    /// Host: reopens a fenced word for incarnation `epoch`, skipping `skip`
+    /// messages (handed back by the host). Returns the new `consumed`.
+    pub fn reopen(&self, epoch: u16, skip: u64) -> u64 {
+        let mut w = self.commit.load(Ordering::Acquire);
+        loop {
+            let consumed = ((w >> 1) & CONSUMED_MASK) + skip;
+            // Only the fenced word is ever reopened; the receiver cannot move
+            // it meanwhile (its CAS expects an unfenced word).
+            match self.commit.compare_exchange(
+                w,
+                commit_word(epoch, consumed, false),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return consumed,
+                Err(now) => w = now,
+            }
+        }
+    }
+
+    /// The `closed` bits.
+    pub fn closed(&self) -> u64 {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// Identifies a link within its runtime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LinkId(pub(crate) u32);
+
+impl LinkId {
+    /// The raw number.
+    pub const fn get(self) -> u32 {
+        self.0
+    }
+}
+
+/// How [`Runtime::connect`](crate::runtime::Runtime::connect) sets up a link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkOptions {
+    pub(crate) capacity: u32,
+    pub(crate) report_failures: bool,
+}
+
+impl Default for LinkOptions {
+    fn default() -> Self {
+        LinkOptions {
+            capacity: 1024,
+            report_failures: false,
+        }
+    }
+}
+
+impl LinkOptions {
+    /// Ring slots (a power of two, 2..=2^24); the outbox holds as many
+    /// again before the sender waits. Default 1024.
+    pub fn capacity(mut self, slots: u32) -> Self {
+        self.capacity = slots;
+        self
+    }
+
+    /// A send that finds the outbox at capacity is reported as a dead letter
+    /// instead of waiting; such an edge may close a cycle.
+    pub fn report_failures(mut self, yes: bool) -> Self {
+        self.report_failures = yes;
+        self
+    }
+}
+
+/// Why [`Runtime::connect`](crate::runtime::Runtime::connect) refused a link.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// No GPU actor with this index lives on this runtime.
+    #[error("no GPU actor {0:?} on this runtime")]
+    Unknown(ActorId),
+    /// K2K links join two distinct GPU actors of one runtime.
+    #[error("a K2K link needs two distinct GPU actors of this runtime: {0:?}")]
+    NotLinkable(ActorId),
+    /// The two are linked already.
+    #[error("{from:?} → {to:?} is linked already")]
+    AlreadyLinked {
+        /// The sender.
+        from: ActorId,
+        /// The receiver.
+        to: ActorId,
+    },
+    /// The edge would close a cycle of waiting edges (full rings could
+    /// deadlock it); declare it with [`LinkOptions::report_failures`].
+    #[error("{from:?} → {to:?} closes a cycle of K2K links: {path:?}")]
+    Cycle {
+        /// The sender.
+        from: ActorId,
+        /// The receiver.
+        to: ActorId,
+        /// The existing path from `to` back to `from`.
+        path: Vec<ActorId>,
+    },
+    /// The runtime made [`MAX_LINKS`] links already.
+    #[error("the runtime made {} links already", MAX_LINKS)]
+    TooManyLinks,
+    /// The capacity is out of range.
+    #[error("bad link capacity: {0}")]
+    Capacity(#[from] crate::error::LayoutError),
+}
+
+/// Counters of one link.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LinkStats {
+    /// Messages the sender put into the ring.
+    pub sent: u64,
+    /// Messages the receiver committed.
+    pub consumed: u64,
+    /// Committed sends waiting in the outbox.
+    pub outbox: usize,
+    /// Messages reported as dead letters by this link.
+    pub dead_letters: u64,
+}
+
+/// A message made by a handler: an envelope header and its inline payload.
+#[derive(Clone, Copy)]
+pub(crate) struct Staged {
+    pub(crate) header: EnvelopeHeader,
+    pub(crate) len: usize,
+    pub(crate) bytes: [u8; MAX_INLINE],
+}
+
+impl Staged {
+    pub(crate) fn new(header: EnvelopeHeader, payload: &[u8]) -> Self {
+        let len = payload.len().min(MAX_INLINE);
+        let mut bytes = [0u8; MAX_INLINE];
+        bytes[..len].copy_from_slice(&payload[..len]);
+        Staged { header, len, bytes }
+    }
+
+    pub(crate) fn payload(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+/// Where a device loop is woken: its control block's doorbell and its
+/// thread. Swapped by the host at each incarnation.
+#[derive(Clone)]
+pub(crate) struct WakeTarget {
+    pub(crate) control: Arc<ControlBlock>,
+    pub(crate) thread: Thread,
+}
+
+/// An actor's current [`WakeTarget`], shared by its home and every link into
+/// it; `generation` lets a sender cache it.
+#[derive(Default)]
+pub(crate) struct SlotWaker {
+    generation: AtomicU64,
+    target: Mutex<Option<WakeTarget>>,
+}
+
+impl SlotWaker {
+    pub(crate) fn set(&self, target: Option<WakeTarget>) {
+        *lock(&self.target) = target;
+        // Release: a sender that sees the new generation reloads the target
+        // under the lock.
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn get(&self) -> Option<WakeTarget> {
+        lock(&self.target).clone()
+    }
+
+    /// Rings the doorbell of the live incarnation (if any).
+    pub(crate) fn wake(&self) {
+        if let Some(t) = self.get() {
+            t.control.doorbell().ring(|| t.thread.unpark());
+        }
+    }
+}
+
+/// A sender's cached copy of its receiver's [`WakeTarget`].
+#[derive(Default)]
+pub(crate) struct CachedWake {
+    generation: u64,
+    target: Option<WakeTarget>,
+}
+
+impl CachedWake {
+    /// Rings the receiver's doorbell (wakes it if it is parked).
+    pub(crate) fn wake(&mut self, waker: &SlotWaker) {
+        let g = waker.generation();
+        if g != self.generation {
+            self.target = waker.get();
+            self.generation = g;
+        }
+        if let Some(t) = &self.target {
+            t.control.doorbell().ring(|| t.thread.unpark());
+        }
+    }
+}
+
+/// The producer end: the ring's producer and the outbox.
+pub(crate) struct LinkTx {
+    pub(crate) producer: Producer,
+    pub(crate) outbox: VecDeque<Staged>,
+    /// `seq` of the last send made over the link (per sender and receiver).
+    next_seq: u64,
+}
+
+/// One K2K link (see the [module docs](self)).
+pub(crate) struct Link {
+    pub(crate) id: LinkId,
+    pub(crate) from: ActorId,
+    pub(crate) to: ActorId,
+    pub(crate) report_failures: bool,
+    pub(crate) capacity: usize,
+    pub(crate) control: LinkControl,
+    pub(crate) tx: Mutex<LinkTx>,
+    pub(crate) rx: Mutex<Consumer>,
+    pub(crate) observer: RingObserver,
+    /// The receiver's doorbell.
+    pub(crate) receiver: Arc<SlotWaker>,
+    /// The sender's home (to detach the link when the receiver goes).
+    pub(crate) sender_home: std::sync::Weak<crate::home::HomeCore>,
+    /// Message types the receiver serves: others take the routed path.
+    pub(crate) served: Vec<u32>,
+    pub(crate) sent: AtomicU64,
+    pub(crate) dead_letters: AtomicU64,
+    /// Messages past `consumed` the host handed back (failed) while the
+    /// word was fenced; the next incarnation starts after them.
+    skipped: AtomicU64,
+}
+
+impl fmt::Debug for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Link")
+            .field("id", &self.id)
+            .field("from", &self.from)
+            .field("to", &self.to)
+            .field("control", &self.control)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Locks, ignoring poison: every critical section here is a few pushes,
+/// pops and counter stores that leave the data consistent.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Link {
+    pub(crate) fn new(
+        id: LinkId,
+        from: ActorId,
+        to: ActorId,
+        options: LinkOptions,
+        receiver: Arc<SlotWaker>,
+        sender_home: std::sync::Weak<crate::home::HomeCore>,
+        served: Vec<u32>,
+    ) -> Result<Self, ConnectError> {
+        let layout = crate::ring::RingLayout::new(
+            options.capacity,
+            crate::ring::DEFAULT_SLOT_SIZE.max((crate::envelope::HEADER_SIZE + MAX_INLINE) as u32),
+        )?;
+        let (producer, consumer) = crate::ring::Ring::new(layout);
+        Ok(Link {
+            id,
+            from,
+            to,
+            report_failures: options.report_failures,
+            capacity: options.capacity as usize,
+            control: LinkControl::new(options.capacity),
+            observer: consumer.observer(),
+            tx: Mutex::new(LinkTx {
+                producer,
+                outbox: VecDeque::new(),
+                next_seq: 0,
+            }),
+            rx: Mutex::new(consumer),
+            receiver,
+            sender_home,
+            served,
+            sent: AtomicU64::new(0),
+            dead_letters: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether the receiver is gone for good.
+    pub(crate) fn receiver_gone(&self) -> bool {
+        self.control.closed() & LINK_RECEIVER_GONE != 0
+    }
+
+    /// Messages in the ring (sent, not yet released by the receiver).
+    pub(crate) fn in_ring(&self) -> usize {
+        self.observer.len() as usize
+    }
+
+    /// Receiver: whether incarnation `epoch` has a message to serve here.
+    pub(crate) fn has_inbound(&self, epoch: u16) -> bool {
+        let (e, consumed, fenced) = self.control.commit_state();
+        !fenced && e == epoch && self.observer.published() > consumed
+    }
+
+    /// Sender: appends committed sends to the outbox (numbering them per
+    /// link) and moves what fits into the ring, waking the receiver.
+    /// Returns what is left in the outbox; sends to a receiver that is gone
+    /// come back.
+    pub(crate) fn push(
+        &self,
+        staged: impl IntoIterator<Item = Staged>,
+        wake: &mut CachedWake,
+    ) -> Result<usize, Vec<Staged>> {
+        let mut tx = lock(&self.tx);
+        if self.receiver_gone() {
+            // Closed while these were being committed: the host took the
+            // outbox already.
+            return Err(staged.into_iter().collect());
+        }
+        for mut s in staged {
+            tx.next_seq += 1;
+            s.header.seq = tx.next_seq;
+            tx.outbox.push_back(s);
+        }
+        self.flush_locked(&mut tx, wake);
+        Ok(tx.outbox.len())
+    }
+
+    /// Sender: moves what fits of the outbox into the ring; returns what is
+    /// left in it.
+    pub(crate) fn flush(&self, wake: &mut CachedWake) -> usize {
+        let mut tx = lock(&self.tx);
+        if !tx.outbox.is_empty() && !self.receiver_gone() {
+            self.flush_locked(&mut tx, wake);
+        }
+        tx.outbox.len()
+    }
+
+    fn flush_locked(&self, tx: &mut LinkTx, wake: &mut CachedWake) -> usize {
+        let LinkTx {
+            producer, outbox, ..
+        } = tx;
+        let mut moved = 0;
+        {
+            let mut batch = producer.batch();
+            while let Some(s) = outbox.front() {
+                if batch.try_send_bytes(&s.header, s.payload()).is_err() {
+                    break;
+                }
+                outbox.pop_front();
+                moved += 1;
+            }
+            // Dropping the batch publishes it (one store-release of the tail).
+        }
+        if moved > 0 {
+            self.sent.fetch_add(moved as u64, Ordering::Relaxed);
+            wake.wake(&self.receiver);
+        }
+        moved
+    }
+
+    /// Sender: committed sends waiting in the outbox.
+    pub(crate) fn outbox_len(&self) -> usize {
+        lock(&self.tx).outbox.len()
+    }
+
+    /// Receiver: releases the ring up to what incarnation `epoch` committed,
+    /// then copies out up to `max` messages after it, each checked as an
+    /// envelope. Returns the position of the first one (`consumed`) and the
+    /// error of a malformed one (which ends the batch), or `None` if the
+    /// link is not this incarnation's to serve.
+    pub(crate) fn take(
+        &self,
+        epoch: u16,
+        max: usize,
+        out: &mut Vec<Staged>,
+    ) -> Option<(u64, Option<DecodeError>)> {
+        let mut rx = lock(&self.rx);
+        let (e, consumed, fenced) = self.control.commit_state();
+        if fenced || e != epoch {
+            return None;
+        }
+        release_to(&mut rx, &self.observer, consumed);
+        let mut batch = rx.batch();
+        let mut bad = None;
+        while out.len() < max {
+            match batch.try_recv_with(&CHECK, |env| Staged::new(env.header, env.payload)) {
+                Some(Ok(s)) => out.push(s),
+                Some(Err(e)) => {
+                    bad = Some(e);
+                    break;
+                }
+                None => break,
+            }
+        }
+        // Nothing is released until it is committed.
+        batch.release_first(0);
+        Some((consumed, bad))
+    }
+
+    /// Receiver: releases the ring up to what was committed.
+    pub(crate) fn release_committed(&self) {
+        let mut rx = lock(&self.rx);
+        let (_, consumed, _) = self.control.commit_state();
+        release_to(&mut rx, &self.observer, consumed);
+    }
+
+    /// Host: copies out every message in the ring past `consumed` and what
+    /// was handed back already (the receiver is fenced, so nothing else
+    /// moves the head meanwhile), and the position of the first. A
+    /// malformed one ends the list.
+    pub(crate) fn unconsumed(&self) -> (u64, Vec<Staged>) {
+        let (_, consumed, _) = self.control.commit_state();
+        let skipped = self.skipped.load(Ordering::Relaxed);
+        let mut out = Vec::new();
+        let mut rx = lock(&self.rx);
+        release_to(&mut rx, &self.observer, consumed);
+        let mut batch = rx.batch();
+        let mut at = 0;
+        while let Some(Ok(s)) =
+            batch.try_recv_with(&CHECK, |env| Staged::new(env.header, env.payload))
+        {
+            if at >= skipped {
+                out.push(s);
+            }
+            at += 1;
+        }
+        batch.release_first(0);
+        (consumed + skipped, out)
+    }
+
+    /// Host: the first `n` of [`Link::unconsumed`] were handed back (failed);
+    /// the next incarnation starts after them.
+    pub(crate) fn hand_back(&self, n: u64) {
+        self.skipped.fetch_add(n, Ordering::Relaxed);
+        self.dead_letters.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Host: a new incarnation `epoch` of the receiver serves the link, past
+    /// what was handed back.
+    pub(crate) fn reopen(&self, epoch: u16) {
+        self.control
+            .reopen(epoch, self.skipped.swap(0, Ordering::Relaxed));
+    }
+
+    /// Host: the receiver is gone for good. Returns what will never be
+    /// delivered: what is in the ring past `consumed`, then the outbox.
+    pub(crate) fn close_receiver(&self) -> Vec<Staged> {
+        let outbox: Vec<Staged> = {
+            let mut tx = lock(&self.tx);
+            // Under the producer lock: nothing enters the ring after this.
+            self.control
+                .closed
+                .fetch_or(LINK_RECEIVER_GONE, Ordering::AcqRel);
+            tx.outbox.drain(..).collect()
+        };
+        self.control.fence();
+        let (_, mut lost) = self.unconsumed();
+        lost.extend(outbox);
+        self.dead_letters
+            .fetch_add(lost.len() as u64, Ordering::Relaxed);
+        lost
+    }
+
+    /// Host: the sender is gone for good. Returns its outbox (never to be
+    /// sent); what is in the ring stays for the receiver.
+    pub(crate) fn close_sender(&self) -> Vec<Staged> {
+        let mut tx = lock(&self.tx);
+        self.control
+            .closed
+            .fetch_or(LINK_SENDER_GONE, Ordering::AcqRel);
+        let lost: Vec<Staged> = tx.outbox.drain(..).collect();
+        self.dead_letters
+            .fetch_add(lost.len() as u64, Ordering::Relaxed);
+        lost
+    }
+
+    pub(crate) fn stats(&self) -> LinkStats {
+        LinkStats {
+            sent: self.sent.load(Ordering::Relaxed),
+            consumed: self.control.commit_state().1,
+            outbox: self.outbox_len(),
+            dead_letters: self.dead_letters.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Moves the ring's head up to `consumed` (it lags the commit word by the
+/// messages committed since the last batch).
+fn release_to(rx: &mut Consumer, observer: &RingObserver, consumed: u64) {
+    let head = observer.released();
+    if consumed <= head {
+        return;
+    }
+    let mut batch = rx.batch();
+    for _ in head..consumed {
+        if batch.try_pop_with(|_| ()).is_none() {
+            break;
+        }
+    }
+    batch.release();
+}
