@@ -68,6 +68,8 @@ struct Replies<'a> {
     outbox: &'a mut VecDeque<Pending>,
     outbox_limit: usize,
     clock: &'a Hlc,
+    /// Physical time, read once for the batch.
+    now: u64,
     src: ActorId,
     /// Messages this handler sent to other actors.
     sends: usize,
@@ -87,7 +89,7 @@ impl ReplySink for Replies<'_> {
         flags: Flags,
         payload: &[u8],
     ) {
-        let stamp = self.clock.tick();
+        let stamp = self.clock.tick_at(self.now);
         let mut header = EnvelopeHeader::new(type_id, flags)
             .with_src(self.src)
             .with_dst(dst)
@@ -111,10 +113,12 @@ impl ReplySink for Replies<'_> {
                 // Types the receiver does not serve take the routed path
                 // (where the adapter refuses them as dead letters).
                 if !o.link.receiver_gone() && o.link.served.binary_search(&type_id).is_ok() {
-                    let staged = self.k2k.iter().filter(|(j, _)| *j == i).count();
                     // Room: the ring's, and as much again in the outbox.
                     if !o.link.report_failures
-                        || o.link.in_ring() + o.outbox + staged < 2 * o.link.capacity
+                        || o.link.in_ring()
+                            + o.outbox
+                            + self.k2k.iter().filter(|(j, _)| *j == i).count()
+                            < 2 * o.link.capacity
                     {
                         self.k2k.push((i, Staged::new(header, &payload[..len])));
                         return;
@@ -180,6 +184,9 @@ struct DeviceLoop<K: Kernel> {
     k2k: Vec<(usize, Staged)>,
     /// Messages copied out of an inbound ring, being served.
     inbuf: Vec<Staged>,
+    /// Physical time, read once per batch (one clock read per batch, not
+    /// per message: the HLC's counter orders the batch's stamps).
+    now: u64,
 }
 
 /// Messages served between two looks at the control block.
@@ -250,6 +257,7 @@ impl<K: Kernel> DeviceLoop<K> {
             outbound: Vec::new(),
             k2k: Vec::new(),
             inbuf: Vec::with_capacity(BATCH),
+            now: 0,
         }
     }
 
@@ -524,6 +532,10 @@ impl<K: Kernel> DeviceLoop<K> {
         origin: impl Fn(usize, &Staged) -> Origin,
     ) -> (usize, usize, Stop) {
         let (mut taken, mut committed) = (0, 0);
+        if !buf.is_empty() {
+            use crate::hlc::PhysicalClock;
+            self.now = self.clock.clock().now_ns();
+        }
         while taken < buf.len()
             && self.outbox.is_empty()
             && self.k2h.has_room()
@@ -598,7 +610,7 @@ impl<K: Kernel> DeviceLoop<K> {
             }
             Origin::Link(i, pos) => crate::link::origin_of_link(self.inbound[i].id, pos),
         };
-        let stamp = self.clock.receive(header.hlc);
+        let stamp = self.clock.receive_at(header.hlc, self.now);
         // Before anything can fail: the host's hand-back tells the message
         // that was in a handler from the rest.
         self.control.begin_serving(
@@ -640,6 +652,7 @@ impl<K: Kernel> DeviceLoop<K> {
             outbox: &mut self.outbox,
             outbox_limit: self.outbox_limit,
             clock: &self.clock,
+            now: self.now,
             src: self.id,
             sends: 0,
             origin: origin_word,

@@ -346,6 +346,21 @@ impl<C: PhysicalClock> Hlc<C> {
         self.advance(pt.max(stamp.saturating_add(1)))
     }
 
+    /// As [`Hlc::tick`], with physical time `pt_ns` read earlier (once for
+    /// a batch of events: the logical counter keeps their stamps apart and
+    /// increasing; a stale `pt_ns` only lowers the floor).
+    #[inline]
+    pub fn tick_at(&self, pt_ns: u64) -> Timestamp {
+        self.advance(pt_ns & !LOGICAL_MASK)
+    }
+
+    /// As [`Hlc::receive`], with physical time `pt_ns` read earlier (see
+    /// [`Hlc::tick_at`]).
+    #[inline]
+    pub fn receive_at(&self, stamp: u64, pt_ns: u64) -> Timestamp {
+        self.advance((pt_ns & !LOGICAL_MASK).max(stamp.saturating_add(1)))
+    }
+
     /// Merges a stamp that arrived over the network, rejecting one further
     /// ahead of local physical time than the configured bound.
     ///

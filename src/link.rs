@@ -530,12 +530,31 @@ impl Link {
             // outbox already.
             return Err(staged.into_iter().collect());
         }
-        for mut s in staged {
-            tx.next_seq += 1;
-            s.header.seq = tx.next_seq;
-            tx.outbox.push_back(s);
+        let tx = &mut *tx;
+        let mut moved = 0;
+        {
+            // Straight into the ring while it has room and nothing waits
+            // before them; the rest joins the outbox.
+            let mut batch = tx.producer.batch();
+            let mut direct = tx.outbox.is_empty();
+            for mut s in staged {
+                tx.next_seq += 1;
+                s.header.seq = tx.next_seq;
+                if direct && batch.try_send_bytes(&s.header, s.payload()).is_ok() {
+                    moved += 1;
+                } else {
+                    direct = false;
+                    tx.outbox.push_back(s);
+                }
+            }
         }
-        self.flush_locked(&mut tx, wake);
+        if moved > 0 {
+            self.sent.fetch_add(moved, Ordering::Relaxed);
+            wake.wake(&self.receiver);
+        }
+        if !tx.outbox.is_empty() {
+            self.flush_locked(tx, wake);
+        }
         Ok(tx.outbox.len())
     }
 

@@ -6,6 +6,7 @@
 
 pub mod actors;
 pub mod faults;
+pub mod k2k;
 pub mod pipeline;
 
 use bytemuck::{Pod, Zeroable};

@@ -15,7 +15,7 @@
 use ringkernel::hlc::Hlc;
 use ringkernel::id::ClockDomain;
 use ringkernel_bench::*;
-use ringkernel_bench::{actors, faults, pipeline};
+use ringkernel_bench::{actors, faults, k2k, pipeline};
 use std::time::{Duration, Instant};
 
 fn cpu_now() -> Duration {
@@ -142,6 +142,7 @@ fn main() {
     let actix_pair = actors::ActixPair::new();
     let kameo_pair = actors::KameoPair::new();
     let pipelines = std::cell::RefCell::new(pipeline::Pipelines::new());
+    let k2k_pair = std::cell::RefCell::new(k2k::K2kPair::new());
 
     let mut comparisons = vec![
         Comparison {
@@ -252,6 +253,13 @@ fn main() {
             ops: 50_000 * scale,
             ours: Box::new(|n| pipelines.borrow_mut().gpu_flood(n)),
             base: Box::new(|n| pipelines.borrow_mut().native_flood(n)),
+        },
+        Comparison {
+            name: "k2k_one_way",
+            config: "a source kernel's handler sends n values (256 per message it is told) over a K2K link to a sink kernel, both cpu-backend GPU actors on their own device threads, until the sink has them all; base rtrb [u8; 128] between two pinned threads; time per message".into(),
+            ops: 1_000_000 * scale,
+            ours: Box::new(|n| k2k_pair.borrow_mut().one_way(n)),
+            base: Box::new(two_thread_rtrb),
         },
         Comparison {
             name: "kameo_tell",
