@@ -1,6 +1,8 @@
 //! Causal order end to end: random graphs of CPU and GPU actors (cpu
 //! backend) pass random causal chains to each other by id — GPU actors with
-//! `Ctx::send`, routed by the poller; CPU actors through the registry — and
+//! `Ctx::send`, over a K2K link where the graph has one (slot to slot, never
+//! seen by the poller) and routed by the poller elsewhere; CPU actors
+//! through the registry — and
 //! every receive is logged with its HLC stamp. Checked: no loss, no
 //! duplicates, FIFO per (sender, receiver) edge, and the receive stamps of
 //! each chain strictly increasing — which needs every happens-before edge to
@@ -184,7 +186,14 @@ fn cpu_actor(run: u32, me: u8, id: ActorId, rt: Arc<Runtime>, rx: mpsc::Receiver
     }
 }
 
-fn check_run(run: u32, gpus: usize, cpus: usize, chains: &[Vec<u8>], skew_ms: i64) {
+fn check_run(
+    run: u32,
+    gpus: usize,
+    cpus: usize,
+    links: &[(u8, u8)],
+    chains: &[Vec<u8>],
+    skew_ms: i64,
+) {
     // The host's physical clock is skewed against the devices' (ahead or
     // behind by `skew_ms`): only the merges at every domain boundary keep
     // the stamps of a chain increasing.
@@ -212,6 +221,25 @@ fn check_run(run: u32, gpus: usize, cpus: usize, chains: &[Vec<u8>], skew_ms: i6
     }
     for i in 0..cpus {
         ids.push(ActorId::cpu(0, 100 + i as u32));
+    }
+    // K2K links between GPU actors: waiting edges where they close no
+    // cycle, edges that report failures where they do (rings of 1024 never
+    // fill here, so nothing is reported).
+    let mut linked = std::collections::HashSet::new();
+    for &(a, b) in links {
+        let (a, b) = (a as usize % gpus, b as usize % gpus);
+        if a == b || !linked.insert((a, b)) {
+            continue;
+        }
+        let opts = ringkernel::link::LinkOptions::default();
+        match rt.connect(ids[a], ids[b], opts) {
+            Ok(_) => {}
+            Err(ringkernel::link::ConnectError::Cycle { .. }) => {
+                rt.connect(ids[a], ids[b], opts.report_failures(true))
+                    .unwrap();
+            }
+            Err(e) => panic!("{e}"),
+        }
     }
     IDS.lock()
         .unwrap()
@@ -247,6 +275,12 @@ fn check_run(run: u32, gpus: usize, cpus: usize, chains: &[Vec<u8>], skew_ms: i6
     }
     // Start every chain from the host.
     let mut expected = 0;
+    // Hops a GPU actor sends that the poller routes (not over a link).
+    let routed = chains
+        .iter()
+        .flat_map(|r| r.windows(2))
+        .filter(|w| (w[0] as usize) < gpus && !linked.contains(&(w[0] as usize, w[1] as usize)))
+        .count() as u64;
     for (c, route) in chains.iter().enumerate() {
         let mut r = [0u8; MAX_HOPS];
         r[..route.len()].copy_from_slice(route);
@@ -333,6 +367,7 @@ fn check_run(run: u32, gpus: usize, cpus: usize, chains: &[Vec<u8>], skew_ms: i6
         );
         *e = r.edge_seq;
     }
+    assert_eq!(rt.routed_messages(), routed, "K2K hops bypass the poller");
     // Shut down: closing the mailboxes ends the threads.
     for id in &ids {
         rt.registry().unregister(*id);
@@ -356,6 +391,7 @@ proptest! {
     fn causal_chains_across_cpu_and_gpu_actors(
         gpus in 1usize..4,
         cpus in 1usize..4,
+        links in proptest::collection::vec((0u8..4, 0u8..4), 0..8),
         seed_chains in chains(MAX_ACTORS),
         skew_ms in prop_oneof![Just(-1000i64), Just(0), Just(1000)],
     ) {
@@ -365,7 +401,7 @@ proptest! {
             .map(|c| c.into_iter().map(|a| a % n as u8).collect())
             .collect();
         let run = RUN.fetch_add(1, Ordering::Relaxed);
-        check_run(run, gpus, cpus, &chains, skew_ms);
+        check_run(run, gpus, cpus, &links, &chains, skew_ms);
     }
 }
 
@@ -375,7 +411,7 @@ proptest! {
 #[test]
 fn gpu_then_cpu_then_cpu_with_the_host_behind() {
     let run = RUN.fetch_add(1, Ordering::Relaxed);
-    check_run(run, 1, 2, &[vec![0, 1, 2], vec![0, 2, 1, 0, 1]], -1000);
+    check_run(run, 1, 2, &[], &[vec![0, 1, 2], vec![0, 2, 1, 0, 1]], -1000);
 }
 
 /// The chain that needs the merge on dequeue: CPU → GPU with the host
@@ -383,5 +419,21 @@ fn gpu_then_cpu_then_cpu_with_the_host_behind() {
 #[test]
 fn cpu_then_gpu_with_the_host_ahead() {
     let run = RUN.fetch_add(1, Ordering::Relaxed);
-    check_run(run, 1, 1, &[vec![1, 0, 1, 0]], 1000);
+    check_run(run, 1, 1, &[], &[vec![1, 0, 1, 0]], 1000);
+}
+
+/// GPU → (K2K) GPU → (K2K) GPU → CPU → GPU, over a cycle of links (one edge
+/// reports failures), with the host clock ahead: the link hops carry the
+/// stamps the slots merge on dequeue.
+#[test]
+fn chains_over_a_cycle_of_links() {
+    let run = RUN.fetch_add(1, Ordering::Relaxed);
+    check_run(
+        run,
+        3,
+        1,
+        &[(0, 1), (1, 2), (2, 0)],
+        &[vec![0, 1, 2, 3, 0, 1], vec![2, 0, 1, 2, 0], vec![3, 1, 2]],
+        1000,
+    );
 }
