@@ -6,7 +6,7 @@
 use crate::control::{ControlBlock, FaultCode, LifecycleState};
 use crate::envelope::{EnvelopeHeader, Flags, HeaderCheck};
 use crate::hlc::Hlc;
-use crate::home::{DeadLetter, DeadLetterReason, HomeCore};
+use crate::home::{DeadLetter, DeadLetterReason, HomeCore, RouteFailure};
 use crate::id::{ActorId, ClockDomain, CorrelationId};
 use crate::kernel::Payload;
 use crate::kernel::{
@@ -73,6 +73,8 @@ struct Replies<'a> {
     src: ActorId,
     /// Messages this handler sent to other actors.
     sends: usize,
+    /// Of those, the ones staged in `outbox` (routed, not K2K).
+    routed: usize,
     /// Origin word of the message being served: its routed sends carry it.
     origin: u64,
     /// Links out of this actor, and the K2K sends staged for them.
@@ -107,7 +109,7 @@ impl ReplySink for Replies<'_> {
             if let Some(i) = self
                 .outbound
                 .iter()
-                .position(|o| o.link.to.index() == dst.index())
+                .position(|o| o.link.to == dst.with_incarnation(0))
             {
                 let o = &self.outbound[i];
                 // Types the receiver does not serve take the routed path
@@ -130,9 +132,10 @@ impl ReplySink for Replies<'_> {
             }
             // The poller routes it only once this message is committed.
             header.seq = self.origin;
+            self.routed += 1;
         }
         // Sends do not count against the replies' bound.
-        if !is_send && self.outbox.len().saturating_sub(self.sends) >= self.outbox_limit {
+        if !is_send && self.outbox.len().saturating_sub(self.routed) >= self.outbox_limit {
             // More replies than asks can be in flight: a handler answered a
             // deferred ask twice. The extra reply could only be late.
             tracing::warn!(actor = ?self.src, correlation = ?to, "reply beyond the in-flight limit dropped");
@@ -213,6 +216,10 @@ enum Served {
     Fenced,
     /// Injected: the loop exits without a word.
     Exit,
+    /// A link message of a type this kernel does not serve (the sender's
+    /// view of the receiver's types was stale): committed, and reported as
+    /// a dead letter.
+    Refused,
 }
 
 /// How a run of messages ended early: the loop ends (`Some(Step)` after
@@ -247,6 +254,7 @@ impl<K: Kernel> DeviceLoop<K> {
             progress: Progress {
                 committed: 0,
                 processed: 0,
+                beats: 0,
                 checkpoint_every: p.checkpoint_every,
             },
             pending: None,
@@ -312,6 +320,8 @@ impl<K: Kernel> DeviceLoop<K> {
                     let acked = self.acked;
                     let incarnation = self.incarnation;
                     let blocked = self.links_blocked();
+                    // Lists are reloaded only between messages.
+                    let can_refresh = self.pending.is_none() && self.k2k.is_empty();
                     let (control, h2k, k2h) = (&self.control, &mut self.h2k, &mut self.k2h);
                     let outbox_blocked = !self.outbox.is_empty();
                     let inbound = &self.inbound;
@@ -320,7 +330,7 @@ impl<K: Kernel> DeviceLoop<K> {
                     let has_work = || {
                         control.requested_state() != Ok(acked)
                             || control.is_fenced()
-                            || home.links_generation() != links_generation
+                            || (can_refresh && home.links_generation() != links_generation)
                             || (acked == LifecycleState::Active
                                 && !blocked
                                 && k2h.free_slots() > 0
@@ -354,6 +364,7 @@ impl<K: Kernel> DeviceLoop<K> {
                 return Step::Exit;
             }
         };
+        self.refresh_links();
         let mut worked = self.flush_links();
         match requested {
             LifecycleState::Terminated | LifecycleState::Faulted => {
@@ -402,6 +413,13 @@ impl<K: Kernel> DeviceLoop<K> {
                 Ok(n) => worked += n,
                 Err(step) => return step,
             }
+        }
+        if self.links_blocked() {
+            // Waiting for a receiver to take what this one sent is
+            // backpressure, not a hang: the watchdog sees a heartbeat.
+            self.progress.beats += 1;
+            self.control
+                .record_progress(self.progress.beats, self.progress.processed);
         }
         if worked > 0 { Step::Worked } else { Step::Idle }
     }
@@ -581,6 +599,19 @@ impl<K: Kernel> DeviceLoop<K> {
                     return (taken, committed, Some(Step::Exit));
                 }
                 Served::Exit => return (taken, committed, Some(Step::Exit)),
+                Served::Refused => match self.commit(from, false) {
+                    Ok(()) => {
+                        committed += 1;
+                        self.poller.dead_letter(DeadLetter {
+                            actor: self.id,
+                            src: msg.header.src,
+                            seq: msg.header.seq,
+                            payload: Payload::from_parts(msg.header.type_id, msg.payload()),
+                            reason: DeadLetterReason::Unroutable(RouteFailure::Refused),
+                        });
+                    }
+                    Err(end) => return (taken, committed, Some(self.end(end))),
+                },
             }
         }
         (taken, committed, None)
@@ -644,6 +675,9 @@ impl<K: Kernel> DeviceLoop<K> {
             .iter()
             .find(|(t, _)| *t == header.type_id)
         else {
+            if let Origin::Link(..) = from {
+                return Served::Refused;
+            }
             return Served::Fault(FaultCode::UnknownMessageType, u64::from(header.type_id));
         };
         let mut answered = false;
@@ -655,6 +689,7 @@ impl<K: Kernel> DeviceLoop<K> {
             now: self.now,
             src: self.id,
             sends: 0,
+            routed: 0,
             origin: origin_word,
             outbound: &self.outbound,
             k2k: &mut self.k2k,
@@ -732,6 +767,7 @@ impl<K: Kernel> DeviceLoop<K> {
         self.push_k2k();
         let p = &mut self.progress;
         p.processed += 1;
+        p.beats += 1;
         if (p.checkpoint_every > 0 && p.processed % p.checkpoint_every == 0)
             || self.home.take_checkpoint_request()
         {
@@ -746,7 +782,7 @@ impl<K: Kernel> DeviceLoop<K> {
         // Per message, so a long batch of slow but progressing handlers never
         // looks hung. After the checkpoint: a host that sees this count knows
         // the message's checkpoint decision is made.
-        self.control.record_progress(p.processed, p.processed);
+        self.control.record_progress(p.beats, p.processed);
         if fault_after {
             // Committed, its reply published, and then the fault strikes
             // before its slot is released.
@@ -828,6 +864,9 @@ struct Progress {
     committed: u64,
     /// Messages committed.
     processed: u64,
+    /// The heartbeat: bumped per commit, and per look while backpressure
+    /// from a K2K link holds the loop.
+    beats: u64,
     /// Checkpoint every this many (0: on request only).
     checkpoint_every: u64,
 }

@@ -309,12 +309,21 @@ impl HomeCore {
         self.links_changed();
     }
 
-    /// Fences every link into this actor: the live incarnation commits no
-    /// more of their messages.
-    pub(crate) fn fence_links(&self) {
-        for l in &self.lock().inbound {
-            l.control.fence();
-        }
+    /// Fences every link into this actor that `incarnation` serves (it
+    /// commits no more of their messages); returns how many each had
+    /// consumed.
+    pub(crate) fn fence_links(&self, incarnation: u16) -> Vec<(crate::link::LinkId, u64)> {
+        self.lock()
+            .inbound
+            .iter()
+            .filter_map(|l| Some((l.id, l.control.fence_epoch(incarnation)?)))
+            .collect()
+    }
+
+    /// Removes a link from the inbound list (its connect failed).
+    pub(crate) fn detach_inbound(&self, link: &Link) {
+        self.lock().inbound.retain(|l| l.id != link.id);
+        self.links_changed();
     }
 
     /// Takes both link lists (the home is going away).

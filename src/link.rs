@@ -202,8 +202,30 @@ impl LinkControl {
             .is_ok()
     }
 
-    /// Host: fences the word (the receiver's incarnation has ended); returns
-    /// how many messages it consumed.
+    /// Host: fences the word if incarnation `epoch` serves it (a word
+    /// already reopened for a later incarnation is left alone); returns how
+    /// many messages it consumed then, or `None` for another epoch.
+    pub fn fence_epoch(&self, epoch: u16) -> Option<u64> {
+        let mut w = self.commit.load(Ordering::Acquire);
+        loop {
+            if (w >> 48) as u16 != epoch {
+                return None;
+            }
+            // AcqRel: pairs with the receiver's release CAS (as `fence`).
+            match self.commit.compare_exchange(
+                w,
+                w | LINK_FENCED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some((w >> 1) & CONSUMED_MASK),
+                Err(now) => w = now,
+            }
+        }
+    }
+
+    /// Host: fences the word whatever its epoch (the receiver is gone for
+    /// good); returns how many messages it consumed.
     pub fn fence(&self) -> u64 {
         // AcqRel: pairs with the receiver's release CAS, as the control
         // block's fence does.
@@ -401,6 +423,11 @@ pub(crate) struct CachedWake {
 impl CachedWake {
     /// Rings the receiver's doorbell (wakes it if it is parked).
     pub(crate) fn wake(&mut self, waker: &SlotWaker) {
+        // SeqCst: after the tail store, before the generation load, so a
+        // receiver incarnation that parks on its new doorbell after the host
+        // installed it (and rang it) either sees the messages or is seen
+        // here under its new generation (the doorbell's own handshake).
+        std::sync::atomic::fence(Ordering::SeqCst);
         let g = waker.generation();
         if g != self.generation {
             self.target = waker.get();
@@ -525,10 +552,13 @@ impl Link {
         wake: &mut CachedWake,
     ) -> Result<usize, Vec<Staged>> {
         let mut tx = lock(&self.tx);
-        if self.receiver_gone() {
+        if self.control.closed() != 0 {
             // Closed while these were being committed: the host took the
-            // outbox already.
-            return Err(staged.into_iter().collect());
+            // outbox already; these are the caller's to report.
+            let lost: Vec<Staged> = staged.into_iter().collect();
+            self.dead_letters
+                .fetch_add(lost.len() as u64, Ordering::Relaxed);
+            return Err(lost);
         }
         let tx = &mut *tx;
         let mut moved = 0;

@@ -727,8 +727,11 @@ impl Runtime {
             Arc::downgrade(&sender),
             receiver.served(),
         )?);
-        if !receiver.attach_inbound(link.clone()) || !sender.attach_outbound(link.clone()) {
-            link.close_receiver();
+        if !receiver.attach_inbound(link.clone()) {
+            return Err(ConnectError::Unknown(to));
+        }
+        if !sender.attach_outbound(link.clone()) {
+            receiver.detach_inbound(&link);
             return Err(ConnectError::Unknown(from));
         }
         graph.edges.push((
@@ -881,6 +884,7 @@ impl Runtime {
             device: OnceLock::new(),
             space: Arc::new(SpaceWaker::default()),
             bad_replies: AtomicU64::new(0),
+            link_fences: OnceLock::new(),
             events: Box::new(events),
             _count: guard,
         });
@@ -918,6 +922,9 @@ impl Runtime {
             control: control.clone(),
             thread: device.thread().clone(),
         }));
+        // A sender that rang the old doorbell meanwhile: the new loop looks
+        // again.
+        home.core().waker.wake();
         self.inner.poller.add(Box::new(PolledSlot {
             shared: shared.clone(),
             k2h,
@@ -972,6 +979,9 @@ pub(crate) struct SlotShared<W> {
     device: OnceLock<Thread>,
     space: Arc<SpaceWaker>,
     bad_replies: AtomicU64,
+    /// How far this incarnation had consumed each link into it when it was
+    /// fenced (final for its epoch).
+    link_fences: OnceLock<Vec<(LinkId, u64)>>,
     events: EventSink,
     _count: SlotCount,
 }
@@ -987,7 +997,8 @@ impl<W: Waiter> SlotShared<W> {
     /// now on) and records how it ended; returns the last committed `seq`.
     fn fence(&self, ending: Ending) -> u64 {
         let committed = self.control.fence();
-        self.home.fence_links();
+        let links = self.home.fence_links(self.id.incarnation());
+        let _ = self.link_fences.set(links);
         self.home.ended(self.id.incarnation(), committed, ending);
         committed
     }
@@ -1828,6 +1839,13 @@ impl<W: Waiter> PolledSlot<W> {
     /// Routes the held sends whose message has committed; drops (and
     /// counts as fenced writes) those of a fenced incarnation that never
     /// will — that message is handed back, so its sends must not leave.
+    /// Reloads the links into the actor if they changed.
+    fn refresh_links(&mut self) {
+        if self.shared.home.links_generation() != self.links_generation {
+            (self.links_generation, self.links, _) = self.shared.home.links();
+        }
+    }
+
     fn release_held(&mut self, p: &PollerShared, router: &mut Router) {
         if self.held.is_empty() {
             return;
@@ -1836,25 +1854,25 @@ impl<W: Waiter> PolledSlot<W> {
         while let Some(&(origin, d, undelivered)) = self.held.front() {
             let (done, fenced) = match crate::link::link_of_origin(origin) {
                 None => (origin <= committed, fenced),
-                Some((id, pos)) => {
-                    let g = self.shared.home.links_generation();
-                    if g != self.links_generation {
-                        (self.links_generation, self.links, _) = self.shared.home.links();
+                Some((id, pos)) => match self.shared.link_fences.get() {
+                    // Fenced: what it had consumed then is final.
+                    Some(fences) => (
+                        fences
+                            .iter()
+                            .any(|&(l, c)| l == id && crate::link::passed(c, pos)),
+                        true,
+                    ),
+                    // Live: the word is this incarnation's (a fenced word
+                    // waits for the fence's snapshot above).
+                    None => {
+                        self.refresh_links();
+                        let done = self.links.iter().any(|l| {
+                            let (_, consumed, fenced) = l.control.commit_state();
+                            l.id == id && !fenced && crate::link::passed(consumed, pos)
+                        });
+                        (done, false)
                     }
-                    match self.links.iter().find(|l| l.id == id) {
-                        Some(l) => {
-                            // Another epoch: the word was reopened for the
-                            // next incarnation, so this one's message never
-                            // committed.
-                            let (epoch, consumed, fenced) = l.control.commit_state();
-                            let mine = epoch == self.shared.id.incarnation();
-                            (mine && crate::link::passed(consumed, pos), fenced || !mine)
-                        }
-                        // The link closed under it: its message is not
-                        // coming back.
-                        None => (false, true),
-                    }
-                }
+                },
             };
             if done {
                 if undelivered {
@@ -1910,7 +1928,11 @@ impl<W: Waiter> PollSlot for PolledSlot<W> {
                         incarnation,
                     },
                 );
-            } else if status.state == LifecycleState::Active && !self.shared.h2k.is_empty() {
+            } else if status.state == LifecycleState::Active && {
+                self.refresh_links();
+                let incarnation = self.shared.id.incarnation();
+                !self.shared.h2k.is_empty() || self.links.iter().any(|l| l.has_inbound(incarnation))
+            } {
                 let now = p.watchdog_clock.now_ns();
                 if status.heartbeat != self.watch.heartbeat || self.watch.since_ns == 0 {
                     self.watch = Watch {

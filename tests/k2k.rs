@@ -507,3 +507,59 @@ fn a_receiver_gone_for_good_loses_nothing_silently() {
     );
     a.terminate(Duration::from_secs(5));
 }
+
+#[test]
+fn a_link_never_takes_a_send_meant_for_a_cpu_actor_with_the_same_index() {
+    let rt = Runtime::new().unwrap();
+    let opts = LaunchOptions::default();
+    let mut a = node(&rt, Counts::default(), &opts);
+    let b = node(&rt, Counts::default(), &opts);
+    rt.connect(a.id(), b.id(), LinkOptions::default()).unwrap();
+    let sink = Arc::new(Sink::default());
+    let cpu = ActorId::cpu(0, b.id().index());
+    rt.registry().register(cpu, sink.clone());
+    forward(&mut a, cpu, 0, 3);
+    wait_for("3 at the CPU actor", || sink.0.lock().unwrap().len() == 3);
+    assert_eq!(rt.routed_messages(), 3);
+    a.terminate(Duration::from_secs(5));
+}
+
+/// Serves only `Tally`: what a relaunched receiver may turn into.
+struct TallyOnly;
+
+impl Kernel for TallyOnly {
+    type State = Counts;
+    const NAME: &'static str = "k2k-tally-only";
+    fn cpu_handlers() -> Option<CpuHandlers<Self>> {
+        Some(CpuHandlers::new().on(|c: &mut Counts, _: Tally, ctx| {
+            ctx.reply(*c);
+            Ok(())
+        }))
+    }
+}
+
+#[test]
+fn a_link_message_the_new_receiver_does_not_serve_is_a_dead_letter() {
+    let (rt, letters) = collecting_runtime();
+    let opts = LaunchOptions::default();
+    let mut a = node(&rt, Counts::default(), &opts);
+    let mut b = node(&rt, Counts::default(), &opts);
+    rt.connect(a.id(), b.id(), LinkOptions::default()).unwrap();
+    b.stop();
+    let mut b2 = rt
+        .launch_in::<TallyOnly, ChannelWaiter>(b.home(), Counts::default(), &opts, |_| {})
+        .unwrap();
+    forward(&mut a, b2.id(), 0, 2);
+    wait_for("2 dead letters", || letters.lock().unwrap().len() == 2);
+    assert!(
+        letters
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|l| l.reason == DeadLetterReason::Unroutable(RouteFailure::Refused))
+    );
+    // The receiver did not fault on them.
+    assert_eq!(tally(&mut b2).received, 0);
+    a.terminate(Duration::from_secs(5));
+    b2.terminate(Duration::from_secs(5));
+}

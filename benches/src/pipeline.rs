@@ -138,8 +138,18 @@ pub struct Pipelines {
 }
 
 impl Pipelines {
-    /// Builds both pipelines.
+    /// Builds both pipelines, stage 1 sending to stage 2 by id (routed by
+    /// the poller).
     pub fn new() -> Self {
+        Self::build(false)
+    }
+
+    /// As [`Pipelines::new`], stage 1 linked to stage 2 by K2K.
+    pub fn linked() -> Self {
+        Self::build(true)
+    }
+
+    fn build(k2k: bool) -> Self {
         let tokio = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -155,9 +165,13 @@ impl Pipelines {
             let (s2, _) = Actor::spawn(None, s2_actor, 0).await.expect("stage 2");
             rt.registry()
                 .register(s2_id, Arc::new(GpuMailbox::new::<Stage>(s2.clone())));
-            let (s1, _) = Actor::spawn(None, GpuActor::<Stage>::new(rt.clone()), 0)
-                .await
-                .expect("stage 1");
+            let s1_actor = GpuActor::<Stage>::new(rt.clone());
+            let s1_id = s1_actor.home().id();
+            let (s1, _) = Actor::spawn(None, s1_actor, 0).await.expect("stage 1");
+            if k2k {
+                rt.connect(s1_id, s2_id, ringkernel::link::LinkOptions::default())
+                    .expect("connect");
+            }
             let (s1, s2) = (GpuActorRef::<Stage>::new(s1), GpuActorRef::<Stage>::new(s2));
             s2.ask(Wire(sink.to_bits())).await.expect("wire");
             s1.ask(Wire(s2_id.to_bits())).await.expect("wire");

@@ -143,6 +143,7 @@ fn main() {
     let kameo_pair = actors::KameoPair::new();
     let pipelines = std::cell::RefCell::new(pipeline::Pipelines::new());
     let k2k_pair = std::cell::RefCell::new(k2k::K2kPair::new());
+    let linked = std::cell::RefCell::new(pipeline::Pipelines::linked());
 
     let mut comparisons = vec![
         Comparison {
@@ -253,6 +254,20 @@ fn main() {
             ops: 50_000 * scale,
             ours: Box::new(|n| pipelines.borrow_mut().gpu_flood(n)),
             base: Box::new(|n| pipelines.borrow_mut().native_flood(n)),
+        },
+        Comparison {
+            name: "pipeline_k2k_one_at_a_time",
+            config: "as pipeline_one_at_a_time with stage 1 linked to stage 2 by K2K (slot to slot, no poller on that hop); base the native ractor pipeline".into(),
+            ops: 5_000 * scale,
+            ours: Box::new(|n| linked.borrow_mut().gpu_one_at_a_time(n)),
+            base: Box::new(|n| linked.borrow_mut().native_one_at_a_time(n)),
+        },
+        Comparison {
+            name: "pipeline_k2k_flood",
+            config: "as pipeline_flood with stage 1 linked to stage 2 by K2K; time per reading (throughput)".into(),
+            ops: 50_000 * scale,
+            ours: Box::new(|n| linked.borrow_mut().gpu_flood(n)),
+            base: Box::new(|n| linked.borrow_mut().native_flood(n)),
         },
         Comparison {
             name: "k2k_one_way",

@@ -1,15 +1,16 @@
 //! A mixed CPU/GPU actor pipeline on the cpu backend (no GPU needed):
 //!
 //! ```text
-//! Ingest (CPU) ─tell─► Transform (GPU) ─send by id─► Aggregate (GPU) ─send by id─► Sink (CPU)
+//! Ingest (CPU) ─tell─► Transform (GPU) ═K2K═► Aggregate (GPU) ─send by id─► Sink (CPU)
 //! ```
 //!
 //! The GPU actors' handlers address their next stage by `ActorId`
-//! (`Ctx::send`); the runtime's poller routes each message through the
-//! registry into the next actor's mailbox, merging HLC stamps at every
-//! boundary. (Transform → Aggregate goes through the host for now; direct
-//! kernel-to-kernel rings are to come.) Prints per-stage counts, the
-//! end-to-end latency of each reading (p50/p99), and throughput.
+//! (`Ctx::send`). Transform is linked to Aggregate (`Runtime::connect`), so
+//! that hop goes slot to slot over a K2K ring with no host thread on the
+//! path; Aggregate → Sink is routed by the runtime's poller through the
+//! registry into the sink's mailbox. HLC stamps merge at every boundary.
+//! Prints per-stage counts, the end-to-end latency of each reading
+//! (p50/p99), throughput, and what went over the link.
 //!
 //! `cargo run --release -p ringkernel-ractor --example pipeline [-- READINGS]`
 
@@ -17,6 +18,7 @@ use bytemuck::{Pod, Zeroable};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ringkernel::id::ActorId;
 use ringkernel::kernel::{CpuHandlers, Kernel, Message};
+use ringkernel::link::LinkOptions;
 use ringkernel::registry::Delivery;
 use ringkernel::runtime::Runtime;
 use ringkernel_ractor::{CpuMailbox, GpuActor, GpuActorRef, GpuMailbox};
@@ -245,7 +247,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rt = Runtime::new()?;
     let epoch = Instant::now();
 
-    // The stages: two GPU actors and a CPU sink, each registered by id.
+    // The stages: two GPU actors, linked, and a CPU sink registered by id.
     let transform_actor = GpuActor::<Transform>::new(rt.clone());
     let transform_id = transform_actor.home().id();
     let (transform, _) = Actor::spawn(None, transform_actor, Next::default()).await?;
@@ -255,17 +257,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (sink, _) = Actor::spawn(None, Sink, epoch).await?;
     let sink_id = ActorId::cpu(rt.node(), 1);
     let registry = rt.registry();
+    // Registered too, for anyone who routes to it; the transform's sends
+    // take the link.
     registry.register(
         aggregate_id,
         Arc::new(GpuMailbox::new::<Aggregate>(aggregate.clone())),
     );
     registry.register(sink_id, Arc::new(CpuMailbox(sink.clone())));
+    let link = rt.connect(transform_id, aggregate_id, LinkOptions::default())?;
     let transform = GpuActorRef::<Transform>::new(transform);
     let aggregate = GpuActorRef::<Aggregate>::new(aggregate);
     transform.ask(Wire(aggregate_id.to_bits())).await?;
     aggregate.ask(Wire(sink_id.to_bits())).await?;
     println!(
-        "pipeline: ingest (CPU) → transform {transform_id:?} (GPU) → aggregate {aggregate_id:?} (GPU) → sink {sink_id:?} (CPU), {:?} backend",
+        "pipeline: ingest (CPU) → transform {transform_id:?} (GPU) ═K2K═► aggregate {aggregate_id:?} (GPU) → sink {sink_id:?} (CPU), {:?} backend",
         rt.backend()
     );
 
@@ -330,9 +335,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         percentile(&unloaded, 0.50),
         percentile(&unloaded, 0.99),
     );
+    let over_link = rt.link_stats(link).map_or(0, |s| s.consumed);
+    println!(
+        "K2K transform → aggregate: {over_link} messages slot to slot; routed by the poller: {} (aggregate → sink)",
+        rt.routed_messages()
+    );
     println!("dead letters: {}", rt.dead_letters());
     if report.received != readings || !in_order || rt.dead_letters() != 0 {
         return Err("the pipeline lost, duplicated or reordered readings".into());
+    }
+    if over_link != readings + paced || rt.routed_messages() != readings + paced {
+        return Err("a transform → aggregate message missed the link".into());
     }
     Ok(())
 }
