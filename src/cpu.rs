@@ -313,7 +313,8 @@ impl<K: Kernel> DeviceLoop<K> {
                     idle.set_budget(device_spin_budget(self.send_gap_ns));
                 }
                 Step::Idle => {
-                    if !idle.should_park() {
+                    // Held by a full link: nothing to spin for.
+                    if !self.links_blocked() && !idle.should_park() {
                         std::hint::spin_loop();
                         continue;
                     }
@@ -466,6 +467,9 @@ impl<K: Kernel> DeviceLoop<K> {
 
     /// Serves what waits in H2K (a batch); returns how many were taken.
     fn serve_h2k(&mut self) -> Result<usize, Step> {
+        if self.links_blocked() {
+            return Ok(0);
+        }
         let check = HeaderCheck::only(MAX_INLINE as u32, &self.served);
         let mut buf = std::mem::take(&mut self.inbuf);
         buf.clear();
@@ -514,7 +518,7 @@ impl<K: Kernel> DeviceLoop<K> {
     /// Serves what waits in the link `inbound[i]` (a batch).
     fn serve_link(&mut self, i: usize) -> Result<usize, Step> {
         let link = self.inbound[i].clone();
-        if !link.has_inbound(self.incarnation) {
+        if self.links_blocked() || !link.has_inbound(self.incarnation) {
             return Ok(0);
         }
         let mut buf = std::mem::take(&mut self.inbuf);
@@ -631,7 +635,7 @@ impl<K: Kernel> DeviceLoop<K> {
         // Asked once per message (not per empty poll).
         #[cfg(feature = "fault-injection")]
         let injection = self.injector.as_ref().and_then(|i| i.next());
-        let header = msg.header;
+        let mut header = msg.header;
         let origin_word = match from {
             Origin::H2k(seq) => {
                 // The sender's pace sizes the idle spin (see `Idle`).
@@ -639,7 +643,11 @@ impl<K: Kernel> DeviceLoop<K> {
                 self.last_send = header.hlc;
                 seq
             }
-            Origin::Link(i, pos) => crate::link::origin_of_link(self.inbound[i].id, pos),
+            Origin::Link(i, pos) => {
+                // The link delivers to whichever incarnation serves it.
+                header.dst = self.id;
+                crate::link::origin_of_link(self.inbound[i].id, pos)
+            }
         };
         let stamp = self.clock.receive_at(header.hlc, self.now);
         // Before anything can fail: the host's hand-back tells the message
