@@ -32,7 +32,7 @@
 //! past committed messages. When the receiver's incarnation ends, the host
 //! fences the word with a `fetch_or` (a late commit of the old incarnation
 //! then fails), hands back what it left per the
-//! [`PendingPolicy`](crate::runtime::PendingPolicy), and the next incarnation
+//! [`PendingPolicy`](crate::home::PendingPolicy), and the next incarnation
 //! reopens the word with its own epoch and carries on from `consumed`.
 //!
 //! A handler that serves a link message and *routes* a send through the host
@@ -255,6 +255,16 @@ impl LinkControl {
     /// The `closed` bits.
     pub fn closed(&self) -> u64 {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// The ring's capacity, as set up.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Whether the magic and version are this layout's.
+    pub fn is_valid(&self) -> bool {
+        self.magic == LINK_MAGIC && self.version == LINK_VERSION
     }
 }
 
@@ -761,4 +771,51 @@ fn release_to(rx: &mut Consumer, observer: &RingObserver, consumed: u64) {
         }
     }
     batch.release();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_commit_word_commits_fences_and_reopens_per_epoch() {
+        let c = LinkControl::new(8);
+        // Created fenced: nobody serves it yet.
+        assert_eq!(c.commit_state(), (0, 0, true));
+        assert!(!c.commit(0, 0));
+        assert_eq!(c.reopen(2, 0), 0);
+        assert!(c.commit(2, 0));
+        assert!(c.commit(2, 1));
+        // A stale epoch or position never commits.
+        assert!(!c.commit(1, 2));
+        assert!(!c.commit(2, 1));
+        assert_eq!(c.commit_state(), (2, 2, false));
+        // Fencing another epoch leaves the word alone.
+        assert_eq!(c.fence_epoch(1), None);
+        assert_eq!(c.fence_epoch(2), Some(2));
+        assert!(!c.commit(2, 2), "a fenced word refuses the late commit");
+        // The next incarnation starts past one handed-back message; the old
+        // one's commit fails on the epoch even though the position matches.
+        assert_eq!(c.reopen(3, 1), 3);
+        assert!(!c.commit(2, 3));
+        assert!(c.commit(3, 3));
+        assert_eq!(c.fence(), 4);
+        assert_eq!(c.commit_state(), (3, 4, true));
+    }
+
+    #[test]
+    fn origins_round_trip_and_positions_compare_across_the_wrap() {
+        let id = LinkId(0x12_3456);
+        let o = origin_of_link(id, 0xAB_CDEF_0123);
+        assert_eq!(link_of_origin(o), Some((id, 0xAB_CDEF_0123)));
+        assert_eq!(link_of_origin(42), None);
+        assert!(passed(5, 4));
+        assert!(!passed(5, 5));
+        assert!(!passed(0, 7));
+        // Positions are 40 bits: consumed past the wrap has passed a
+        // position just before it.
+        let top = (1u64 << 40) - 1;
+        assert!(passed(1 << 40, top));
+        assert!(!passed(top, top));
+    }
 }

@@ -5,6 +5,7 @@ use ringkernel::control::{ControlBlock, FaultCode, LifecycleState};
 use ringkernel::envelope::{Envelope, Flags, HeaderCheck};
 use ringkernel::id::{ActorId, ActorKind, ClockDomain, CorrelationId};
 use ringkernel::layout::{C_HEADER_PATH, c_header};
+use ringkernel::link::{LINK_SENDER_GONE, LinkControl};
 use ringkernel::region::{HeapRegion, SharedMemory};
 use ringkernel::ring::Ring;
 use std::path::{Path, PathBuf};
@@ -135,6 +136,25 @@ fn check_bytes_from_c(output: &str) {
         (LifecycleState::Faulted, FaultCode::HandlerFault, 77, 5, 4)
     );
     assert!(cb.doorbell().is_parked());
+
+    // The link control words C filled read back through the Rust accessors.
+    let bytes = record(output, "link");
+    assert_eq!(bytes.len(), std::mem::size_of::<LinkControl>());
+    let mut lc = LinkControl::new(0);
+    // SAFETY: LinkControl is repr(C) plain integers and atomics, every bit
+    // pattern is valid for them, `bytes` is exactly its size, and `lc` is
+    // exclusively ours.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            (&mut lc as *mut LinkControl).cast::<u8>(),
+            bytes.len(),
+        )
+    };
+    assert_eq!(lc.commit_state(), (3, 9, true));
+    assert_eq!(lc.closed(), LINK_SENDER_GONE);
+    assert_eq!(lc.capacity(), 64);
+    assert!(lc.is_valid());
 }
 
 #[test]

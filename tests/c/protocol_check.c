@@ -23,6 +23,7 @@ int main(void) {
     RK_ALIGNAS(128) static unsigned char ring[RK_RING_HEADER_SIZE + 4 * RK_DEFAULT_SLOT_SIZE];
     rk_ring_header *rh = (rk_ring_header *)(void *)ring;
     rk_control_block cb;
+    rk_link_control lc;
 
     memset(&h, 0, sizeof h);
     h.magic = (uint16_t)RK_ENVELOPE_MAGIC;
@@ -63,5 +64,14 @@ int main(void) {
     cb.processed = 4;
     cb.doorbell = (uint32_t)RK_DOORBELL_PARKED;
     hex("control", &cb, sizeof cb);
+
+    /* A link's control words: epoch 3, 9 consumed, fenced; sender gone. */
+    memset(&lc, 0, sizeof lc);
+    lc.commit = (3ull << 48) | (9ull << 1) | RK_LINK_FENCED;
+    lc.closed = RK_LINK_SENDER_GONE;
+    lc.magic = (uint32_t)RK_LINK_MAGIC;
+    lc.version = (uint32_t)RK_LINK_VERSION;
+    lc.capacity = 64;
+    hex("link", &lc, sizeof lc);
     return 0;
 }
