@@ -12,7 +12,7 @@ use crate::kernel::Payload;
 use crate::kernel::{
     CpuHandlers, Kernel, MAX_INLINE, MAX_SENDS, ReplySink, SYS_NO_REPLY, TOO_MANY_SENDS,
 };
-use crate::link::{CachedWake, Link, Staged};
+use crate::link::{CachedWake, Link, LinkTx, Staged};
 use crate::ring::{Consumer, Producer};
 use crate::runtime::{Idle, PollerShared, device_spin_budget};
 use crate::space::SpaceWaker;
@@ -757,6 +757,22 @@ impl<K: Kernel> DeviceLoop<K> {
     /// `Err` says how the loop ends: `None` fenced (the commit lost to the
     /// host's fence; nothing counts), `Some` an injected fault after it.
     fn commit(&mut self, from: Origin, fault_after: bool) -> Result<(), Option<(FaultCode, u64)>> {
+        // The producer ends of the links this message sends on are held
+        // across the commit and the push: an incarnation started after a
+        // fence of this one cannot slip its sends in between (FIFO per edge
+        // across a restart). Taken in list order; only the sender's
+        // incarnations and the host (briefly, to close) take them.
+        let links: Vec<(usize, Arc<Link>)> = if self.k2k.is_empty() {
+            Vec::new()
+        } else {
+            self.outbound
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| self.k2k.iter().any(|(j, _)| j == i))
+                .map(|(i, o)| (i, o.link.clone()))
+                .collect()
+        };
+        let mut held: Vec<_> = links.iter().map(|(i, l)| (*i, l.lock_tx())).collect();
         let ok = match from {
             Origin::H2k(seq) => {
                 let ok = self.control.commit(self.progress.committed, seq);
@@ -772,7 +788,11 @@ impl<K: Kernel> DeviceLoop<K> {
             self.k2k.clear();
             return Err(None);
         }
-        self.push_k2k();
+        for (i, tx) in &mut held {
+            self.push_k2k(*i, tx);
+        }
+        drop(held);
+        self.k2k.clear();
         let p = &mut self.progress;
         p.processed += 1;
         p.beats += 1;
@@ -801,32 +821,24 @@ impl<K: Kernel> DeviceLoop<K> {
 
     /// Hands the committed message's K2K sends to their links, in the order
     /// they were made per link.
-    fn push_k2k(&mut self) {
-        if self.k2k.is_empty() {
-            return;
-        }
-        for (i, o) in self.outbound.iter_mut().enumerate() {
-            if !self.k2k.iter().any(|(j, _)| *j == i) {
-                continue;
-            }
-            let mine = self.k2k.iter().filter(|(j, _)| *j == i).map(|(_, s)| *s);
-            match o.link.push(mine, &mut o.wake) {
-                Ok(left) => o.outbox = left,
-                Err(lost) => {
-                    // The receiver went away for good meanwhile.
-                    for s in lost {
-                        self.poller.dead_letter(DeadLetter {
-                            actor: s.header.dst,
-                            src: s.header.src,
-                            seq: 0,
-                            payload: Payload::from_parts(s.header.type_id, s.payload()),
-                            reason: DeadLetterReason::Terminated,
-                        });
-                    }
+    fn push_k2k(&mut self, i: usize, tx: &mut LinkTx) {
+        let o = &mut self.outbound[i];
+        let mine = self.k2k.iter().filter(|(j, _)| *j == i).map(|(_, s)| *s);
+        match o.link.push(tx, mine, &mut o.wake) {
+            Ok(left) => o.outbox = left,
+            Err(lost) => {
+                // The link closed meanwhile.
+                for s in lost {
+                    self.poller.dead_letter(DeadLetter {
+                        actor: s.header.dst,
+                        src: s.header.src,
+                        seq: 0,
+                        payload: Payload::from_parts(s.header.type_id, s.payload()),
+                        reason: DeadLetterReason::Terminated,
+                    });
                 }
             }
         }
-        self.k2k.clear();
     }
 
     /// Publishes queued replies and, once they are all out, commits and

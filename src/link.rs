@@ -558,10 +558,10 @@ impl Link {
     /// come back.
     pub(crate) fn push(
         &self,
+        tx: &mut LinkTx,
         staged: impl IntoIterator<Item = Staged>,
         wake: &mut CachedWake,
     ) -> Result<usize, Vec<Staged>> {
-        let mut tx = lock(&self.tx);
         if self.control.closed() != 0 {
             // Closed while these were being committed: the host took the
             // outbox already; these are the caller's to report.
@@ -570,7 +570,6 @@ impl Link {
                 .fetch_add(lost.len() as u64, Ordering::Relaxed);
             return Err(lost);
         }
-        let tx = &mut *tx;
         let mut moved = 0;
         {
             // Straight into the ring while it has room and nothing waits
@@ -596,6 +595,12 @@ impl Link {
             self.flush_locked(tx, wake);
         }
         Ok(tx.outbox.len())
+    }
+
+    /// Sender: the producer end, for a [`Link::push`] (held across the
+    /// commit of the message whose sends it pushes).
+    pub(crate) fn lock_tx(&self) -> MutexGuard<'_, LinkTx> {
+        lock(&self.tx)
     }
 
     /// Sender: moves what fits of the outbox into the ring; returns what is
