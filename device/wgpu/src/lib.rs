@@ -23,6 +23,9 @@
 //! publication, adaptive batches, two dispatches in flight) is the next
 //! step; nothing here is reachable from the adapters yet.
 
+mod host_loop;
+pub use host_loop::{DEVICE_FAILED, DispatchLoop, LoopSlot};
+
 use ringkernel::envelope::HEADER_SIZE;
 use ringkernel::kernel::MAX_INLINE;
 use std::borrow::Cow;
