@@ -77,6 +77,10 @@ message!(
     WhereAmI() = 9 => u64
 );
 message!(
+    /// A tell no conformance kernel serves.
+    Stray(u64) = 0x7F => ()
+);
+message!(
     /// Ask: the handler sleeps this many milliseconds, then replies with
     /// how many naps it has taken (a slow or hung handler, for watchdog
     /// and fencing tests).
@@ -156,7 +160,92 @@ impl Kernel for Probe {
                 }),
         )
     }
+
+    fn wgsl() -> Option<crate::backend::WgslHandler> {
+        Some(crate::backend::WgslHandler {
+            source: PROBE_WGSL,
+            types: &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+        })
+    }
 }
+
+/// [`Probe`] in WGSL. State words: total 0–1, seen 2–3, next 4–5,
+/// disorder 6–7, naps 8–9 (u64s as low, high). `Explode` is the WGSL
+/// handler's abort (`RK_PANIC`); `Nap` counts without sleeping (a dispatch
+/// cannot); `WhereAmI` answers the tag of the dispatch loop's thread.
+pub const PROBE_WGSL: &str = r#"
+fn probe_get(state: ptr<function, array<u32, RK_STATE_WORDS>>, at: u32) -> vec2<u32> {
+    return vec2<u32>((*state)[at], (*state)[at + 1u]);
+}
+
+fn probe_set(state: ptr<function, array<u32, RK_STATE_WORDS>>, at: u32, v: vec2<u32>) {
+    (*state)[at] = v.x;
+    (*state)[at + 1u] = v.y;
+}
+
+fn probe_reply(reply: ptr<function, Reply>, v: vec2<u32>) -> u32 {
+    (*reply).len = 8u;
+    (*reply).payload[0] = v.x;
+    (*reply).payload[1] = v.y;
+    return RK_REPLIED;
+}
+
+fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>) -> u32 {
+    let v = vec2<u32>(msg.payload[0], msg.payload[1]);
+    var status = RK_DONE;
+    switch msg.type_id {
+        case 1u: {
+            status = probe_reply(reply, v);
+        }
+        case 2u: {
+            probe_set(state, 0u, u64_add(probe_get(state, 0u), v));
+        }
+        case 3u: {
+            status = probe_reply(reply, probe_get(state, 0u));
+        }
+        case 4u: {
+            let next = probe_get(state, 4u);
+            if v.x != next.x || v.y != next.y {
+                probe_set(state, 6u, u64_inc(probe_get(state, 6u)));
+            }
+            probe_set(state, 4u, u64_inc(v));
+            probe_set(state, 2u, u64_inc(probe_get(state, 2u)));
+        }
+        case 5u: {
+            let seen = probe_get(state, 2u);
+            let disorder = probe_get(state, 6u);
+            (*reply).len = 16u;
+            (*reply).payload[0] = seen.x;
+            (*reply).payload[1] = seen.y;
+            (*reply).payload[2] = disorder.x;
+            (*reply).payload[3] = disorder.y;
+            status = RK_REPLIED;
+        }
+        case 6u: {
+            status = RK_DONE;
+        }
+        case 7u: {
+            status = RK_PANIC;
+        }
+        case 8u: {
+            status = RK_FAULT + msg.payload[0];
+        }
+        case 9u: {
+            // FNV-1a of "ringkernel-wgpu", the dispatch loop's thread.
+            status = probe_reply(reply, vec2<u32>(0x72c0462cu, 0x27722071u));
+        }
+        case 10u: {
+            let naps = u64_inc(probe_get(state, 8u));
+            probe_set(state, 8u, naps);
+            status = probe_reply(reply, naps);
+        }
+        default: {
+            status = RK_FAULT;
+        }
+    }
+    return status;
+}
+"#;
 
 message!(
     /// Ask answered only once a batch of `N` has arrived, in reverse order.
@@ -466,11 +555,11 @@ pub fn deferred_replies_in_reverse_order(rt: &Runtime) {
 
 /// A message the kernel does not serve is refused and handed back.
 pub fn unknown_type_is_refused(rt: &Runtime) {
-    let (mut slot, _) = launch::<Reverse>(rt, &LaunchOptions::default());
-    match slot.tell(Add(3).into(), ActorId::NONE) {
+    let (mut slot, _) = launch::<Probe>(rt, &LaunchOptions::default());
+    match slot.tell(Stray(3).into(), ActorId::NONE) {
         Err(SubmitError::UnknownType { value, type_id }) => {
-            assert_eq!(type_id, Add::TYPE_ID);
-            assert_eq!(value.get::<Add>(), Some(Add(3)));
+            assert_eq!(type_id, Stray::TYPE_ID);
+            assert_eq!(value.get::<Stray>(), Some(Stray(3)));
         }
         other => panic!("expected UnknownType, got {other:?}"),
     }

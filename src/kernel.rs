@@ -118,6 +118,11 @@ pub trait Kernel: Send + Sync + Sized + 'static {
     fn cpu_handlers() -> Option<CpuHandlers<Self>> {
         None
     }
+
+    /// The wgpu backend's handler, in WGSL; `None` if the kernel has none.
+    fn wgsl() -> Option<crate::backend::WgslHandler> {
+        None
+    }
 }
 
 /// Messages one handler run may send to other actors ([`Ctx::send`]);
@@ -129,12 +134,14 @@ pub const MAX_SENDS: usize = 256;
 /// [`MAX_SENDS`] messages.
 pub const TOO_MANY_SENDS: u64 = 0x2_0000_0000;
 
-/// The message type ids kernel `K` serves (on the cpu backend), sorted;
-/// empty for a kernel without cpu handlers. Adapters refuse other types
-/// before sending.
+/// The message type ids kernel `K` serves (by its handlers for any
+/// backend), sorted; empty for a kernel without handlers. Adapters refuse
+/// other types before sending.
 pub fn served_types<K: Kernel>() -> Vec<u32> {
     let mut served = K::cpu_handlers().map(|h| h.type_ids()).unwrap_or_default();
+    served.extend(K::wgsl().map_or(&[][..], |w| w.types));
     served.sort_unstable();
+    served.dedup();
     served
 }
 

@@ -15,6 +15,7 @@
 //! | [`id`] | actor ids, correlation ids, clock domains |
 //! | [`layout`] | the C mirror of every shared struct (`device/include/ringkernel_protocol.h`) |
 //! | [`kernel`] | kernel definitions: messages, state, handlers |
+//! | [`backend`] | the extension point GPU backends plug into the runtime through |
 //! | [`runtime`] | the host side: launch, asks and tells, the K2H poller, lifecycle, watchdog |
 //! | [`home`] | an actor's identity across incarnations: fencing, replay, checkpoints |
 //! | [`link`] | K2K links: a kernel's sends to another GPU actor, slot to slot |
@@ -51,6 +52,8 @@
 #[cfg(target_endian = "big")]
 compile_error!("the ringkernel protocol is little-endian, as every GPU it targets");
 
+#[cfg(not(ringkernel_loom))]
+pub mod backend;
 #[cfg(not(ringkernel_loom))]
 pub mod conformance;
 pub mod control;

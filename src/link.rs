@@ -340,6 +340,9 @@ pub enum ConnectError {
         /// The existing path from `to` back to `from`.
         path: Vec<ActorId>,
     },
+    /// This runtime's backend does not serve K2K links yet.
+    #[error("the {0:?} backend does not serve K2K links yet")]
+    Unsupported(crate::kernel::BackendKind),
     /// The runtime made [`MAX_LINKS`] links already.
     #[error("the runtime made {} links already", MAX_LINKS)]
     TooManyLinks,

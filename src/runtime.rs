@@ -221,6 +221,24 @@ pub enum LaunchError {
     /// The device thread could not be started.
     #[error("starting the device loop failed: {0}")]
     Spawn(String),
+    /// The backend cannot honour a launch option (none is accepted and
+    /// ignored).
+    #[error("the {backend:?} backend does not support {what}")]
+    Unsupported {
+        /// The backend.
+        backend: BackendKind,
+        /// The option.
+        what: &'static str,
+    },
+    /// The device backend refused the slot (its kernel does not compile,
+    /// the device is lost, ...).
+    #[error("the {backend:?} backend could not launch the slot: {message}")]
+    Backend {
+        /// The backend.
+        backend: BackendKind,
+        /// Why.
+        message: String,
+    },
     /// The actor's previous incarnation is still serving (not fenced), or
     /// has not handed back what it left unprocessed
     /// ([`GpuSlot::recover`], or dropping its slot): two incarnations never
@@ -369,6 +387,7 @@ pub struct RuntimeBuilder {
     watchdog_clock: Arc<dyn PhysicalClock>,
     host_clock: Arc<dyn PhysicalClock>,
     dead_letters: Option<DeadLetterSink>,
+    device: Option<Arc<dyn crate::backend::DeviceBackend>>,
 }
 
 type DeadLetterSink = Arc<dyn Fn(DeadLetter) + Send + Sync>;
@@ -394,6 +413,7 @@ impl Default for RuntimeBuilder {
             watchdog_clock: Arc::new(MonotonicClock::default()),
             host_clock: Arc::new(TscClock::new()),
             dead_letters: None,
+            device: None,
         }
     }
 }
@@ -405,9 +425,18 @@ impl RuntimeBuilder {
         self
     }
 
-    /// The backend kernels run on (default [`BackendKind::Cpu`]).
+    /// The backend kernels run on (default [`BackendKind::Cpu`]). A GPU
+    /// backend needs its device: see [`RuntimeBuilder::device`].
     pub fn backend(mut self, backend: BackendKind) -> Self {
         self.backend = backend;
+        self
+    }
+
+    /// Launches every slot on `device` (a GPU backend crate's, e.g.
+    /// `ringkernel_wgpu::WgpuBackend`); sets the backend to its kind.
+    pub fn device(mut self, device: Arc<dyn crate::backend::DeviceBackend>) -> Self {
+        self.backend = device.kind();
+        self.device = Some(device);
         self
     }
 
@@ -457,7 +486,8 @@ impl RuntimeBuilder {
     /// `Cpu` lives in the core), [`LaunchError::Spawn`] if the poller thread
     /// cannot start.
     pub fn build(self) -> Result<Runtime, LaunchError> {
-        if self.backend != BackendKind::Cpu {
+        // A GPU backend needs its device (its crate gives one).
+        if self.device.as_ref().map_or(BackendKind::Cpu, |d| d.kind()) != self.backend {
             return Err(LaunchError::NoHandler {
                 kernel: "<runtime>",
                 backend: self.backend,
@@ -498,6 +528,7 @@ impl RuntimeBuilder {
                 join: Mutex::new(Some(join)),
                 homes: Mutex::new(std::collections::HashMap::new()),
                 links: Mutex::new(LinkGraph::default()),
+                device: self.device,
             }),
         })
     }
@@ -532,6 +563,17 @@ struct RuntimeInner {
     /// Every home made here, by actor index (for `connect`).
     homes: Mutex<std::collections::HashMap<u32, std::sync::Weak<HomeCore>>>,
     links: Mutex<LinkGraph>,
+    /// The device backend slots launch on (`None`: the cpu backend).
+    device: Option<Arc<dyn crate::backend::DeviceBackend>>,
+}
+
+/// A kernel's code for the backend it launches on.
+enum Code<K: Kernel> {
+    Cpu(crate::kernel::CpuHandlers<K>),
+    Device(
+        Arc<dyn crate::backend::DeviceBackend>,
+        Option<crate::backend::WgslHandler>,
+    ),
 }
 
 /// The K2K links of a runtime, as a graph of actor indices.
@@ -683,6 +725,10 @@ impl Runtime {
                 return Err(ConnectError::NotLinkable(id));
             }
         }
+        if self.inner.backend != BackendKind::Cpu {
+            // Links are served by the cpu backend's device loop only, so far.
+            return Err(ConnectError::Unsupported(self.inner.backend));
+        }
         if from.index() == to.index() {
             return Err(ConnectError::NotLinkable(from));
         }
@@ -815,13 +861,41 @@ impl Runtime {
         if !K::WIDTH.is_valid() {
             return Err(LaunchError::InvalidWidth(K::WIDTH));
         }
-        let Some(handlers) = K::cpu_handlers() else {
-            return Err(LaunchError::NoHandler {
-                kernel: K::NAME,
-                backend: self.inner.backend,
-            });
+        let no_handler = LaunchError::NoHandler {
+            kernel: K::NAME,
+            backend: self.inner.backend,
         };
-        let mut served = handlers.type_ids();
+        let (code, mut served) = match &self.inner.device {
+            None => {
+                let Some(handlers) = K::cpu_handlers() else {
+                    return Err(no_handler);
+                };
+                let served = handlers.type_ids();
+                (Code::Cpu(handlers), served)
+            }
+            Some(device) => {
+                let wgsl = K::wgsl();
+                if !device.has_handler(wgsl) {
+                    return Err(no_handler);
+                }
+                // No option is accepted and ignored.
+                if options.checkpoint_every > 0 {
+                    return Err(LaunchError::Unsupported {
+                        backend: self.inner.backend,
+                        what: "checkpoint_every",
+                    });
+                }
+                #[cfg(feature = "fault-injection")]
+                if options.injector.is_some() {
+                    return Err(LaunchError::Unsupported {
+                        backend: self.inner.backend,
+                        what: "fault injection",
+                    });
+                }
+                let served = wgsl.map(|w| w.types.to_vec()).unwrap_or_default();
+                (Code::Device(device.clone(), wgsl), served)
+            }
+        };
         served.sort_unstable();
         for pair in served.windows(2) {
             if pair[0] == pair[1] {
@@ -898,29 +972,60 @@ impl Runtime {
         ] {
             control.request(target).map_err(|e| abort(e.to_string()))?;
         }
-        let device = crate::cpu::spawn::<K>(crate::cpu::SlotParts {
-            id,
-            node: self.inner.node,
-            state,
-            handlers,
-            served: served.clone(),
-            control: control.clone(),
-            h2k: h2k_rx,
-            k2h: k2h_tx,
-            poller: self.inner.poller.clone(),
-            space: shared.space.clone(),
-            max_in_flight: options.max_in_flight,
-            home: home.core().clone(),
-            checkpoint_every: options.checkpoint_every,
-            #[cfg(feature = "fault-injection")]
-            injector: options.injector.clone(),
-        })
-        .map_err(|e| abort(e.to_string()))?;
-        let _ = shared.device.set(device.thread().clone());
+        let (thread, device) = match code {
+            Code::Cpu(handlers) => {
+                let device = crate::cpu::spawn::<K>(crate::cpu::SlotParts {
+                    id,
+                    node: self.inner.node,
+                    state,
+                    handlers,
+                    served: served.clone(),
+                    control: control.clone(),
+                    h2k: h2k_rx,
+                    k2h: k2h_tx,
+                    poller: self.inner.poller.clone(),
+                    space: shared.space.clone(),
+                    max_in_flight: options.max_in_flight,
+                    home: home.core().clone(),
+                    checkpoint_every: options.checkpoint_every,
+                    #[cfg(feature = "fault-injection")]
+                    injector: options.injector.clone(),
+                })
+                .map_err(|e| abort(e.to_string()))?;
+                (device.thread().clone(), Some(device))
+            }
+            Code::Device(backend, wgsl) => {
+                let poller = self.inner.poller.clone();
+                let space = shared.space.clone();
+                let thread = backend
+                    .launch(crate::backend::DeviceSlot {
+                        id,
+                        kernel: K::NAME,
+                        control: control.clone(),
+                        h2k: h2k_rx,
+                        k2h: k2h_tx,
+                        served: served.clone(),
+                        state: bytemuck::bytes_of(&state).to_vec(),
+                        domain: ClockDomain::unit(self.inner.node, (index as u16).wrapping_add(1)),
+                        wgsl,
+                        wake_host: Box::new(move || poller.wake()),
+                        wake_senders: Box::new(move || space.wake_if_wanted()),
+                    })
+                    .map_err(|message| {
+                        let _ = abort(String::new());
+                        LaunchError::Backend {
+                            backend: self.inner.backend,
+                            message,
+                        }
+                    })?;
+                (thread, None)
+            }
+        };
+        let _ = shared.device.set(thread.clone());
         // K2K senders ring this incarnation's doorbell from now on.
         home.core().waker.set(Some(WakeTarget {
             control: control.clone(),
-            thread: device.thread().clone(),
+            thread,
         }));
         // A sender that rang the old doorbell meanwhile: the new loop looks
         // again.
@@ -939,7 +1044,7 @@ impl Runtime {
             h2k,
             served: served.into_boxed_slice(),
             seq: 0,
-            device: Some(device),
+            device,
             runtime: self.inner.clone(),
             home: home.clone(),
             settled: None,

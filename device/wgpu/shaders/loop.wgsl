@@ -8,7 +8,8 @@
 // The handler's contract:
 //   fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>,
 //                msg: Envelope, reply: ptr<function, Reply>) -> u32
-// returns RK_DONE, RK_REPLIED (with `reply` filled), or RK_FAULT + detail.
+// returns RK_DONE, RK_REPLIED (with `reply` filled), RK_FAULT + detail, or
+// RK_PANIC.
 
 struct Reply {
     // Payload bytes (a multiple of 4, at most 64).
@@ -19,6 +20,8 @@ struct Reply {
 const RK_DONE: u32 = 0u;
 const RK_REPLIED: u32 = 1u;
 const RK_FAULT: u32 = 0x100u;
+// The handler aborts (what a panic is on the cpu backend).
+const RK_PANIC: u32 = 0xFFFFFFFFu;
 
 struct Dispatch {
     // Physical time (ns) for the HLC, read by the host once per dispatch.

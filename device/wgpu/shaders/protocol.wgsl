@@ -51,6 +51,13 @@ fn u64_inc(a: vec2<u32>) -> vec2<u32> {
     return vec2<u32>(a.x + 1u, a.y);
 }
 
+// a + b, wrapping (as Rust's u64::wrapping_add).
+fn u64_add(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
+    let lo = a.x + b.x;
+    let carry = select(0u, 1u, lo < a.x);
+    return vec2<u32>(lo, a.y + b.y + carry);
+}
+
 // --- HLC (one word: physical ns with the low 4 bits a logical counter) ------
 
 // Physical time, supplied by the host per dispatch, without its logical bits.

@@ -49,6 +49,8 @@ pub struct LoopSlot {
     pub program: Arc<Program>,
     /// Wakes whoever drains K2H (the runtime's poller).
     pub wake_host: Box<dyn Fn() + Send>,
+    /// Wakes senders waiting for H2K room.
+    pub wake_senders: Box<dyn Fn() + Send>,
 }
 
 /// A running dispatch loop.
@@ -335,6 +337,7 @@ impl Runner {
                 }
                 s.committed = last;
                 s.slot.h2k.release_next(committed_now);
+                (s.slot.wake_senders)();
                 s.processed += committed_now as u64;
                 c.record_progress(s.processed, s.processed);
             }
@@ -351,11 +354,15 @@ impl Runner {
                         0
                     },
                 );
-                c.report_fault(
-                    FaultCode::HandlerFault,
-                    u64::from(fault.saturating_sub(crate::RK_FAULT)),
-                    incarnation,
-                );
+                if fault == crate::RK_PANIC {
+                    c.report_fault(FaultCode::HandlerPanic, 0, incarnation);
+                } else {
+                    c.report_fault(
+                        FaultCode::HandlerFault,
+                        u64::from(fault.saturating_sub(crate::RK_FAULT)),
+                        incarnation,
+                    );
+                }
                 leaving.push(b.slot);
             }
             (s.slot.wake_host)();

@@ -23,7 +23,9 @@
 //! publication, adaptive batches, two dispatches in flight) is the next
 //! step; nothing here is reachable from the adapters yet.
 
+mod backend;
 mod host_loop;
+pub use backend::WgpuBackend;
 pub use host_loop::{DEVICE_FAILED, DispatchLoop, LoopSlot};
 
 use ringkernel::envelope::HEADER_SIZE;
@@ -58,6 +60,9 @@ pub const CELL_STATE: usize = 20;
 /// A handler status at or above this is a fault (`status - RK_FAULT` is
 /// the kernel's own code).
 pub const RK_FAULT: u32 = 0x100;
+
+/// The handler status of an abort: the slot faults with `HandlerPanic`.
+pub const RK_PANIC: u32 = u32::MAX;
 
 /// What went wrong on the wgpu backend.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

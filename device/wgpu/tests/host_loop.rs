@@ -149,6 +149,7 @@ fn start(dev: &Arc<WgpuDevice>, kernel: &WgslKernel) -> (DispatchLoop, Host) {
         },
         program,
         wake_host: Box::new(|| {}),
+        wake_senders: Box::new(|| {}),
     });
     let wake = lp.thread().clone();
     (

@@ -1,0 +1,124 @@
+//! [`WgpuBackend`]: the wgpu backend as the runtime sees it.
+
+use crate::{DispatchLoop, LoopSlot, Program, SlotCell, WgpuDevice, WgpuError, WgslKernel};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// The wgpu backend for a [`Runtime`](ringkernel::runtime::Runtime): one
+/// device, one dispatch loop serving every actor slot launched on it.
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// let backend = ringkernel_wgpu::WgpuBackend::new()?; // NoAdapter without a GPU or lavapipe
+/// let rt = ringkernel::runtime::Runtime::builder().device(backend).build()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct WgpuBackend {
+    device: Arc<WgpuDevice>,
+    dispatch: DispatchLoop,
+    programs: Mutex<HashMap<ProgramKey, Arc<Program>>>,
+}
+
+/// A compiled kernel's identity: name, handler source, state words.
+type ProgramKey = (&'static str, usize, u32);
+
+impl std::fmt::Debug for WgpuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgpuBackend")
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WgpuBackend {
+    /// Opens the first adapter and starts the dispatch loop.
+    ///
+    /// # Errors
+    /// [`WgpuError::NoAdapter`], [`WgpuError::Device`], or the loop's
+    /// thread would not start ([`WgpuError::Operation`]).
+    pub fn new() -> Result<Arc<Self>, WgpuError> {
+        let device = Arc::new(WgpuDevice::new()?);
+        let dispatch =
+            DispatchLoop::start(device.clone()).map_err(|e| WgpuError::Operation(e.to_string()))?;
+        Ok(Arc::new(WgpuBackend {
+            device,
+            dispatch,
+            programs: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The device.
+    pub fn device(&self) -> &WgpuDevice {
+        &self.device
+    }
+
+    fn program(&self, kernel: WgslKernel) -> Result<Arc<Program>, WgpuError> {
+        let key = (
+            kernel.name,
+            kernel.handler.as_ptr() as usize,
+            kernel.state_words,
+        );
+        let mut programs = self.programs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = programs.get(&key) {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(self.device.compile(&kernel)?);
+        programs.insert(key, p.clone());
+        Ok(p)
+    }
+}
+
+impl ringkernel::backend::DeviceBackend for WgpuBackend {
+    fn kind(&self) -> ringkernel::kernel::BackendKind {
+        ringkernel::kernel::BackendKind::Wgpu
+    }
+
+    fn has_handler(&self, wgsl: Option<ringkernel::backend::WgslHandler>) -> bool {
+        wgsl.is_some()
+    }
+
+    fn launch(&self, slot: ringkernel::backend::DeviceSlot) -> Result<std::thread::Thread, String> {
+        let Some(wgsl) = slot.wgsl else {
+            return Err(format!("kernel {} has no WGSL handler", slot.kernel));
+        };
+        if !slot.state.len().is_multiple_of(4) {
+            return Err(format!(
+                "kernel {}: a state of {} bytes is not whole 32-bit words",
+                slot.kernel,
+                slot.state.len()
+            ));
+        }
+        let mut state: Vec<u32> = slot
+            .state
+            .chunks(4)
+            .map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes")))
+            .collect();
+        if state.is_empty() {
+            state.push(0);
+        }
+        let program = self
+            .program(WgslKernel {
+                name: slot.kernel,
+                state_words: state.len() as u32,
+                handler: wgsl.source,
+            })
+            .map_err(|e| e.to_string())?;
+        self.dispatch.add(LoopSlot {
+            id: slot.id,
+            control: slot.control,
+            h2k: slot.h2k,
+            k2h: slot.k2h,
+            served: slot.served,
+            cell: SlotCell {
+                hlc: 0,
+                domain: slot.domain.to_bits(),
+                fault: 0,
+                state,
+            },
+            program,
+            wake_host: slot.wake_host,
+            wake_senders: slot.wake_senders,
+        });
+        Ok(self.dispatch.thread().clone())
+    }
+}

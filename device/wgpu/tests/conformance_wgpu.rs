@@ -1,0 +1,94 @@
+//! The backend conformance suite — the very list the cpu backend runs — on
+//! the wgpu backend, through the runtime: GPU actors whose handlers are
+//! WGSL, served by the host-driven dispatch loop. In CI on lavapipe
+//! (`RINGKERNEL_REQUIRE_WGPU=1`); elsewhere without an adapter it skips
+//! with a reason.
+
+use ringkernel::conformance::{self, ChannelWaiter, Probe, Reverse};
+use ringkernel::kernel::BackendKind;
+use ringkernel::link::{ConnectError, LinkOptions};
+use ringkernel::runtime::{LaunchError, LaunchOptions, Runtime};
+use ringkernel_wgpu::WgpuBackend;
+
+/// Checks the wgpu backend does not run yet, and why.
+const NOT_YET: &[(&str, &str)] = &[(
+    "deferred_replies_in_reverse_order",
+    "WGSL handlers cannot defer a reply yet",
+)];
+
+fn runtime() -> Option<Runtime> {
+    match WgpuBackend::new() {
+        Ok(b) => {
+            eprintln!("adapter: {}", b.device().adapter());
+            Some(Runtime::builder().device(b).build().unwrap())
+        }
+        Err(e) => {
+            assert!(
+                std::env::var("RINGKERNEL_REQUIRE_WGPU").as_deref() != Ok("1"),
+                "RINGKERNEL_REQUIRE_WGPU=1 and {e}"
+            );
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn the_conformance_suite_on_wgpu() {
+    let Some(rt) = runtime() else { return };
+    assert_eq!(rt.backend(), BackendKind::Wgpu);
+    for (name, check) in conformance::ALL {
+        if let Some((_, why)) = NOT_YET.iter().find(|(n, _)| n == name) {
+            eprintln!("{name}: not on wgpu: {why}");
+            continue;
+        }
+        check(&rt);
+        eprintln!("{name}: ok");
+    }
+}
+
+#[test]
+fn what_the_wgpu_backend_cannot_do_is_a_typed_error() {
+    let Some(rt) = runtime() else { return };
+    // A kernel with only cpu handlers.
+    assert!(matches!(
+        rt.launch::<Reverse, ChannelWaiter>(Default::default(), &LaunchOptions::default(), |_| {}),
+        Err(LaunchError::NoHandler {
+            kernel: "reverse",
+            backend: BackendKind::Wgpu
+        })
+    ));
+    // No option is accepted and ignored.
+    assert!(matches!(
+        rt.launch::<Probe, ChannelWaiter>(
+            Default::default(),
+            &LaunchOptions::default().checkpoint_every(10),
+            |_| {}
+        ),
+        Err(LaunchError::Unsupported {
+            backend: BackendKind::Wgpu,
+            what: "checkpoint_every"
+        })
+    ));
+    let a = rt
+        .launch::<Probe, ChannelWaiter>(Default::default(), &LaunchOptions::default(), |_| {})
+        .unwrap();
+    let b = rt
+        .launch::<Probe, ChannelWaiter>(Default::default(), &LaunchOptions::default(), |_| {})
+        .unwrap();
+    assert_eq!(
+        rt.connect(a.id(), b.id(), LinkOptions::default()),
+        Err(ConnectError::Unsupported(BackendKind::Wgpu))
+    );
+}
+
+#[test]
+fn a_runtime_asked_for_wgpu_without_its_device_is_refused() {
+    assert!(matches!(
+        Runtime::builder().backend(BackendKind::Wgpu).build(),
+        Err(LaunchError::NoHandler {
+            backend: BackendKind::Wgpu,
+            ..
+        })
+    ));
+}

@@ -1,0 +1,87 @@
+//! GPU backends: how the runtime launches an actor slot on a device other
+//! than the built-in cpu backend.
+//!
+//! A backend crate (`ringkernel-wgpu`, later `ringkernel-cuda`) implements
+//! [`DeviceBackend`] and is given to
+//! [`RuntimeBuilder::device`](crate::runtime::RuntimeBuilder::device). The
+//! runtime keeps everything host-side — the actor's identity and home, the
+//! waiter slab, the H2K writer, the K2H poller, faults, supervision — and
+//! hands the backend one [`DeviceSlot`] per launch: the slot's control
+//! block, the consuming end of its H2K ring, the producing end of its K2H
+//! ring, and the kernel's code for that backend. From then on the backend's
+//! device loop speaks the protocol of `docs/protocol.md` over them, exactly
+//! as the cpu backend's does; the rest of the runtime cannot tell them
+//! apart.
+
+use crate::control::ControlBlock;
+use crate::id::{ActorId, ClockDomain};
+use crate::kernel::BackendKind;
+use crate::ring::{Consumer, Producer};
+use std::sync::Arc;
+use std::thread::Thread;
+
+/// A kernel's handler in WGSL (see the `ringkernel-wgpu` crate for the
+/// signature it must have).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WgslHandler {
+    /// The WGSL source of `rk_handle` and its helpers.
+    pub source: &'static str,
+    /// The message type ids it serves.
+    pub types: &'static [u32],
+}
+
+/// Everything a backend needs to serve one actor slot.
+pub struct DeviceSlot {
+    /// The actor (this incarnation).
+    pub id: ActorId,
+    /// The kernel's name.
+    pub kernel: &'static str,
+    /// The slot's control block: the device acknowledges states, commits,
+    /// reports progress and faults here, and obeys the fence.
+    pub control: Arc<ControlBlock>,
+    /// The H2K ring's consuming end.
+    pub h2k: Consumer,
+    /// The K2H ring's producing end.
+    pub k2h: Producer,
+    /// The message types the slot serves (sorted).
+    pub served: Vec<u32>,
+    /// The initial state, as bytes (the kernel's `State`).
+    pub state: Vec<u8>,
+    /// The slot's clock domain (stamps what it sends).
+    pub domain: ClockDomain,
+    /// The kernel's WGSL handler, if it has one.
+    pub wgsl: Option<WgslHandler>,
+    /// Wakes the runtime's poller (after publishing to K2H or acknowledging
+    /// a state).
+    pub wake_host: Box<dyn Fn() + Send>,
+    /// Wakes senders waiting for H2K room (after releasing H2K slots).
+    pub wake_senders: Box<dyn Fn() + Send>,
+}
+
+impl std::fmt::Debug for DeviceSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceSlot")
+            .field("id", &self.id)
+            .field("kernel", &self.kernel)
+            .field("served", &self.served)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A device backend the runtime launches actor slots on.
+pub trait DeviceBackend: Send + Sync + 'static {
+    /// Which backend this is.
+    fn kind(&self) -> BackendKind;
+
+    /// Whether kernel code for this backend is there (checked before any
+    /// launch work).
+    fn has_handler(&self, wgsl: Option<WgslHandler>) -> bool;
+
+    /// Starts serving `slot`; returns the thread its doorbell wakes.
+    ///
+    /// # Errors
+    /// A message saying why the device could not take the slot (the kernel
+    /// does not compile, the device is lost): the launch fails with
+    /// [`LaunchError::Backend`](crate::runtime::LaunchError::Backend).
+    fn launch(&self, slot: DeviceSlot) -> Result<Thread, String>;
+}
