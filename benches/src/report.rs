@@ -15,7 +15,7 @@
 use ringkernel::hlc::Hlc;
 use ringkernel::id::ClockDomain;
 use ringkernel_bench::*;
-use ringkernel_bench::{actors, faults, k2k, pipeline};
+use ringkernel_bench::{actors, faults, k2k, pipeline, wgpu};
 use std::time::{Duration, Instant};
 
 fn cpu_now() -> Duration {
@@ -290,6 +290,43 @@ fn main() {
         }
     }
     drop(comparisons);
+
+    // The wgpu backend, where there is an adapter (lavapipe in CI).
+    if filter
+        .as_deref()
+        .is_none_or(|f| "wgpu_".contains(f) || f.starts_with("wgpu"))
+        && let Some(w) = wgpu::WgpuBench::new()
+    {
+        let w = std::cell::RefCell::new(w);
+        let mut wgpu_comparisons = [
+            Comparison {
+                name: "wgpu_ask",
+                config: "sequential asks (Echo) to a GPU actor on the wgpu backend through the runtime: H2K, a host-driven dispatch, K2H, the poller; base the bare floor: one dispatch of one message with its buffers and readback".into(),
+                ops: 300 * scale,
+                ours: Box::new(|n| w.borrow_mut().asks(n)),
+                base: Box::new(|n| w.borrow_mut().bare_dispatches(n)),
+            },
+            Comparison {
+                name: "wgpu_tell",
+                config: "n tells then one ask that sees them, to a Probe actor on the wgpu backend (batches as the loop finds them); base the same on the cpu backend; time per tell".into(),
+                ops: 20_000 * scale,
+                ours: Box::new(|n| w.borrow_mut().wgpu_tells(n)),
+                base: Box::new(|n| w.borrow_mut().cpu_tells(n)),
+            },
+            Comparison {
+                name: "wgpu_batch_1024",
+                config: "per-message time of dispatches of 1024 Echo messages vs dispatches of 1 (bare device, readback included)".into(),
+                ops: 1024,
+                ours: Box::new(|n| w.borrow_mut().dispatch_batches(n, 1024)),
+                base: Box::new(|n| w.borrow_mut().dispatch_batches(n, 1)),
+            },
+        ];
+        for c in &mut wgpu_comparisons {
+            if filter.as_deref().is_none_or(|f| c.name.contains(f)) {
+                run(c, rounds);
+            }
+        }
+    }
 
     let wanted = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
     // The fault benches make handlers panic on purpose, hundreds of times:
