@@ -879,6 +879,12 @@ impl Runtime {
                     return Err(no_handler);
                 }
                 // No option is accepted and ignored.
+                if K::WIDTH != crate::kernel::Width::Thread {
+                    return Err(LaunchError::Unsupported {
+                        backend: self.inner.backend,
+                        what: "an execution width wider than one thread",
+                    });
+                }
                 if options.checkpoint_every > 0 {
                     return Err(LaunchError::Unsupported {
                         backend: self.inner.backend,

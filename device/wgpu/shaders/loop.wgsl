@@ -22,6 +22,8 @@ const RK_REPLIED: u32 = 1u;
 const RK_FAULT: u32 = 0x100u;
 // The handler aborts (what a panic is on the cpu backend).
 const RK_PANIC: u32 = 0xFFFFFFFFu;
+// The handler's reply is longer than a slot's inline payload.
+const RK_REPLY_TOO_LARGE: u32 = 0xFFFFFFFEu;
 
 struct Dispatch {
     // Physical time (ns) for the HLC, read by the host once per dispatch.
@@ -78,13 +80,17 @@ fn rk_main(@builtin(global_invocation_id) gid: vec3<u32>) {
             fault = status;
             break;
         }
+        if status == RK_REPLIED && reply.len > 64u {
+            fault = RK_REPLY_TOO_LARGE;
+            break;
+        }
         var out: Envelope;
         if status == RK_REPLIED && (rk_flags(msg) & RK_FLAG_ASK) != 0u {
             hlc = hlc_tick(hlc, dispatch.pt);
             // magic "RK", version 1, flags REPLY
             out.magic_version_flags = 0x4B52u | (1u << 16u) | (RK_FLAG_REPLY << 24u);
             out.type_id = msg.type_id;
-            out.payload_len = min(reply.len, 64u);
+            out.payload_len = reply.len;
             out.clock_domain = cells[slot].domain;
             out.correlation = msg.correlation;
             out.src = msg.dst;

@@ -31,6 +31,9 @@ use std::thread::{JoinHandle, Thread};
 /// The fault detail of a dispatch the device failed (its message).
 pub const DEVICE_FAILED: u64 = 0xD15_0000;
 
+/// How long the loop spins, idle, before it parks.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(100);
+
 /// One actor slot, handed to the loop: its protocol ends and its kernel.
 pub struct LoopSlot {
     /// The actor.
@@ -165,10 +168,35 @@ impl Runner {
                     committed: 0,
                 });
             }
-            if !self.round() {
+            if !self.round() && !self.spin() {
                 self.park();
             }
         }
+    }
+
+    /// Whether any slot has something to do (acquire loads throughout).
+    fn has_work(slots: &[Served], stop: &AtomicBool) -> bool {
+        stop.load(Ordering::Acquire)
+            || slots.iter().any(|s| {
+                let c = &s.slot.control;
+                c.is_fenced()
+                    || c.requested_state() != Ok(s.acked)
+                    || (s.acked == LifecycleState::Active && !s.slot.h2k.observer().is_empty())
+            })
+    }
+
+    /// Spins a while for work before parking: a caller asking one at a
+    /// time sends its next ask soon after its reply, and catching it awake
+    /// saves a wake-up. Returns whether work came.
+    fn spin(&self) -> bool {
+        let start = std::time::Instant::now();
+        while start.elapsed() < SPIN {
+            if Self::has_work(&self.slots, &self.stop) {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        false
     }
 
     /// Parks on every slot's doorbell at once: each is marked parked and
@@ -181,15 +209,7 @@ impl Runner {
             .collect();
         let slots = &self.slots;
         let stop = &self.stop;
-        let has_work = || {
-            stop.load(Ordering::Acquire)
-                || slots.iter().any(|s| {
-                    let c = &s.slot.control;
-                    c.is_fenced()
-                        || c.requested_state() != Ok(s.acked)
-                        || (s.acked == LifecycleState::Active && !s.slot.h2k.observer().is_empty())
-                })
-        };
+        let has_work = || Self::has_work(slots, stop);
         park_all(&doorbells, &has_work, &|| {
             std::thread::park_timeout(std::time::Duration::from_millis(50))
         });
@@ -356,6 +376,8 @@ impl Runner {
                 );
                 if fault == crate::RK_PANIC {
                     c.report_fault(FaultCode::HandlerPanic, 0, incarnation);
+                } else if fault == crate::RK_REPLY_TOO_LARGE {
+                    c.report_fault(FaultCode::HandlerFault, crate::REPLY_TOO_LARGE, incarnation);
                 } else {
                     c.report_fault(
                         FaultCode::HandlerFault,

@@ -64,6 +64,13 @@ pub const RK_FAULT: u32 = 0x100;
 /// The handler status of an abort: the slot faults with `HandlerPanic`.
 pub const RK_PANIC: u32 = u32::MAX;
 
+/// The loop's status for a reply longer than the 64 inline bytes: the slot
+/// faults (`HandlerFault`, detail [`REPLY_TOO_LARGE`]) rather than truncate.
+pub const RK_REPLY_TOO_LARGE: u32 = u32::MAX - 1;
+
+/// The `HandlerFault` detail of a reply longer than a slot holds.
+pub const REPLY_TOO_LARGE: u64 = 0x3_0000_0000;
+
 /// What went wrong on the wgpu backend.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

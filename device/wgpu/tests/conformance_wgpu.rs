@@ -82,6 +82,35 @@ fn what_the_wgpu_backend_cannot_do_is_a_typed_error() {
     );
 }
 
+/// Probe's handler, declared a warp wide: the wgpu loop runs one thread
+/// per slot, so the width is refused rather than ignored.
+struct WideProbe;
+
+impl ringkernel::kernel::Kernel for WideProbe {
+    type State = ringkernel::conformance::ProbeState;
+    const NAME: &'static str = "wide-probe";
+    const WIDTH: ringkernel::kernel::Width = ringkernel::kernel::Width::Warp;
+    fn wgsl() -> Option<ringkernel::backend::WgslHandler> {
+        Probe::wgsl()
+    }
+}
+
+#[test]
+fn a_declared_width_the_loop_cannot_honour_is_refused() {
+    let Some(rt) = runtime() else { return };
+    assert!(matches!(
+        rt.launch::<WideProbe, ChannelWaiter>(
+            Default::default(),
+            &LaunchOptions::default(),
+            |_| {}
+        ),
+        Err(LaunchError::Unsupported {
+            backend: BackendKind::Wgpu,
+            ..
+        })
+    ));
+}
+
 #[test]
 fn a_runtime_asked_for_wgpu_without_its_device_is_refused() {
     assert!(matches!(

@@ -288,3 +288,24 @@ fn terminate_and_fence_end_the_slot_and_an_unknown_type_faults() {
         (FaultCode::UnknownMessageType, 99)
     );
 }
+
+#[test]
+fn a_reply_longer_than_a_slot_faults_rather_than_truncates() {
+    let Some(dev) = device() else { return };
+    const LONG: WgslKernel = WgslKernel {
+        name: "long-reply",
+        state_words: 1,
+        handler: "fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>) -> u32 { (*reply).len = 68u; return RK_REPLIED; }",
+    };
+    let (_lp, mut host) = start(&dev, &LONG);
+    host.send(1, true);
+    host.wait("faulted", |c| {
+        c.acked_state() == Ok(LifecycleState::Faulted)
+    });
+    let st = host.control.status().unwrap();
+    assert_eq!(
+        (st.fault, st.fault_detail),
+        (FaultCode::HandlerFault, REPLY_TOO_LARGE)
+    );
+    assert_eq!(host.control.committed(), 0, "nothing of it was published");
+}
