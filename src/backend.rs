@@ -28,6 +28,8 @@ pub struct WgslHandler {
     pub source: &'static str,
     /// The message type ids it serves.
     pub types: &'static [u32],
+    /// The most replies to deferred asks one run may make (`later.n`).
+    pub max_later: u32,
 }
 
 /// Everything a backend needs to serve one actor slot.

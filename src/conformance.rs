@@ -165,6 +165,7 @@ impl Kernel for Probe {
         Some(crate::backend::WgslHandler {
             source: PROBE_WGSL,
             types: &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+            max_later: 0,
         })
     }
 }
@@ -190,7 +191,7 @@ fn probe_reply(reply: ptr<function, Reply>, v: vec2<u32>) -> u32 {
     return RK_REPLIED;
 }
 
-fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>) -> u32 {
+fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 {
     let v = vec2<u32>(msg.payload[0], msg.payload[1]);
     var status = RK_DONE;
     switch msg.type_id {
@@ -293,7 +294,54 @@ impl Kernel for Reverse {
             }),
         )
     }
+
+    fn wgsl() -> Option<crate::backend::WgslHandler> {
+        Some(crate::backend::WgslHandler {
+            source: REVERSE_WGSL,
+            types: &[Reversed::TYPE_ID],
+            max_later: REVERSE_BATCH as u32,
+        })
+    }
 }
+
+/// [`Reverse`] in WGSL: each ask is deferred (`RK_DEFERRED`), its
+/// correlation and sender kept in the state (words: held 0–1, values 2–17,
+/// ids 18–49); the batch's last run answers all of them in reverse order
+/// through `later`.
+pub const REVERSE_WGSL: &str = r#"
+fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 {
+    if (rk_flags(msg) & RK_FLAG_ASK) == 0u {
+        return RK_DONE;
+    }
+    let i = (*state)[0];
+    (*state)[2u + 2u * i] = msg.payload[0];
+    (*state)[3u + 2u * i] = msg.payload[1];
+    (*state)[18u + 4u * i] = msg.correlation.x;
+    (*state)[19u + 4u * i] = msg.correlation.y;
+    (*state)[20u + 4u * i] = msg.src.x;
+    (*state)[21u + 4u * i] = msg.src.y;
+    (*state)[0] = i + 1u;
+    if i + 1u == 8u {
+        for (var k = 0u; k < 8u; k = k + 1u) {
+            let j = 7u - k;
+            let v = vec2<u32>((*state)[2u + 2u * j], (*state)[3u + 2u * j]);
+            // v * 10 as a u64: (v << 3) + (v << 1).
+            let v8 = vec2<u32>(v.x << 3u, (v.y << 3u) | (v.x >> 29u));
+            let v2 = vec2<u32>(v.x << 1u, (v.y << 1u) | (v.x >> 31u));
+            let ten = u64_add(v8, v2);
+            (*later).replies[k].correlation = vec2<u32>((*state)[18u + 4u * j], (*state)[19u + 4u * j]);
+            (*later).replies[k].dst = vec2<u32>((*state)[20u + 4u * j], (*state)[21u + 4u * j]);
+            (*later).replies[k].type_id = msg.type_id;
+            (*later).replies[k].len = 8u;
+            (*later).replies[k].payload[0] = ten.x;
+            (*later).replies[k].payload[1] = ten.y;
+        }
+        (*later).n = 8u;
+        (*state)[0] = 0u;
+    }
+    return RK_DEFERRED;
+}
+"#;
 
 /// A [`Waiter`] over a std channel, for blocking callers.
 #[derive(Debug)]

@@ -51,6 +51,7 @@ impl WgpuBench {
                 name: "probe",
                 state_words: (std::mem::size_of::<ProbeState>() / 4) as u32,
                 handler: conformance::PROBE_WGSL,
+                max_later: 0,
             })
             .expect("probe compiles");
         let rt = Runtime::builder()

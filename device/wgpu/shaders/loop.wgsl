@@ -7,9 +7,12 @@
 //
 // The handler's contract:
 //   fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>,
-//                msg: Envelope, reply: ptr<function, Reply>) -> u32
-// returns RK_DONE, RK_REPLIED (with `reply` filled), RK_FAULT + detail, or
-// RK_PANIC.
+//                msg: Envelope, reply: ptr<function, Reply>,
+//                later: ptr<function, Later>) -> u32
+// returns RK_DONE, RK_REPLIED (with `reply` filled), RK_DEFERRED (the ask
+// will be answered by a later run), RK_FAULT + detail, or RK_PANIC. Any run
+// may also answer asks deferred earlier: `later.n` replies in `later`,
+// addressed by the correlation and sender it kept (at most RK_MAX_LATER).
 
 struct Reply {
     // Payload bytes (a multiple of 4, at most 64).
@@ -17,8 +20,26 @@ struct Reply {
     payload: array<u32, 16>,
 }
 
+// A reply to an ask deferred earlier.
+struct LaterReply {
+    correlation: vec2<u32>,
+    dst: vec2<u32>,
+    type_id: u32,
+    len: u32,
+    payload: array<u32, 16>,
+}
+
+struct Later {
+    n: u32,
+    replies: array<LaterReply, RK_LATER_SLOTS>,
+}
+
+// Output envelopes per message: its reply, then the later ones.
+const RK_OUTS: u32 = 1u + RK_MAX_LATER;
+
 const RK_DONE: u32 = 0u;
 const RK_REPLIED: u32 = 1u;
+const RK_DEFERRED: u32 = 2u;
 const RK_FAULT: u32 = 0x100u;
 // The handler aborts (what a panic is on the cpu backend).
 const RK_PANIC: u32 = 0xFFFFFFFFu;
@@ -75,15 +96,25 @@ fn rk_main(@builtin(global_invocation_id) gid: vec3<u32>) {
         // The slot merges the sender's stamp on dequeue.
         hlc = hlc_receive(hlc, msg.hlc, dispatch.pt);
         var reply: Reply;
-        let status = rk_handle(&state, msg, &reply);
+        var later: Later;
+        let status = rk_handle(&state, msg, &reply, &later);
         if status >= RK_FAULT {
             fault = status;
             break;
         }
-        if status == RK_REPLIED && reply.len > 64u {
+        if (status == RK_REPLIED && reply.len > 64u) || later.n > RK_MAX_LATER {
             fault = RK_REPLY_TOO_LARGE;
             break;
         }
+        var too_large = false;
+        for (var k = 0u; k < later.n; k = k + 1u) {
+            too_large = too_large || later.replies[k].len > 64u;
+        }
+        if too_large {
+            fault = RK_REPLY_TOO_LARGE;
+            break;
+        }
+        let base = (batch.first + i) * RK_OUTS;
         var out: Envelope;
         if status == RK_REPLIED && (rk_flags(msg) & RK_FLAG_ASK) != 0u {
             hlc = hlc_tick(hlc, dispatch.pt);
@@ -100,8 +131,26 @@ fn rk_main(@builtin(global_invocation_id) gid: vec3<u32>) {
             out.trace_id = msg.trace_id;
             out.payload = reply.payload;
         }
-        // type_id 0: no reply for this message.
-        outbox[batch.first + i] = out;
+        if out.type_id == 0u {
+            // No reply now; `seq` tells the host whether one will come.
+            out.seq = vec2<u32>(status, 0u);
+        }
+        outbox[base] = out;
+        for (var k = 0u; k < later.n; k = k + 1u) {
+            let l = later.replies[k];
+            hlc = hlc_tick(hlc, dispatch.pt);
+            var e: Envelope;
+            e.magic_version_flags = 0x4B52u | (1u << 16u) | (RK_FLAG_REPLY << 24u);
+            e.type_id = l.type_id;
+            e.payload_len = l.len;
+            e.clock_domain = cells[slot].domain;
+            e.correlation = l.correlation;
+            e.src = msg.dst;
+            e.dst = l.dst;
+            e.hlc = hlc;
+            e.payload = l.payload;
+            outbox[base + 1u + k] = e;
+        }
         done = done + 1u;
     }
     cells[slot].state = state;

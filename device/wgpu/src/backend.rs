@@ -20,7 +20,7 @@ pub struct WgpuBackend {
 }
 
 /// A compiled kernel's identity: name, handler source, state words.
-type ProgramKey = (&'static str, usize, u32);
+type ProgramKey = (&'static str, usize, u32, u32);
 
 impl std::fmt::Debug for WgpuBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -57,6 +57,7 @@ impl WgpuBackend {
             kernel.name,
             kernel.handler.as_ptr() as usize,
             kernel.state_words,
+            kernel.max_later,
         );
         let mut programs = self.programs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = programs.get(&key) {
@@ -101,6 +102,7 @@ impl ringkernel::backend::DeviceBackend for WgpuBackend {
                 name: slot.kernel,
                 state_words: state.len() as u32,
                 handler: wgsl.source,
+                max_later: wgsl.max_later,
             })
             .map_err(|e| e.to_string())?;
         self.dispatch.add(LoopSlot {

@@ -31,6 +31,10 @@ use std::thread::{JoinHandle, Thread};
 /// The fault detail of a dispatch the device failed (its message).
 pub const DEVICE_FAILED: u64 = 0xD15_0000;
 
+/// The fault detail of replies that did not fit the K2H room reserved for
+/// them (a bug of the loop, reported rather than lost).
+pub const K2H_OVERRUN: u64 = 0xD15_0001;
+
 /// How long the loop spins, idle, before it parks.
 const SPIN: std::time::Duration = std::time::Duration::from_micros(100);
 
@@ -323,11 +327,14 @@ impl Runner {
                 continue;
             }
             let mut hlc = cell.hlc;
-            // Replies in message order; an ask with no reply gets NoReply.
-            for (h, reply) in b.headers[..out.processed].iter().zip(&out.replies) {
-                let published = match reply {
+            // Replies in message order; an ask with no reply (and not
+            // deferred) gets NoReply; replies to deferred asks follow their
+            // run's own.
+            let mut all_published = true;
+            for (h, made) in b.headers[..out.processed].iter().zip(&out.messages) {
+                let published = match &made.reply {
                     Some(env) => s.slot.k2h.try_push(env).is_ok(),
-                    None if h.flags.contains(Flags::ASK) => {
+                    None if h.flags.contains(Flags::ASK) && !made.deferred => {
                         hlc = hlc.saturating_add(1).max(now & !0xF);
                         let no_reply =
                             EnvelopeHeader::new(SYS_NO_REPLY, Flags::REPLY | Flags::ERROR)
@@ -342,8 +349,20 @@ impl Runner {
                     }
                     None => true,
                 };
-                // Room was reserved before the batch was taken.
-                debug_assert!(published, "K2H room was reserved");
+                let later = made
+                    .later
+                    .iter()
+                    .all(|env| s.slot.k2h.try_push(env).is_ok());
+                all_published &= published && later;
+            }
+            if !all_published {
+                // Room was reserved before the batch was taken: a reply that
+                // did not fit is a bug here, reported as a device fault so
+                // every caller resolves.
+                c.report_fault(FaultCode::DeviceError, K2H_OVERRUN, incarnation);
+                (s.slot.wake_host)();
+                leaving.push(b.slot);
+                continue;
             }
             let mut cell = cell;
             cell.hlc = hlc;
@@ -398,7 +417,10 @@ impl Runner {
 fn take_batch(
     s: &mut Served,
 ) -> Result<Option<(Vec<[u8; SLOT_BYTES]>, Vec<EnvelopeHeader>)>, (FaultCode, u64)> {
-    let room = s.slot.k2h.free_slots().min(crate::MAX_BATCH);
+    // Each message may make its reply and `max_later` replies to deferred
+    // asks: K2H must have room for all of them.
+    let outs = 1 + s.slot.program.kernel().max_later as usize;
+    let room = (s.slot.k2h.free_slots() / outs).min(crate::MAX_BATCH);
     if room == 0 {
         return Ok(None);
     }

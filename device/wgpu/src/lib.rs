@@ -26,7 +26,7 @@
 mod backend;
 mod host_loop;
 pub use backend::WgpuBackend;
-pub use host_loop::{DEVICE_FAILED, DispatchLoop, LoopSlot};
+pub use host_loop::{DEVICE_FAILED, DispatchLoop, K2H_OVERRUN, LoopSlot};
 
 use ringkernel::envelope::HEADER_SIZE;
 use ringkernel::kernel::MAX_INLINE;
@@ -60,6 +60,9 @@ pub const CELL_STATE: usize = 20;
 /// A handler status at or above this is a fault (`status - RK_FAULT` is
 /// the kernel's own code).
 pub const RK_FAULT: u32 = 0x100;
+
+/// The handler status of a deferred ask (a later run answers it).
+pub const RK_DEFERRED: u32 = 2;
 
 /// The handler status of an abort: the slot faults with `HandlerPanic`.
 pub const RK_PANIC: u32 = u32::MAX;
@@ -125,7 +128,7 @@ pub enum WgpuError {
 ///
 /// ```text
 /// fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>,
-///              msg: Envelope, reply: ptr<function, Reply>) -> u32
+///              msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32
 /// ```
 ///
 /// returning `RK_DONE`, `RK_REPLIED` (with `reply` filled: `len` in bytes,
@@ -139,14 +142,18 @@ pub struct WgslKernel {
     pub state_words: u32,
     /// The WGSL source of `rk_handle` (and any helpers it uses).
     pub handler: &'static str,
+    /// The most replies to deferred asks one run may make.
+    pub max_later: u32,
 }
 
 impl WgslKernel {
     /// The whole shader: protocol, state size, handler, loop.
     pub fn source(&self) -> String {
         format!(
-            "{PROTOCOL_WGSL}\nconst RK_STATE_WORDS: u32 = {}u;\n{}\n{LOOP_WGSL}",
+            "{PROTOCOL_WGSL}\nconst RK_STATE_WORDS: u32 = {}u;\nconst RK_MAX_LATER: u32 = {}u;\nconst RK_LATER_SLOTS: u32 = {}u;\n{}\n{LOOP_WGSL}",
             self.state_words.max(1),
+            self.max_later,
+            self.max_later.max(1),
             self.handler
         )
     }
@@ -202,6 +209,13 @@ pub struct Program {
     pipeline: wgpu::ComputePipeline,
 }
 
+impl Program {
+    /// The kernel it was compiled from.
+    pub fn kernel(&self) -> &WgslKernel {
+        &self.kernel
+    }
+}
+
 /// One actor slot's part of a dispatch: what persists between dispatches
 /// (the host keeps it), and its batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -221,8 +235,19 @@ pub struct SlotCell {
 pub struct SlotOutcome {
     /// Messages processed (all of the batch, unless the slot faulted).
     pub processed: usize,
-    /// Per processed message, its reply envelope (`None`: no reply).
-    pub replies: Vec<Option<[u8; SLOT_BYTES]>>,
+    /// Per processed message, what its run made.
+    pub messages: Vec<MessageOut>,
+}
+
+/// What one handler run made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageOut {
+    /// Its reply envelope (`None`: no reply now).
+    pub reply: Option<[u8; SLOT_BYTES]>,
+    /// The handler deferred the ask: a later run answers it.
+    pub deferred: bool,
+    /// Replies to asks deferred earlier, in the order made.
+    pub later: Vec<[u8; SLOT_BYTES]>,
 }
 
 impl WgpuDevice {
@@ -389,9 +414,11 @@ impl WgpuDevice {
         let ranges_buf = init("rk-batches", &ranges, U::STORAGE);
         let inbox_buf = init("rk-inbox", &inbox, U::STORAGE);
         let cells_buf = init("rk-cells", &cell_data, U::STORAGE | U::COPY_SRC);
+        let outs = 1 + kernel.max_later as usize;
+        let outbox_len = inbox.len() * outs;
         let outbox_buf = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("rk-outbox"),
-            size: inbox.len() as u64,
+            size: outbox_len as u64,
             usage: U::STORAGE | U::COPY_SRC,
             mapped_at_creation: false,
         });
@@ -403,7 +430,7 @@ impl WgpuDevice {
                 mapped_at_creation: false,
             })
         };
-        let outbox_read = read("rk-outbox-read", inbox.len());
+        let outbox_read = read("rk-outbox-read", outbox_len);
         let cells_read = read("rk-cells-read", cell_data.len());
         let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some("rk-bind"),
@@ -428,7 +455,7 @@ impl WgpuDevice {
             pass.set_bind_group(0, &bind, &[]);
             pass.dispatch_workgroups(slots as u32, 1, 1);
         }
-        encoder.copy_buffer_to_buffer(&outbox_buf, 0, &outbox_read, 0, inbox.len() as u64);
+        encoder.copy_buffer_to_buffer(&outbox_buf, 0, &outbox_read, 0, outbox_len as u64);
         encoder.copy_buffer_to_buffer(&cells_buf, 0, &cells_read, 0, cell_data.len() as u64);
         self.queue.submit([encoder.finish()]);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -483,15 +510,29 @@ impl WgpuDevice {
                     count: b.len(),
                 });
             }
-            let replies = (0..processed)
+            let env = |at: usize| -> [u8; SLOT_BYTES] {
+                out[at * SLOT_BYTES..(at + 1) * SLOT_BYTES]
+                    .try_into()
+                    .unwrap()
+            };
+            // type_id 0: no envelope in that place.
+            let made = |e: &[u8; SLOT_BYTES]| e[4..8] != [0; 4];
+            let messages = (0..processed)
                 .map(|i| {
-                    let at = (first + i) * SLOT_BYTES;
-                    let env: [u8; SLOT_BYTES] = out[at..at + SLOT_BYTES].try_into().unwrap();
-                    // type_id 0: the message made no reply.
-                    (env[4..8] != [0; 4]).then_some(env)
+                    let base = (first + i) * outs;
+                    let reply = env(base);
+                    MessageOut {
+                        // With no reply, `seq` holds the handler's status.
+                        deferred: !made(&reply) && reply[48..52] == RK_DEFERRED.to_le_bytes(),
+                        reply: made(&reply).then_some(reply),
+                        later: (1..outs).map(|k| env(base + k)).take_while(made).collect(),
+                    }
                 })
                 .collect();
-            outcomes.push(SlotOutcome { processed, replies });
+            outcomes.push(SlotOutcome {
+                processed,
+                messages,
+            });
             first += b.len();
         }
         Ok(outcomes)
@@ -521,7 +562,8 @@ mod tests {
         let count = WgslKernel {
             name: "count",
             state_words: 1,
-            handler: "fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>) -> u32 { (*state)[0] = (*state)[0] + 1u; return RK_DONE; }",
+            handler: "fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 { (*state)[0] = (*state)[0] + 1u; return RK_DONE; }",
+            max_later: 0,
         };
         let program = dev.compile(&count).unwrap();
         let n = 100_000;

@@ -4,17 +4,11 @@
 //! (`RINGKERNEL_REQUIRE_WGPU=1`); elsewhere without an adapter it skips
 //! with a reason.
 
-use ringkernel::conformance::{self, ChannelWaiter, Probe, Reverse};
+use ringkernel::conformance::{self, ChannelWaiter, Echo, Probe};
 use ringkernel::kernel::BackendKind;
 use ringkernel::link::{ConnectError, LinkOptions};
 use ringkernel::runtime::{LaunchError, LaunchOptions, Runtime};
 use ringkernel_wgpu::WgpuBackend;
-
-/// Checks the wgpu backend does not run yet, and why.
-const NOT_YET: &[(&str, &str)] = &[(
-    "deferred_replies_in_reverse_order",
-    "WGSL handlers cannot defer a reply yet",
-)];
 
 fn runtime() -> Option<Runtime> {
     match WgpuBackend::new() {
@@ -38,10 +32,6 @@ fn the_conformance_suite_on_wgpu() {
     let Some(rt) = runtime() else { return };
     assert_eq!(rt.backend(), BackendKind::Wgpu);
     for (name, check) in conformance::ALL {
-        if let Some((_, why)) = NOT_YET.iter().find(|(n, _)| n == name) {
-            eprintln!("{name}: not on wgpu: {why}");
-            continue;
-        }
         check(&rt);
         eprintln!("{name}: ok");
     }
@@ -52,9 +42,9 @@ fn what_the_wgpu_backend_cannot_do_is_a_typed_error() {
     let Some(rt) = runtime() else { return };
     // A kernel with only cpu handlers.
     assert!(matches!(
-        rt.launch::<Reverse, ChannelWaiter>(Default::default(), &LaunchOptions::default(), |_| {}),
+        rt.launch::<CpuOnly, ChannelWaiter>(0, &LaunchOptions::default(), |_| {}),
         Err(LaunchError::NoHandler {
-            kernel: "reverse",
+            kernel: "cpu-only",
             backend: BackendKind::Wgpu
         })
     ));
@@ -80,6 +70,22 @@ fn what_the_wgpu_backend_cannot_do_is_a_typed_error() {
         rt.connect(a.id(), b.id(), LinkOptions::default()),
         Err(ConnectError::Unsupported(BackendKind::Wgpu))
     );
+}
+
+/// A kernel with cpu handlers only.
+struct CpuOnly;
+
+impl ringkernel::kernel::Kernel for CpuOnly {
+    type State = u64;
+    const NAME: &'static str = "cpu-only";
+    fn cpu_handlers() -> Option<ringkernel::kernel::CpuHandlers<Self>> {
+        Some(
+            ringkernel::kernel::CpuHandlers::new().on(|_: &mut u64, Echo(v), ctx| {
+                ctx.reply(v);
+                Ok(())
+            }),
+        )
+    }
 }
 
 /// Probe's handler, declared a warp wide: the wgpu loop runs one thread

@@ -14,7 +14,7 @@ const FOLD: WgslKernel = WgslKernel {
     name: "fold",
     state_words: 2,
     handler: r#"
-fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>) -> u32 {
+fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 {
     let m = msg.payload[0];
     if m == 0xDEADu {
         return RK_FAULT + 7u;
@@ -27,6 +27,7 @@ fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, re
     return RK_REPLIED;
 }
 "#,
+    max_later: 0,
 };
 
 fn device() -> Option<WgpuDevice> {
@@ -101,7 +102,7 @@ fn a_full_batch_is_served_in_order_and_every_message_counted() {
     assert_eq!(cells[0].fault, 0);
     // Asks got replies, valid envelopes to their callers; tells did not.
     let check = HeaderCheck::any_type(64);
-    for (i, reply) in out[0].replies.iter().enumerate() {
+    for (i, reply) in out[0].messages.iter().map(|m| &m.reply).enumerate() {
         match reply {
             Some(slot) => {
                 assert_eq!(i % 1000, 999, "only asks are answered");
@@ -196,7 +197,7 @@ fn the_hlc_carries_across_the_word_boundary_and_saturates() {
         let out = dev
             .dispatch(&program, 16, &mut cells, &[&[message(1, true, sent, 0)]])
             .unwrap();
-        let reply = out[0].replies[0].expect("an ask is answered");
+        let reply = out[0].messages[0].reply.expect("an ask is answered");
         let env = Envelope::decode(&reply, &check).unwrap();
         // The reply is stamped one tick after the receipt.
         let expected = receipt.saturating_add(1);

@@ -20,7 +20,7 @@ const FOLD: WgslKernel = WgslKernel {
     name: "fold",
     state_words: 2,
     handler: r#"
-fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>) -> u32 {
+fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 {
     let m = msg.payload[0];
     if m == 0xDEADu {
         return RK_FAULT + 7u;
@@ -36,6 +36,7 @@ fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, re
     return RK_REPLIED;
 }
 "#,
+    max_later: 0,
 };
 
 const TYPE: u32 = 1;
@@ -295,7 +296,8 @@ fn a_reply_longer_than_a_slot_faults_rather_than_truncates() {
     const LONG: WgslKernel = WgslKernel {
         name: "long-reply",
         state_words: 1,
-        handler: "fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>) -> u32 { (*reply).len = 68u; return RK_REPLIED; }",
+        handler: "fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 { (*reply).len = 68u; return RK_REPLIED; }",
+        max_later: 0,
     };
     let (_lp, mut host) = start(&dev, &LONG);
     host.send(1, true);

@@ -9,7 +9,8 @@ use std::mem::offset_of;
 const NOOP: WgslKernel = WgslKernel {
     name: "noop",
     state_words: 3,
-    handler: "fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>) -> u32 { return RK_DONE; }",
+    handler: "fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 { return RK_DONE; }",
+    max_later: 0,
 };
 
 /// (member name, offset) of struct `name` in `module`, and its size.
@@ -88,7 +89,8 @@ fn a_handler_that_does_not_compile_is_a_typed_error_with_nagas_message() {
     let bad = WgslKernel {
         name: "bad",
         state_words: 1,
-        handler: "fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>) -> u32 { return undefined_thing; }",
+        handler: "fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 { return undefined_thing; }",
+        max_later: 0,
     };
     match bad.validate() {
         Err(WgpuError::Shader { kernel, message }) => {
@@ -100,7 +102,8 @@ fn a_handler_that_does_not_compile_is_a_typed_error_with_nagas_message() {
     let wrong_type = WgslKernel {
         name: "wrong",
         state_words: 1,
-        handler: "fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>) -> u32 { return 1.5; }",
+        handler: "fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 { return 1.5; }",
+        max_later: 0,
     };
     assert!(matches!(
         wrong_type.validate(),
