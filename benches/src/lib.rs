@@ -144,7 +144,7 @@ pub enum Bell {
 /// Two threads, producer and consumer, each pinned to its own core when the
 /// machine has two: `n` envelopes of 128 bytes through our ring.
 pub fn two_thread_ours(n: u64, bell_mode: Bell) {
-    let (tx, mut rx) = Ring::new(RingLayout::new(CAPACITY, 128).expect("valid layout"));
+    let (tx, rx) = Ring::new(RingLayout::new(CAPACITY, 128).expect("valid layout"));
     let bell = Doorbell::new();
     let h = header();
     let check = HeaderCheck::only(64, &[7]);
@@ -185,24 +185,29 @@ pub fn two_thread_ours(n: u64, bell_mode: Bell) {
                 }
             }
         });
-        pin(1);
-        let mut got = 0;
-        while got < n {
-            match rx.try_recv_with(&check, |e| e.payload_as::<Payload>().map(|p| p.0[0])) {
-                Some(v) => {
-                    debug_assert_eq!(v, Ok(Ok(got)));
-                    black_box(v).ok();
-                    got += 1;
+        // The consumer on a thread of its own too: pinning the caller
+        // would pin every thread it starts later (the benches after this).
+        s.spawn(move || {
+            let mut rx = rx;
+            pin(1);
+            let mut got = 0;
+            while got < n {
+                match rx.try_recv_with(&check, |e| e.payload_as::<Payload>().map(|p| p.0[0])) {
+                    Some(v) => {
+                        debug_assert_eq!(v, Ok(Ok(got)));
+                        black_box(v).ok();
+                        got += 1;
+                    }
+                    None => std::hint::spin_loop(),
                 }
-                None => std::hint::spin_loop(),
             }
-        }
+        });
     });
 }
 
 /// As [`two_thread_ours`] with rtrb carrying `[u8; 128]`.
 pub fn two_thread_rtrb(n: u64) {
-    let (tx, mut rx) = rtrb::RingBuffer::<[u8; 128]>::new(CAPACITY as usize);
+    let (tx, rx) = rtrb::RingBuffer::<[u8; 128]>::new(CAPACITY as usize);
     std::thread::scope(|s| {
         s.spawn(move || {
             let mut tx = tx;
@@ -217,17 +222,20 @@ pub fn two_thread_rtrb(n: u64) {
                 }
             }
         });
-        pin(1);
-        let mut got = 0;
-        while got < n {
-            match rx.pop() {
-                Ok(v) => {
-                    black_box(v);
-                    got += 1;
+        s.spawn(move || {
+            let mut rx = rx;
+            pin(1);
+            let mut got = 0;
+            while got < n {
+                match rx.pop() {
+                    Ok(v) => {
+                        black_box(v);
+                        got += 1;
+                    }
+                    Err(_) => std::hint::spin_loop(),
                 }
-                Err(_) => std::hint::spin_loop(),
             }
-        }
+        });
     });
 }
 
