@@ -66,6 +66,23 @@ impl Kernel for Node {
     }
 }
 
+/// The injected panics happen on device threads: keep them out of the
+/// output (once for the process).
+fn quiet_device_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with("ringkernel-"))
+            {
+                hook(info)
+            }
+        }));
+    });
+}
+
 fn launch(
     rt: &Runtime,
     home: Option<&ringkernel::home::ActorHome<ChannelWaiter>>,
@@ -85,16 +102,7 @@ fn launch(
 
 #[test]
 fn a_receiver_failing_at_random_loses_and_repeats_nothing_over_its_link() {
-    // Quiet the injected panics.
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        if !std::thread::current()
-            .name()
-            .is_some_and(|n| n.starts_with("ringkernel-"))
-        {
-            hook(info)
-        }
-    }));
+    quiet_device_panics();
     let n = (drill::messages() / 5).max(1000);
     let letters = Arc::new(Mutex::new(Vec::<DeadLetter>::new()));
     let l = letters.clone();
@@ -228,15 +236,7 @@ impl Kernel for Recorder {
 
 #[test]
 fn a_sender_failing_at_random_keeps_its_edge_in_order_and_exactly_once() {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        if !std::thread::current()
-            .name()
-            .is_some_and(|n| n.starts_with("ringkernel-"))
-        {
-            hook(info)
-        }
-    }));
+    quiet_device_panics();
     const PER: u64 = 64;
     let emits = (drill::messages() / 5 / PER).max(100);
     let n = emits * PER;

@@ -4,27 +4,14 @@
 //! lavapipe in CI (`RINGKERNEL_REQUIRE_WGPU=1`); skips with a reason
 //! elsewhere.
 
+mod common;
+use common::*;
 use ringkernel::conformance::{Add, Echo, Explode, Probe, Seq, SeqReport, Silent, Total};
 use ringkernel::control::FaultCode;
-use ringkernel::runtime::{AskError, Runtime};
-use ringkernel_wgpu::WgpuBackend;
+use ringkernel::runtime::AskError;
 use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(20);
-
-fn runtime() -> Option<Runtime> {
-    match WgpuBackend::new() {
-        Ok(b) => Some(Runtime::builder().device(b).build().unwrap()),
-        Err(e) => {
-            assert!(
-                std::env::var("RINGKERNEL_REQUIRE_WGPU").as_deref() != Ok("1"),
-                "RINGKERNEL_REQUIRE_WGPU=1 and {e}"
-            );
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
 
 #[actix_rt::test]
 async fn through_actix() {

@@ -4,28 +4,12 @@
 //! (`RINGKERNEL_REQUIRE_WGPU=1`); elsewhere without an adapter it skips
 //! with a reason.
 
+mod common;
+use common::*;
 use ringkernel::conformance::{self, ChannelWaiter, Echo, Probe};
 use ringkernel::kernel::BackendKind;
 use ringkernel::link::{ConnectError, LinkOptions};
 use ringkernel::runtime::{LaunchError, LaunchOptions, Runtime};
-use ringkernel_wgpu::WgpuBackend;
-
-fn runtime() -> Option<Runtime> {
-    match WgpuBackend::new() {
-        Ok(b) => {
-            eprintln!("adapter: {}", b.device().adapter());
-            Some(Runtime::builder().device(b).build().unwrap())
-        }
-        Err(e) => {
-            assert!(
-                std::env::var("RINGKERNEL_REQUIRE_WGPU").as_deref() != Ok("1"),
-                "RINGKERNEL_REQUIRE_WGPU=1 and {e}"
-            );
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
 
 #[test]
 fn the_conformance_suite_on_wgpu() {

@@ -3,49 +3,11 @@
 //! adapter fails instead of skipping. Elsewhere, without an adapter, each
 //! test prints why it skipped.
 
+mod common;
+use common::*;
 use ringkernel::envelope::{Envelope, EnvelopeHeader, Flags, HeaderCheck, encode_pod};
 use ringkernel::id::{ActorId, ClockDomain, CorrelationId};
 use ringkernel_wgpu::*;
-
-/// State [s, count]: `s = s * 31 + m` for each message (wrapping) — an
-/// update that does not commute, so any reordering or parallel application
-/// shows — answering asks with [s, count]; `m = 0xDEAD` faults with code 7.
-const FOLD: WgslKernel = WgslKernel {
-    name: "fold",
-    state_words: 2,
-    handler: r#"
-fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 {
-    let m = msg.payload[0];
-    if m == 0xDEADu {
-        return RK_FAULT + 7u;
-    }
-    (*state)[0] = (*state)[0] * 31u + m;
-    (*state)[1] = (*state)[1] + 1u;
-    (*reply).len = 8u;
-    (*reply).payload[0] = (*state)[0];
-    (*reply).payload[1] = (*state)[1];
-    return RK_REPLIED;
-}
-"#,
-    max_later: 0,
-};
-
-fn device() -> Option<WgpuDevice> {
-    match WgpuDevice::new() {
-        Ok(d) => {
-            eprintln!("adapter: {}", d.adapter());
-            Some(d)
-        }
-        Err(e) => {
-            assert!(
-                std::env::var("RINGKERNEL_REQUIRE_WGPU").as_deref() != Ok("1"),
-                "RINGKERNEL_REQUIRE_WGPU=1 and {e}"
-            );
-            eprintln!("skipped: {e} (install mesa-vulkan-drivers for lavapipe)");
-            None
-        }
-    }
-}
 
 const DOMAIN: ClockDomain = ClockDomain::unit(0, 9);
 

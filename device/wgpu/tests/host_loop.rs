@@ -5,6 +5,8 @@
 //! obeyed. Runs on a real WebGPU adapter (lavapipe in CI, where
 //! `RINGKERNEL_REQUIRE_WGPU=1`); skips with a reason elsewhere.
 
+mod common;
+use common::*;
 use ringkernel::control::{ControlBlock, FaultCode, LifecycleState};
 use ringkernel::envelope::{EnvelopeHeader, Flags, HeaderCheck};
 use ringkernel::id::{ActorId, ClockDomain, CorrelationId};
@@ -14,46 +16,7 @@ use ringkernel_wgpu::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// `s = s * 31 + m`, answering asks with [s, count]; `m = 0xDEAD` faults
-/// (code 7); `m = 0xD0D00000` answers nothing.
-const FOLD: WgslKernel = WgslKernel {
-    name: "fold",
-    state_words: 2,
-    handler: r#"
-fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 {
-    let m = msg.payload[0];
-    if m == 0xDEADu {
-        return RK_FAULT + 7u;
-    }
-    if m == 0xD0D00000u {
-        return RK_DONE;
-    }
-    (*state)[0] = (*state)[0] * 31u + m;
-    (*state)[1] = (*state)[1] + 1u;
-    (*reply).len = 8u;
-    (*reply).payload[0] = (*state)[0];
-    (*reply).payload[1] = (*state)[1];
-    return RK_REPLIED;
-}
-"#,
-    max_later: 0,
-};
-
 const TYPE: u32 = 1;
-
-fn device() -> Option<Arc<WgpuDevice>> {
-    match WgpuDevice::new() {
-        Ok(d) => Some(Arc::new(d)),
-        Err(e) => {
-            assert!(
-                std::env::var("RINGKERNEL_REQUIRE_WGPU").as_deref() != Ok("1"),
-                "RINGKERNEL_REQUIRE_WGPU=1 and {e}"
-            );
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
 
 /// The host's ends of one slot.
 struct Host {
@@ -172,7 +135,9 @@ fn fold(ms: impl IntoIterator<Item = u32>) -> u32 {
 
 #[test]
 fn asks_and_tells_are_served_in_order_and_each_reply_finds_its_caller() {
-    let Some(dev) = device() else { return };
+    let Some(dev) = device().map(Arc::new) else {
+        return;
+    };
     let (_lp, mut host) = start(&dev, &FOLD);
     let n = 5_000u32;
     let mut asks = Vec::new();
@@ -204,7 +169,9 @@ fn asks_and_tells_are_served_in_order_and_each_reply_finds_its_caller() {
 
 #[test]
 fn a_deactivated_slot_holds_its_messages_until_activated() {
-    let Some(dev) = device() else { return };
+    let Some(dev) = device().map(Arc::new) else {
+        return;
+    };
     let (_lp, mut host) = start(&dev, &FOLD);
     host.request(LifecycleState::Deactivated);
     host.wait("deactivated", |c| {
@@ -225,7 +192,9 @@ fn a_deactivated_slot_holds_its_messages_until_activated() {
 
 #[test]
 fn a_handler_fault_is_reported_naming_its_message() {
-    let Some(dev) = device() else { return };
+    let Some(dev) = device().map(Arc::new) else {
+        return;
+    };
     let (_lp, mut host) = start(&dev, &FOLD);
     host.send(1, true);
     host.send(2, true);
@@ -247,7 +216,9 @@ fn a_handler_fault_is_reported_naming_its_message() {
 
 #[test]
 fn an_ask_its_handler_does_not_answer_gets_no_reply() {
-    let Some(dev) = device() else { return };
+    let Some(dev) = device().map(Arc::new) else {
+        return;
+    };
     let (_lp, mut host) = start(&dev, &FOLD);
     let seq = host.send(0xD0D0_0000, true);
     let r = host.replies(1);
@@ -258,7 +229,9 @@ fn an_ask_its_handler_does_not_answer_gets_no_reply() {
 
 #[test]
 fn terminate_and_fence_end_the_slot_and_an_unknown_type_faults() {
-    let Some(dev) = device() else { return };
+    let Some(dev) = device().map(Arc::new) else {
+        return;
+    };
     let (_lp, host) = start(&dev, &FOLD);
     host.request(LifecycleState::Terminated);
     host.wait("terminated", |c| {
@@ -292,7 +265,9 @@ fn terminate_and_fence_end_the_slot_and_an_unknown_type_faults() {
 
 #[test]
 fn a_reply_longer_than_a_slot_faults_rather_than_truncates() {
-    let Some(dev) = device() else { return };
+    let Some(dev) = device().map(Arc::new) else {
+        return;
+    };
     const LONG: WgslKernel = WgslKernel {
         name: "long-reply",
         state_words: 1,

@@ -4,29 +4,16 @@
 //! hanging. On lavapipe in CI (`RINGKERNEL_REQUIRE_WGPU=1`); skips with a
 //! reason elsewhere.
 
+mod common;
+use common::*;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent, call, cast};
 use ringkernel::conformance::{Add, Echo, Explode, Probe, Seq, SeqReport, Silent, Total};
 use ringkernel::runtime::{AskError, CallError, Runtime};
 use ringkernel_ractor::{GpuActor, GpuActorRef, GpuError, GpuMsg};
-use ringkernel_wgpu::WgpuBackend;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
 const DEADLINE: Duration = Duration::from_secs(20);
-
-fn runtime() -> Option<Runtime> {
-    match WgpuBackend::new() {
-        Ok(b) => Some(Runtime::builder().device(b).build().unwrap()),
-        Err(e) => {
-            assert!(
-                std::env::var("RINGKERNEL_REQUIRE_WGPU").as_deref() != Ok("1"),
-                "RINGKERNEL_REQUIRE_WGPU=1 and {e}"
-            );
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wgpu_actor_behaves_as_any_ractor_actor() {
