@@ -66,6 +66,46 @@ impl Kernel for Node {
     }
 }
 
+/// A runtime with the drills' watchdog, collecting its dead letters.
+fn drill_runtime() -> (Runtime, Arc<Mutex<Vec<DeadLetter>>>) {
+    let letters = Arc::new(Mutex::new(Vec::<DeadLetter>::new()));
+    let l = letters.clone();
+    let rt = Runtime::builder()
+        .watchdog(drill::WATCHDOG)
+        .dead_letters(move |d| l.lock().unwrap().push(d))
+        .build()
+        .unwrap();
+    (rt, letters)
+}
+
+/// The injector's seed: `RINGKERNEL_DRILL_SEED`, else `default`.
+fn drill_seed(default: u64) -> u64 {
+    std::env::var("RINGKERNEL_DRILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Handles the fault events so far: each faulted incarnation is recovered
+/// and the next launched in its home. Returns how many restarted.
+fn restart_on_faults(
+    faults: &mpsc::Receiver<SlotEvent>,
+    slot: &mut GpuSlot<ChannelWaiter>,
+    rt: &Runtime,
+    opts: &LaunchOptions,
+    events: &mpsc::Sender<SlotEvent>,
+) -> usize {
+    let mut restarts = 0;
+    while let Ok(e) = faults.try_recv() {
+        if let SlotEvent::Faulted(_) = e {
+            slot.recover();
+            *slot = launch(rt, Some(slot.home()), opts, events);
+            restarts += 1;
+        }
+    }
+    restarts
+}
+
 /// The injected panics happen on device threads: keep them out of the
 /// output (once for the process).
 fn quiet_device_panics() {
@@ -104,17 +144,8 @@ fn launch(
 fn a_receiver_failing_at_random_loses_and_repeats_nothing_over_its_link() {
     quiet_device_panics();
     let n = (drill::messages() / 5).max(1000);
-    let letters = Arc::new(Mutex::new(Vec::<DeadLetter>::new()));
-    let l = letters.clone();
-    let rt = Runtime::builder()
-        .watchdog(drill::WATCHDOG)
-        .dead_letters(move |d| l.lock().unwrap().push(d))
-        .build()
-        .unwrap();
-    let seed = std::env::var("RINGKERNEL_DRILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x4b32_4b00);
+    let (rt, letters) = drill_runtime();
+    let seed = drill_seed(0x4b32_4b00);
     let injector = drill::injector(seed, n);
     let opts = LaunchOptions::default().on_fault(PendingPolicy::Replay);
     let receiver_opts = opts.clone().inject(injector.clone());
@@ -240,17 +271,8 @@ fn a_sender_failing_at_random_keeps_its_edge_in_order_and_exactly_once() {
     const PER: u64 = 64;
     let emits = (drill::messages() / 5 / PER).max(100);
     let n = emits * PER;
-    let letters = Arc::new(Mutex::new(Vec::<DeadLetter>::new()));
-    let l = letters.clone();
-    let rt = Runtime::builder()
-        .watchdog(drill::WATCHDOG)
-        .dead_letters(move |d| l.lock().unwrap().push(d))
-        .build()
-        .unwrap();
-    let seed = std::env::var("RINGKERNEL_DRILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5e4d_0001);
+    let (rt, letters) = drill_runtime();
+    let seed = drill_seed(0x5e4d_0001);
     let injector = drill::injector(seed, emits);
     let opts = LaunchOptions::default()
         .on_fault(PendingPolicy::Replay)
@@ -275,13 +297,7 @@ fn a_sender_failing_at_random_keeps_its_edge_in_order_and_exactly_once() {
         assert!(Instant::now() < deadline, "drill stuck at emit {next}");
         // Supervise: recover, start the next incarnation, send it what was
         // handed back (in order, before anything new).
-        while let Ok(e) = faults.try_recv() {
-            if let SlotEvent::Faulted(_) = e {
-                sender.recover();
-                sender = launch(&rt, Some(sender.home()), &opts, &events);
-                restarts += 1;
-            }
-        }
+        restarts += restart_on_faults(&faults, &mut sender, &rt, &opts, &events);
         match sender.replay() {
             ringkernel::runtime::ReplayStatus::Done => {}
             _ => {
@@ -314,13 +330,7 @@ fn a_sender_failing_at_random_keeps_its_edge_in_order_and_exactly_once() {
     };
     loop {
         assert!(Instant::now() < deadline, "values missing");
-        while let Ok(e) = faults.try_recv() {
-            if let SlotEvent::Faulted(_) = e {
-                sender.recover();
-                sender = launch(&rt, Some(sender.home()), &opts, &events);
-                restarts += 1;
-            }
-        }
+        restarts += restart_on_faults(&faults, &mut sender, &rt, &opts, &events);
         let _ = sender.replay();
         let dead = dead_emits(&letters.lock().unwrap()).len() as u64;
         if GOT.lock().unwrap().len() as u64 + dead * PER >= n
