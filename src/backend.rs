@@ -1,7 +1,7 @@
 //! GPU backends: how the runtime launches an actor slot on a device other
 //! than the built-in cpu backend.
 //!
-//! A backend crate (`ringkernel-wgpu`, later `ringkernel-cuda`) implements
+//! A backend crate (`ringkernel-wgpu`, `ringkernel-cuda`) implements
 //! [`DeviceBackend`] and is given to
 //! [`RuntimeBuilder::device`](crate::runtime::RuntimeBuilder::device). The
 //! runtime keeps everything host-side — the actor's identity and home, the
@@ -32,6 +32,50 @@ pub struct WgslHandler {
     pub max_later: u32,
 }
 
+/// A kernel's handler in CUDA C++ (see the `ringkernel-cuda` crate for the
+/// signature it must have). The same source is compiled by NVRTC for a GPU
+/// and by the host C++ compiler for the c-host backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CudaHandler {
+    /// The CUDA C++ source of `rk_handle` and its helpers.
+    pub source: &'static str,
+    /// The message type ids it serves.
+    pub types: &'static [u32],
+    /// The most replies to deferred asks one run may make (`later->n`).
+    pub max_later: u32,
+}
+
+/// A kernel's code for the device backends: what
+/// [`Kernel::wgsl`](crate::kernel::Kernel::wgsl) and
+/// [`Kernel::cuda`](crate::kernel::Kernel::cuda) give.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceCode {
+    /// The WGSL handler, if any.
+    pub wgsl: Option<WgslHandler>,
+    /// The CUDA C++ handler, if any.
+    pub cuda: Option<CudaHandler>,
+}
+
+impl DeviceCode {
+    /// The code of kernel `K`.
+    pub fn of<K: crate::kernel::Kernel>() -> Self {
+        DeviceCode {
+            wgsl: K::wgsl(),
+            cuda: K::cuda(),
+        }
+    }
+
+    /// The message types served by the code for `backend` (`None`: the
+    /// kernel has no code for it).
+    pub fn types_for(&self, backend: BackendKind) -> Option<&'static [u32]> {
+        match backend {
+            BackendKind::Cpu => None,
+            BackendKind::Cuda => self.cuda.map(|c| c.types),
+            BackendKind::Wgpu => self.wgsl.map(|w| w.types),
+        }
+    }
+}
+
 /// Everything a backend needs to serve one actor slot.
 pub struct DeviceSlot {
     /// The actor (this incarnation).
@@ -51,8 +95,8 @@ pub struct DeviceSlot {
     pub state: Vec<u8>,
     /// The slot's clock domain (stamps what it sends).
     pub domain: ClockDomain,
-    /// The kernel's WGSL handler, if it has one.
-    pub wgsl: Option<WgslHandler>,
+    /// The kernel's device code.
+    pub code: DeviceCode,
     /// Wakes the runtime's poller (after publishing to K2H or acknowledging
     /// a state).
     pub wake_host: Box<dyn Fn() + Send>,
@@ -77,7 +121,9 @@ pub trait DeviceBackend: Send + Sync + 'static {
 
     /// Whether kernel code for this backend is there (checked before any
     /// launch work).
-    fn has_handler(&self, wgsl: Option<WgslHandler>) -> bool;
+    fn has_handler(&self, code: &DeviceCode) -> bool {
+        code.types_for(self.kind()).is_some()
+    }
 
     /// Starts serving `slot`; returns the thread its doorbell wakes.
     ///

@@ -168,7 +168,51 @@ impl Kernel for Probe {
             max_later: 0,
         })
     }
+
+    fn cuda() -> Option<crate::backend::CudaHandler> {
+        Some(crate::backend::CudaHandler {
+            source: PROBE_CUDA,
+            types: &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+            max_later: 0,
+        })
+    }
 }
+
+/// [`Probe`] in CUDA C++ (for the cuda and c-host backends). `Explode` is
+/// the handler's abort (`RK_PANIC`); `Nap` counts without sleeping;
+/// `WhereAmI` answers the tag of the loop's name (`RK_LOOP_NAME`:
+/// `ringkernel-cuda` on a GPU, the block thread's name on the c-host).
+pub const PROBE_CUDA: &str = r#"
+struct ProbeState {
+    uint64_t total, seen, next, disorder, naps;
+};
+
+RK_DEVICE uint32_t rk_handle(void* state, const rk_envelope_header* msg, const uint8_t* payload,
+                             rk_reply* reply, rk_later* later) {
+    ProbeState* s = (ProbeState*)state;
+    uint64_t v = msg->payload_len >= 8 ? rk_get_u64(payload, 0) : 0;
+    switch (msg->type_id) {
+    case 1: return rk_reply_u64(reply, v);
+    case 2: s->total += v; return RK_DONE;
+    case 3: return rk_reply_u64(reply, s->total);
+    case 4:
+        if (v != s->next) s->disorder += 1;
+        s->next = v + 1;
+        s->seen += 1;
+        return RK_DONE;
+    case 5: {
+        uint64_t report[2] = {s->seen, s->disorder};
+        return rk_reply_bytes(reply, report, 16);
+    }
+    case 6: return RK_DONE;
+    case 7: return RK_PANIC;
+    case 8: return RK_FAULT + (msg->payload_len >= 4 ? rk_get_u32(payload, 0) : 0u);
+    case 9: return rk_reply_u64(reply, rk_fnv1a(RK_LOOP_NAME));
+    case 10: s->naps += 1; return rk_reply_u64(reply, s->naps);
+    default: return RK_FAULT;
+    }
+}
+"#;
 
 /// [`Probe`] in WGSL. State words: total 0–1, seen 2–3, next 4–5,
 /// disorder 6–7, naps 8–9 (u64s as low, high). `Explode` is the WGSL
@@ -302,7 +346,47 @@ impl Kernel for Reverse {
             max_later: REVERSE_BATCH as u32,
         })
     }
+
+    fn cuda() -> Option<crate::backend::CudaHandler> {
+        Some(crate::backend::CudaHandler {
+            source: REVERSE_CUDA,
+            types: &[Reversed::TYPE_ID],
+            max_later: REVERSE_BATCH as u32,
+        })
+    }
 }
+
+/// [`Reverse`] in CUDA C++: each ask is deferred (`RK_DEFERRED`), its
+/// correlation id and sender kept in the state; the batch's last run
+/// answers all of them in reverse order through `later`.
+pub const REVERSE_CUDA: &str = r#"
+struct ReverseState {
+    uint64_t held;
+    uint64_t values[8];
+    uint64_t ids[8][2];
+};
+
+RK_DEVICE uint32_t rk_handle(void* state, const rk_envelope_header* msg, const uint8_t* payload,
+                             rk_reply* reply, rk_later* later) {
+    ReverseState* s = (ReverseState*)state;
+    if ((msg->flags & RK_FLAG_ASK) == 0 || s->held >= 8) return RK_DONE;
+    uint64_t i = s->held;
+    s->values[i] = rk_get_u64(payload, 0);
+    s->ids[i][0] = msg->correlation;
+    s->ids[i][1] = msg->src;
+    s->held = i + 1;
+    if (s->held == 8) {
+        for (int k = 7; k >= 0; --k) {
+            uint64_t ten = s->values[k] * 10;
+            if (!rk_later_push(later, s->ids[k][0], s->ids[k][1], msg->type_id, &ten, 8)) {
+                return RK_PANIC;
+            }
+        }
+        s->held = 0;
+    }
+    return RK_DEFERRED;
+}
+"#;
 
 /// [`Reverse`] in WGSL: each ask is deferred (`RK_DEFERRED`), its
 /// correlation and sender kept in the state (words: held 0–1, values 2–17,

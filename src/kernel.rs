@@ -123,6 +123,12 @@ pub trait Kernel: Send + Sync + Sized + 'static {
     fn wgsl() -> Option<crate::backend::WgslHandler> {
         None
     }
+
+    /// The cuda backend's handler, in CUDA C++; `None` if the kernel has
+    /// none.
+    fn cuda() -> Option<crate::backend::CudaHandler> {
+        None
+    }
 }
 
 /// Messages one handler run may send to other actors ([`Ctx::send`]);
@@ -140,6 +146,7 @@ pub const TOO_MANY_SENDS: u64 = 0x2_0000_0000;
 pub fn served_types<K: Kernel>() -> Vec<u32> {
     let mut served = K::cpu_handlers().map(|h| h.type_ids()).unwrap_or_default();
     served.extend(K::wgsl().map_or(&[][..], |w| w.types));
+    served.extend(K::cuda().map_or(&[][..], |c| c.types));
     served.sort_unstable();
     served.dedup();
     served

@@ -169,6 +169,16 @@ pub fn constants() -> Vec<Constant> {
             doc: "type ids from here on are the runtime's",
         },
         Constant {
+            name: "RK_MAX_INLINE",
+            value: crate::kernel::MAX_INLINE as u64,
+            doc: "largest inline payload of a message or reply",
+        },
+        Constant {
+            name: "RK_SYS_NO_REPLY",
+            value: crate::kernel::SYS_NO_REPLY.into(),
+            doc: "type id of the reply to an ask its handler neither answered nor deferred",
+        },
+        Constant {
             name: "RK_FLAG_ASK",
             value: Flags::ASK.bits().into(),
             doc: "a reply is expected",
@@ -382,12 +392,24 @@ pub fn c_header() -> String {
          * operations (ld.acquire.sys / st.release.sys on CUDA); see docs/protocol.md.\n \
          */\n\
          #ifndef RINGKERNEL_PROTOCOL_H\n#define RINGKERNEL_PROTOCOL_H\n\n\
-         #ifdef __cplusplus\n#include <cstddef>\n#include <cstdint>\n\
+         #if defined(__CUDACC_RTC__)\n\
+         /* NVRTC: no standard headers at run time. */\n\
+         typedef unsigned char uint8_t;\ntypedef unsigned short uint16_t;\n\
+         typedef unsigned int uint32_t;\ntypedef unsigned long long uint64_t;\n\
+         typedef long long int64_t;\n\
+         #define RK_STATIC_ASSERT(cond, msg) static_assert(cond, msg)\n\
+         /* NVRTC has no constant offsetof: offsets are asserted by every other compiler. */\n\
+         #define RK_ASSERT_OFFSET(t, f, n)\n\
+         #define RK_ALIGNAS(n) alignas(n)\n#define RK_ALIGNOF(t) alignof(t)\n\
+         #elif defined(__cplusplus)\n#include <cstddef>\n#include <cstdint>\n\
          #define RK_STATIC_ASSERT(cond, msg) static_assert(cond, msg)\n\
          #define RK_ALIGNAS(n) alignas(n)\n#define RK_ALIGNOF(t) alignof(t)\n\
          #else\n#include <stddef.h>\n#include <stdint.h>\n\
          #define RK_STATIC_ASSERT(cond, msg) _Static_assert(cond, msg)\n\
          #define RK_ALIGNAS(n) _Alignas(n)\n#define RK_ALIGNOF(t) _Alignof(t)\n\
+         #endif\n\
+         #ifndef RK_ASSERT_OFFSET\n\
+         #define RK_ASSERT_OFFSET(t, f, n) RK_STATIC_ASSERT(offsetof(t, f) == (n), \"offsetof \" #t \".\" #f)\n\
          #endif\n"
     );
     for c in constants() {
@@ -436,7 +458,7 @@ pub fn c_header() -> String {
         for f in &s.fields {
             let _ = writeln!(
                 w,
-                "RK_STATIC_ASSERT(offsetof({0}, {1}) == {2}, \"offsetof {0}.{1}\");",
+                "RK_ASSERT_OFFSET({0}, {1}, {2});",
                 s.c_name, f.name, f.offset
             );
         }

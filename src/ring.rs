@@ -301,6 +301,11 @@ mod mem {
             self.slot_size
         }
 
+        /// The ring's first byte (its header) in the region.
+        pub(crate) fn base(&self) -> NonNull<u8> {
+            self.header.cast()
+        }
+
         #[inline(always)]
         fn slot_ptr(&self, counter: u64) -> *mut u8 {
             // SAFETY: `counter & mask < capacity`, so the offset stays inside
@@ -593,6 +598,17 @@ impl fmt::Debug for Producer {
 }
 
 impl Producer {
+    /// The ring's first byte (its `rk_ring_header`) in its region, for a
+    /// device peer that takes over this half's role: device code given this
+    /// address follows the protocol of `ringkernel_protocol.h`. Getting the
+    /// address is safe; touching the ring through it is not, and this half
+    /// must not be used while such a peer runs. The region stays alive as
+    /// long as this half does.
+    #[cfg(not(ringkernel_loom))]
+    pub fn ring_base(&self) -> std::ptr::NonNull<u8> {
+        self.ring.base()
+    }
+
     fn attach(ring: RingMem) -> Self {
         let h = ring.header();
         // Acquire on our own counter: a previous producer of this ring (an
@@ -957,6 +973,17 @@ impl fmt::Debug for Consumer {
 }
 
 impl Consumer {
+    /// The ring's first byte (its `rk_ring_header`) in its region, for a
+    /// device peer that takes over this half's role: device code given this
+    /// address follows the protocol of `ringkernel_protocol.h`. Getting the
+    /// address is safe; touching the ring through it is not, and this half
+    /// must not be used while such a peer runs. The region stays alive as
+    /// long as this half does.
+    #[cfg(not(ringkernel_loom))]
+    pub fn ring_base(&self) -> std::ptr::NonNull<u8> {
+        self.ring.base()
+    }
+
     fn attach(ring: RingMem) -> Self {
         let h = ring.header();
         // Acquire on our own counter: an earlier consumer may have written it.

@@ -572,7 +572,7 @@ enum Code<K: Kernel> {
     Cpu(crate::kernel::CpuHandlers<K>),
     Device(
         Arc<dyn crate::backend::DeviceBackend>,
-        Option<crate::backend::WgslHandler>,
+        crate::backend::DeviceCode,
     ),
 }
 
@@ -874,10 +874,13 @@ impl Runtime {
                 (Code::Cpu(handlers), served)
             }
             Some(device) => {
-                let wgsl = K::wgsl();
-                if !device.has_handler(wgsl) {
+                let code = crate::backend::DeviceCode::of::<K>();
+                let Some(types) = code
+                    .types_for(device.kind())
+                    .filter(|_| device.has_handler(&code))
+                else {
                     return Err(no_handler);
-                }
+                };
                 // No option is accepted and ignored.
                 if K::WIDTH != crate::kernel::Width::Thread {
                     return Err(LaunchError::Unsupported {
@@ -898,8 +901,7 @@ impl Runtime {
                         what: "fault injection",
                     });
                 }
-                let served = wgsl.map(|w| w.types.to_vec()).unwrap_or_default();
-                (Code::Device(device.clone(), wgsl), served)
+                (Code::Device(device.clone(), code), types.to_vec())
             }
         };
         served.sort_unstable();
@@ -1000,7 +1002,7 @@ impl Runtime {
                 .map_err(|e| abort(e.to_string()))?;
                 (device.thread().clone(), Some(device))
             }
-            Code::Device(backend, wgsl) => {
+            Code::Device(backend, code) => {
                 let poller = self.inner.poller.clone();
                 let space = shared.space.clone();
                 let thread = backend
@@ -1013,7 +1015,7 @@ impl Runtime {
                         served: served.clone(),
                         state: bytemuck::bytes_of(&state).to_vec(),
                         domain: ClockDomain::unit(self.inner.node, (index as u16).wrapping_add(1)),
-                        wgsl,
+                        code,
                         wake_host: Box::new(move || poller.wake()),
                         wake_senders: Box::new(move || space.wake_if_wanted()),
                     })

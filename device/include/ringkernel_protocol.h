@@ -9,7 +9,19 @@
 #ifndef RINGKERNEL_PROTOCOL_H
 #define RINGKERNEL_PROTOCOL_H
 
-#ifdef __cplusplus
+#if defined(__CUDACC_RTC__)
+/* NVRTC: no standard headers at run time. */
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef unsigned long long uint64_t;
+typedef long long int64_t;
+#define RK_STATIC_ASSERT(cond, msg) static_assert(cond, msg)
+/* NVRTC has no constant offsetof: offsets are asserted by every other compiler. */
+#define RK_ASSERT_OFFSET(t, f, n)
+#define RK_ALIGNAS(n) alignas(n)
+#define RK_ALIGNOF(t) alignof(t)
+#elif defined(__cplusplus)
 #include <cstddef>
 #include <cstdint>
 #define RK_STATIC_ASSERT(cond, msg) static_assert(cond, msg)
@@ -22,11 +34,16 @@
 #define RK_ALIGNAS(n) _Alignas(n)
 #define RK_ALIGNOF(t) _Alignof(t)
 #endif
+#ifndef RK_ASSERT_OFFSET
+#define RK_ASSERT_OFFSET(t, f, n) RK_STATIC_ASSERT(offsetof(t, f) == (n), "offsetof " #t "." #f)
+#endif
 
 #define RK_ENVELOPE_MAGIC                0x4b52ull /* "RK" as a little-endian u16 */
 #define RK_PROTOCOL_VERSION              0x1ull /* envelope version */
 #define RK_HEADER_SIZE                   0x40ull /* envelope header bytes */
 #define RK_SYSTEM_TYPE_BASE              0xffff0000ull /* type ids from here on are the runtime's */
+#define RK_MAX_INLINE                    0x40ull /* largest inline payload of a message or reply */
+#define RK_SYS_NO_REPLY                  0xffff0001ull /* type id of the reply to an ask its handler neither answered nor deferred */
 #define RK_FLAG_ASK                      0x1ull /* a reply is expected */
 #define RK_FLAG_REPLY                    0x2ull /* a reply to `correlation` */
 #define RK_FLAG_ERROR                    0x4ull /* a reply carrying an error */
@@ -91,18 +108,18 @@ typedef struct rk_envelope_header {
 } rk_envelope_header;
 RK_STATIC_ASSERT(sizeof(rk_envelope_header) == 64, "sizeof rk_envelope_header");
 RK_STATIC_ASSERT(RK_ALIGNOF(rk_envelope_header) == 8, "alignof rk_envelope_header");
-RK_STATIC_ASSERT(offsetof(rk_envelope_header, magic) == 0, "offsetof rk_envelope_header.magic");
-RK_STATIC_ASSERT(offsetof(rk_envelope_header, version) == 2, "offsetof rk_envelope_header.version");
-RK_STATIC_ASSERT(offsetof(rk_envelope_header, flags) == 3, "offsetof rk_envelope_header.flags");
-RK_STATIC_ASSERT(offsetof(rk_envelope_header, type_id) == 4, "offsetof rk_envelope_header.type_id");
-RK_STATIC_ASSERT(offsetof(rk_envelope_header, payload_len) == 8, "offsetof rk_envelope_header.payload_len");
-RK_STATIC_ASSERT(offsetof(rk_envelope_header, clock_domain) == 12, "offsetof rk_envelope_header.clock_domain");
-RK_STATIC_ASSERT(offsetof(rk_envelope_header, correlation) == 16, "offsetof rk_envelope_header.correlation");
-RK_STATIC_ASSERT(offsetof(rk_envelope_header, src) == 24, "offsetof rk_envelope_header.src");
-RK_STATIC_ASSERT(offsetof(rk_envelope_header, dst) == 32, "offsetof rk_envelope_header.dst");
-RK_STATIC_ASSERT(offsetof(rk_envelope_header, hlc) == 40, "offsetof rk_envelope_header.hlc");
-RK_STATIC_ASSERT(offsetof(rk_envelope_header, seq) == 48, "offsetof rk_envelope_header.seq");
-RK_STATIC_ASSERT(offsetof(rk_envelope_header, trace_id) == 56, "offsetof rk_envelope_header.trace_id");
+RK_ASSERT_OFFSET(rk_envelope_header, magic, 0);
+RK_ASSERT_OFFSET(rk_envelope_header, version, 2);
+RK_ASSERT_OFFSET(rk_envelope_header, flags, 3);
+RK_ASSERT_OFFSET(rk_envelope_header, type_id, 4);
+RK_ASSERT_OFFSET(rk_envelope_header, payload_len, 8);
+RK_ASSERT_OFFSET(rk_envelope_header, clock_domain, 12);
+RK_ASSERT_OFFSET(rk_envelope_header, correlation, 16);
+RK_ASSERT_OFFSET(rk_envelope_header, src, 24);
+RK_ASSERT_OFFSET(rk_envelope_header, dst, 32);
+RK_ASSERT_OFFSET(rk_envelope_header, hlc, 40);
+RK_ASSERT_OFFSET(rk_envelope_header, seq, 48);
+RK_ASSERT_OFFSET(rk_envelope_header, trace_id, 56);
 
 /* A ring's header; `capacity * slot_size` bytes of slots follow it. */
 typedef struct rk_ring_header {
@@ -118,12 +135,12 @@ typedef struct rk_ring_header {
 } rk_ring_header;
 RK_STATIC_ASSERT(sizeof(rk_ring_header) == 384, "sizeof rk_ring_header");
 RK_STATIC_ASSERT(RK_ALIGNOF(rk_ring_header) == 128, "alignof rk_ring_header");
-RK_STATIC_ASSERT(offsetof(rk_ring_header, tail) == 0, "offsetof rk_ring_header.tail");
-RK_STATIC_ASSERT(offsetof(rk_ring_header, head) == 128, "offsetof rk_ring_header.head");
-RK_STATIC_ASSERT(offsetof(rk_ring_header, magic) == 256, "offsetof rk_ring_header.magic");
-RK_STATIC_ASSERT(offsetof(rk_ring_header, version) == 260, "offsetof rk_ring_header.version");
-RK_STATIC_ASSERT(offsetof(rk_ring_header, capacity) == 264, "offsetof rk_ring_header.capacity");
-RK_STATIC_ASSERT(offsetof(rk_ring_header, slot_size) == 268, "offsetof rk_ring_header.slot_size");
+RK_ASSERT_OFFSET(rk_ring_header, tail, 0);
+RK_ASSERT_OFFSET(rk_ring_header, head, 128);
+RK_ASSERT_OFFSET(rk_ring_header, magic, 256);
+RK_ASSERT_OFFSET(rk_ring_header, version, 260);
+RK_ASSERT_OFFSET(rk_ring_header, capacity, 264);
+RK_ASSERT_OFFSET(rk_ring_header, slot_size, 268);
 
 /* One actor slot's control block: host line, device line, doorbell line. */
 typedef struct rk_control_block {
@@ -148,20 +165,20 @@ typedef struct rk_control_block {
 } rk_control_block;
 RK_STATIC_ASSERT(sizeof(rk_control_block) == 384, "sizeof rk_control_block");
 RK_STATIC_ASSERT(RK_ALIGNOF(rk_control_block) == 128, "alignof rk_control_block");
-RK_STATIC_ASSERT(offsetof(rk_control_block, magic) == 0, "offsetof rk_control_block.magic");
-RK_STATIC_ASSERT(offsetof(rk_control_block, version) == 4, "offsetof rk_control_block.version");
-RK_STATIC_ASSERT(offsetof(rk_control_block, requested_state) == 8, "offsetof rk_control_block.requested_state");
-RK_STATIC_ASSERT(offsetof(rk_control_block, incarnation) == 12, "offsetof rk_control_block.incarnation");
-RK_STATIC_ASSERT(offsetof(rk_control_block, acked_state) == 128, "offsetof rk_control_block.acked_state");
-RK_STATIC_ASSERT(offsetof(rk_control_block, acked_incarnation) == 132, "offsetof rk_control_block.acked_incarnation");
-RK_STATIC_ASSERT(offsetof(rk_control_block, fault_code) == 136, "offsetof rk_control_block.fault_code");
-RK_STATIC_ASSERT(offsetof(rk_control_block, heartbeat) == 144, "offsetof rk_control_block.heartbeat");
-RK_STATIC_ASSERT(offsetof(rk_control_block, processed) == 152, "offsetof rk_control_block.processed");
-RK_STATIC_ASSERT(offsetof(rk_control_block, fault_detail) == 160, "offsetof rk_control_block.fault_detail");
-RK_STATIC_ASSERT(offsetof(rk_control_block, commit) == 168, "offsetof rk_control_block.commit");
-RK_STATIC_ASSERT(offsetof(rk_control_block, serving) == 176, "offsetof rk_control_block.serving");
-RK_STATIC_ASSERT(offsetof(rk_control_block, serving_correlation) == 184, "offsetof rk_control_block.serving_correlation");
-RK_STATIC_ASSERT(offsetof(rk_control_block, doorbell) == 256, "offsetof rk_control_block.doorbell");
+RK_ASSERT_OFFSET(rk_control_block, magic, 0);
+RK_ASSERT_OFFSET(rk_control_block, version, 4);
+RK_ASSERT_OFFSET(rk_control_block, requested_state, 8);
+RK_ASSERT_OFFSET(rk_control_block, incarnation, 12);
+RK_ASSERT_OFFSET(rk_control_block, acked_state, 128);
+RK_ASSERT_OFFSET(rk_control_block, acked_incarnation, 132);
+RK_ASSERT_OFFSET(rk_control_block, fault_code, 136);
+RK_ASSERT_OFFSET(rk_control_block, heartbeat, 144);
+RK_ASSERT_OFFSET(rk_control_block, processed, 152);
+RK_ASSERT_OFFSET(rk_control_block, fault_detail, 160);
+RK_ASSERT_OFFSET(rk_control_block, commit, 168);
+RK_ASSERT_OFFSET(rk_control_block, serving, 176);
+RK_ASSERT_OFFSET(rk_control_block, serving_correlation, 184);
+RK_ASSERT_OFFSET(rk_control_block, doorbell, 256);
 
 /* A K2K link's control words (receiver line, host line); its ring is an rk_ring_header with slots. */
 typedef struct rk_link_control {
@@ -175,10 +192,10 @@ typedef struct rk_link_control {
 } rk_link_control;
 RK_STATIC_ASSERT(sizeof(rk_link_control) == 256, "sizeof rk_link_control");
 RK_STATIC_ASSERT(RK_ALIGNOF(rk_link_control) == 128, "alignof rk_link_control");
-RK_STATIC_ASSERT(offsetof(rk_link_control, commit) == 0, "offsetof rk_link_control.commit");
-RK_STATIC_ASSERT(offsetof(rk_link_control, closed) == 128, "offsetof rk_link_control.closed");
-RK_STATIC_ASSERT(offsetof(rk_link_control, magic) == 136, "offsetof rk_link_control.magic");
-RK_STATIC_ASSERT(offsetof(rk_link_control, version) == 140, "offsetof rk_link_control.version");
-RK_STATIC_ASSERT(offsetof(rk_link_control, capacity) == 144, "offsetof rk_link_control.capacity");
+RK_ASSERT_OFFSET(rk_link_control, commit, 0);
+RK_ASSERT_OFFSET(rk_link_control, closed, 128);
+RK_ASSERT_OFFSET(rk_link_control, magic, 136);
+RK_ASSERT_OFFSET(rk_link_control, version, 140);
+RK_ASSERT_OFFSET(rk_link_control, capacity, 144);
 
 #endif /* RINGKERNEL_PROTOCOL_H */

@@ -74,12 +74,8 @@ impl ringkernel::backend::DeviceBackend for WgpuBackend {
         ringkernel::kernel::BackendKind::Wgpu
     }
 
-    fn has_handler(&self, wgsl: Option<ringkernel::backend::WgslHandler>) -> bool {
-        wgsl.is_some()
-    }
-
     fn launch(&self, slot: ringkernel::backend::DeviceSlot) -> Result<std::thread::Thread, String> {
-        let Some(wgsl) = slot.wgsl else {
+        let Some(wgsl) = slot.code.wgsl else {
             return Err(format!("kernel {} has no WGSL handler", slot.kernel));
         };
         if !slot.state.len().is_multiple_of(4) {

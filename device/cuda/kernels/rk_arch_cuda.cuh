@@ -1,0 +1,87 @@
+// ringkernel — the device intrinsics of the actor-host loop, for CUDA
+// (nvcc and NVRTC). Everything the loop needs from the machine goes through
+// these few functions; rk_arch_host.h gives the same names for host C++
+// (the c-host backend), so the loop itself is one text for both.
+//
+// Memory model: the shared region is pinned host memory mapped into the
+// device, so every protocol word is accessed at *system* scope with inline
+// PTX (`ld.acquire.sys`, `st.release.sys`, `atom.release.sys.cas`,
+// `fence.sc.sys`) — NVRTC needs no CCCL headers for it. Slot bytes are
+// plain loads and stores ordered by those.
+#pragma once
+
+#define RK_ARCH_CUDA 1
+#define RK_DEVICE __device__ __forceinline__
+#define RK_LOOP_NAME "ringkernel-cuda"
+
+// Acquire loads: pair with the host's store-release of the same word
+// (a ring's tail, the requested state, the commit word's fence).
+RK_DEVICE uint64_t rk_ld_acquire_u64(const uint64_t* p) {
+    uint64_t v;
+    asm volatile("ld.acquire.sys.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+RK_DEVICE uint32_t rk_ld_acquire_u32(const uint32_t* p) {
+    uint32_t v;
+    asm volatile("ld.acquire.sys.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+// Release stores: pair with the host's load-acquire of the same word.
+RK_DEVICE void rk_st_release_u64(uint64_t* p, uint64_t v) {
+    asm volatile("st.release.sys.u64 [%0], %1;" : : "l"(p), "l"(v) : "memory");
+}
+RK_DEVICE void rk_st_release_u32(uint32_t* p, uint32_t v) {
+    asm volatile("st.release.sys.u32 [%0], %1;" : : "l"(p), "r"(v) : "memory");
+}
+// Relaxed: words whose ordering a later release (or earlier acquire) gives.
+RK_DEVICE uint64_t rk_ld_relaxed_u64(const uint64_t* p) {
+    uint64_t v;
+    asm volatile("ld.relaxed.sys.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+RK_DEVICE uint32_t rk_ld_relaxed_u32(const uint32_t* p) {
+    uint32_t v;
+    asm volatile("ld.relaxed.sys.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+RK_DEVICE void rk_st_relaxed_u64(uint64_t* p, uint64_t v) {
+    asm volatile("st.relaxed.sys.u64 [%0], %1;" : : "l"(p), "l"(v) : "memory");
+}
+RK_DEVICE void rk_st_relaxed_u32(uint32_t* p, uint32_t v) {
+    asm volatile("st.relaxed.sys.u32 [%0], %1;" : : "l"(p), "r"(v) : "memory");
+}
+// The commit CAS: release on success (publishes the K2H tail stored before
+// it to the host's acq-rel fence), relaxed on failure. Returns whether it
+// took.
+RK_DEVICE bool rk_cas_release_u64(uint64_t* p, uint64_t expected, uint64_t desired) {
+    uint64_t old;
+    asm volatile("atom.release.sys.cas.b64 %0, [%1], %2, %3;"
+                 : "=l"(old)
+                 : "l"(p), "l"(expected), "l"(desired)
+                 : "memory");
+    return old == expected;
+}
+// The doorbell's fence: pairs with the host waker's SeqCst fence.
+RK_DEVICE void rk_fence_sc(void) { asm volatile("fence.sc.sys;" : : : "memory"); }
+
+// Device time (ns, %globaltimer); the host's calibration offset is added
+// by the loop.
+RK_DEVICE uint64_t rk_device_time_ns(void) {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+    return t;
+}
+
+// Host hooks do not exist on a GPU: the poller polls K2H, senders poll H2K
+// room, and idling is a back-off sleep.
+RK_DEVICE void rk_hook_wake_host(void* hooks) { (void)hooks; }
+RK_DEVICE void rk_hook_wake_senders(void* hooks) { (void)hooks; }
+RK_DEVICE void rk_hook_idle(void* hooks, uint32_t ns) {
+    (void)hooks;
+    __nanosleep(ns);
+}
+RK_DEVICE void rk_copy(void* dst, const void* src, uint32_t n) {
+    uint8_t* d = (uint8_t*)dst;
+    const uint8_t* s = (const uint8_t*)src;
+    for (uint32_t i = 0; i < n; ++i) d[i] = s[i];
+}

@@ -1,0 +1,63 @@
+// ringkernel — the device intrinsics of the actor-host loop, for host C++:
+// the c-host backend compiles the very loop nvcc compiles (rk_loop.cuh)
+// against these, so the protocol code is executed on machines without a
+// GPU (and under ThreadSanitizer). Same names and meanings as
+// rk_arch_cuda.cuh, over the GCC/Clang __atomic builtins — the same C++11
+// atomics Rust's AtomicU64 are, on the same addresses.
+#pragma once
+
+#include <ctime>
+#include <cstring>
+
+#define RK_ARCH_HOST 1
+#define RK_DEVICE static inline
+#define RK_LOOP_NAME "ringkernel-c-host"
+
+RK_DEVICE uint64_t rk_ld_acquire_u64(const uint64_t* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+RK_DEVICE uint32_t rk_ld_acquire_u32(const uint32_t* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+RK_DEVICE void rk_st_release_u64(uint64_t* p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+RK_DEVICE void rk_st_release_u32(uint32_t* p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+RK_DEVICE uint64_t rk_ld_relaxed_u64(const uint64_t* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+RK_DEVICE uint32_t rk_ld_relaxed_u32(const uint32_t* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+RK_DEVICE void rk_st_relaxed_u64(uint64_t* p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+RK_DEVICE void rk_st_relaxed_u32(uint32_t* p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+RK_DEVICE bool rk_cas_release_u64(uint64_t* p, uint64_t expected, uint64_t desired) {
+    return __atomic_compare_exchange_n(p, &expected, desired, false, __ATOMIC_RELEASE,
+                                       __ATOMIC_RELAXED);
+}
+RK_DEVICE void rk_fence_sc(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+RK_DEVICE uint64_t rk_device_time_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+// The hooks the host gives the loop (c-host only): wake the poller after a
+// K2H publish or an acknowledgement, wake senders after H2K room is made,
+// and sleep until woken (a parked thread, at most `ns`).
+typedef struct rk_host_hooks {
+    void* ctx;
+    void (*wake_host)(void* ctx);
+    void (*wake_senders)(void* ctx);
+    void (*idle)(void* ctx, uint32_t ns);
+} rk_host_hooks;
+
+RK_DEVICE void rk_hook_wake_host(void* hooks) {
+    rk_host_hooks* h = (rk_host_hooks*)hooks;
+    if (h && h->wake_host) h->wake_host(h->ctx);
+}
+RK_DEVICE void rk_hook_wake_senders(void* hooks) {
+    rk_host_hooks* h = (rk_host_hooks*)hooks;
+    if (h && h->wake_senders) h->wake_senders(h->ctx);
+}
+RK_DEVICE void rk_hook_idle(void* hooks, uint32_t ns) {
+    rk_host_hooks* h = (rk_host_hooks*)hooks;
+    if (h && h->idle) {
+        h->idle(h->ctx, ns);
+    } else {
+        struct timespec ts = {0, (long)ns};
+        nanosleep(&ts, nullptr);
+    }
+}
+RK_DEVICE void rk_copy(void* dst, const void* src, uint32_t n) { memcpy(dst, src, n); }

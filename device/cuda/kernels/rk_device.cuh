@@ -1,0 +1,131 @@
+// ringkernel — what a CUDA handler sees, and the slot descriptor the host
+// hands the actor-host loop. Included after ringkernel_protocol.h and one
+// of rk_arch_cuda.cuh / rk_arch_host.h (see the crate docs for the order).
+//
+// The handler's contract (one per kernel type, in its own namespace):
+//
+//   RK_DEVICE uint32_t rk_handle(void* state, const rk_envelope_header* msg,
+//                                const uint8_t* payload, rk_reply* reply,
+//                                rk_later* later);
+//
+// `state` is the kernel's State (16-byte aligned, kept between messages);
+// `payload` holds msg->payload_len bytes. It returns RK_DONE, RK_REPLIED
+// (`reply` filled), RK_DEFERRED (the ask is answered by a later run),
+// RK_FAULT + code, or RK_PANIC. Any run may also answer asks deferred
+// earlier: up to `later->cap` replies through rk_later_push, addressed by
+// the correlation id and sender the handler kept. Messages of one actor
+// are handled one at a time, in order, on the slot's thread.
+#pragma once
+
+#define RK_DONE 0u
+#define RK_REPLIED 1u
+#define RK_DEFERRED 2u
+#define RK_FAULT 0x100u
+// The handler aborts (what a panic is on the cpu backend).
+#define RK_PANIC 0xFFFFFFFFu
+// A reply longer than RK_MAX_INLINE, or more later replies than declared.
+#define RK_REPLY_TOO_LARGE 0xFFFFFFFEu
+// The HandlerFault detail of RK_REPLY_TOO_LARGE (as the wgpu backend's).
+#define RK_DETAIL_REPLY_TOO_LARGE 0x300000000ull
+// BadEnvelope details the loop reports for its own inputs.
+#define RK_DETAIL_BAD_RING 0xB0000001ull
+#define RK_DETAIL_BAD_STATE_WORD 0xFFFFFFFFFFFFFFFFull
+
+typedef struct rk_reply {
+    uint32_t len;
+    uint32_t _pad;
+    RK_ALIGNAS(8) uint8_t payload[RK_MAX_INLINE];
+} rk_reply;
+
+typedef struct rk_later_reply {
+    uint64_t correlation;
+    uint64_t dst;
+    uint32_t type_id;
+    uint32_t len;
+    RK_ALIGNAS(8) uint8_t payload[RK_MAX_INLINE];
+} rk_later_reply;
+
+typedef struct rk_later {
+    uint32_t n;
+    uint32_t cap;
+    rk_later_reply* replies;
+} rk_later;
+
+// One actor slot of the actor-host kernel, in memory both sides see. The
+// host fills the fields, then store-releases `assigned` (a new generation);
+// the slot's block serves it until the incarnation ends and store-releases
+// `finished` with that generation. Mirrored by `SlotDesc` in Rust; offsets
+// asserted on both sides.
+typedef struct rk_slot_desc {
+    RK_ALIGNAS(128) uint64_t control; /* rk_control_block* */
+    uint64_t h2k;                     /* rk_ring_header* (consumed here) */
+    uint64_t k2h;                     /* rk_ring_header* (produced here) */
+    uint64_t state;                   /* the kernel's State bytes */
+    uint64_t served;                  /* const uint32_t[n_served], sorted */
+    uint64_t hooks;                   /* c-host: rk_host_hooks*; CUDA: 0 */
+    uint32_t n_served;
+    uint32_t kernel;                  /* index of the kernel's handler */
+    uint32_t domain;                  /* clock domain of what it stamps */
+    uint32_t state_bytes;
+    int64_t clock_offset;             /* host ns - device ns (host, relaxed) */
+    uint64_t hlc;                     /* the slot's HLC word (device) */
+    uint64_t assigned;                /* host: generation, store-release */
+    uint64_t finished;                /* device: generation, store-release */
+    uint64_t exit;                    /* host: nonzero = the block returns */
+    uint8_t _pad[24];
+} rk_slot_desc;
+RK_STATIC_ASSERT(sizeof(rk_slot_desc) == 128, "sizeof rk_slot_desc");
+RK_ASSERT_OFFSET(rk_slot_desc, n_served, 48);
+RK_ASSERT_OFFSET(rk_slot_desc, clock_offset, 64);
+RK_ASSERT_OFFSET(rk_slot_desc, hlc, 72);
+RK_ASSERT_OFFSET(rk_slot_desc, assigned, 80);
+RK_ASSERT_OFFSET(rk_slot_desc, finished, 88);
+RK_ASSERT_OFFSET(rk_slot_desc, exit, 96);
+
+// ---- helpers for handlers ----
+
+RK_DEVICE uint64_t rk_get_u64(const uint8_t* payload, uint32_t at) {
+    uint64_t v;
+    rk_copy(&v, payload + at, 8);
+    return v;
+}
+
+RK_DEVICE uint32_t rk_get_u32(const uint8_t* payload, uint32_t at) {
+    uint32_t v;
+    rk_copy(&v, payload + at, 4);
+    return v;
+}
+
+// Replies with `len` bytes of `v`.
+RK_DEVICE uint32_t rk_reply_bytes(rk_reply* reply, const void* v, uint32_t len) {
+    if (len > RK_MAX_INLINE) return RK_REPLY_TOO_LARGE;
+    rk_copy(reply->payload, v, len);
+    reply->len = len;
+    return RK_REPLIED;
+}
+
+RK_DEVICE uint32_t rk_reply_u64(rk_reply* reply, uint64_t v) {
+    return rk_reply_bytes(reply, &v, 8);
+}
+
+// Queues a reply to an ask deferred earlier; false when `later` is full or
+// the payload too large (nothing queued).
+RK_DEVICE bool rk_later_push(rk_later* later, uint64_t correlation, uint64_t dst,
+                             uint32_t type_id, const void* v, uint32_t len) {
+    if (later->n >= later->cap || len > RK_MAX_INLINE) return false;
+    rk_later_reply* r = &later->replies[later->n];
+    r->correlation = correlation;
+    r->dst = dst;
+    r->type_id = type_id;
+    r->len = len;
+    rk_copy(r->payload, v, len);
+    later->n += 1;
+    return true;
+}
+
+// FNV-1a of a NUL-terminated string (the conformance kernels' WhereAmI).
+RK_DEVICE uint64_t rk_fnv1a(const char* s) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (; *s; ++s) h = (h ^ (uint64_t)(uint8_t)*s) * 0x100000001b3ull;
+    return h;
+}

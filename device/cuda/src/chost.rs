@@ -1,0 +1,403 @@
+//! The c-host backend: the actor-host device loop (`kernels/rk_loop.cuh`),
+//! compiled as host C++ with the kernel's CUDA handler, run on OS threads —
+//! one per block, dormant until assigned a slot, exactly as the blocks of
+//! the persistent kernel are. It exists so that the C protocol code is
+//! *executed* (the whole conformance suite runs on it) on machines without
+//! a GPU; it is a test backend, not a way to run actors in production (the
+//! cpu backend is that).
+//!
+//! Each kernel's translation unit is compiled by the host C++ compiler
+//! (`$CXX`, else `c++`) into a shared library when its first actor is
+//! launched, and loaded; a handler that does not compile fails the launch
+//! with the compiler's log.
+
+use crate::source::{Arch, KernelSource, translation_unit};
+use crate::{CudaError, MAX_STATE_BYTES, SlotDesc};
+use ringkernel::backend::{DeviceBackend, DeviceSlot};
+use ringkernel::control::ControlBlock;
+use ringkernel::kernel::BackendKind;
+use ringkernel::ring::{Consumer, Producer};
+use std::cell::UnsafeCell;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+/// `rk_host_hooks` in `kernels/rk_arch_host.h`.
+#[repr(C)]
+struct HostHooks {
+    ctx: *const c_void,
+    wake_host: extern "C" fn(*const c_void),
+    wake_senders: extern "C" fn(*const c_void),
+    idle: extern "C" fn(*const c_void, u32),
+}
+
+/// What the hooks call, per assignment.
+struct Wakers {
+    wake_host: Box<dyn Fn() + Send>,
+    wake_senders: Box<dyn Fn() + Send>,
+}
+
+type WakerCell = Mutex<Option<Wakers>>;
+
+extern "C" fn hook_wake_host(ctx: *const c_void) {
+    // SAFETY: `ctx` is the `WakerCell` of the block whose loop calls this;
+    // the block (and the cell in it) outlives its thread.
+    let cell = unsafe { &*ctx.cast::<WakerCell>() };
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if let Ok(w) = cell.lock()
+            && let Some(w) = &*w
+        {
+            (w.wake_host)();
+        }
+    }));
+}
+
+extern "C" fn hook_wake_senders(ctx: *const c_void) {
+    // SAFETY: as in `hook_wake_host`.
+    let cell = unsafe { &*ctx.cast::<WakerCell>() };
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if let Ok(w) = cell.lock()
+            && let Some(w) = &*w
+        {
+            (w.wake_senders)();
+        }
+    }));
+}
+
+extern "C" fn hook_idle(_ctx: *const c_void, ns: u32) {
+    // The doorbell (or an assignment, or exit) unparks the thread.
+    std::thread::park_timeout(Duration::from_nanos(u64::from(ns)));
+}
+
+/// One compiled kernel.
+struct Module {
+    run: unsafe extern "C" fn(*mut SlotDesc),
+    // Kept loaded while any block runs its code (blocks hold the Arc).
+    _lib: libloading::Library,
+}
+
+/// What an assigned slot's loop touches, kept alive while it may.
+struct Assignment {
+    _control: Arc<ControlBlock>,
+    _h2k: Consumer,
+    _k2h: Producer,
+    _state: Box<[u128]>,
+    _served: Box<[u32]>,
+}
+
+/// The descriptor, shared with the block's thread.
+struct DescCell(UnsafeCell<SlotDesc>);
+
+// SAFETY: the descriptor's fields follow the assignment protocol: the host
+// writes plain fields only while the block is dormant (before its
+// store-release of `assigned`, after its load-acquire of `finished`), the
+// block reads them only after its load-acquire of `assigned`; the
+// generation and exit words are atomics.
+unsafe impl Sync for DescCell {}
+
+/// One block: a thread running `rk_host_block_run` on its descriptor.
+struct Block {
+    desc: DescCell,
+    /// Boxed: the descriptor points at it.
+    hooks: Box<HostHooks>,
+    /// Boxed: the hooks point at it.
+    wakers: Box<WakerCell>,
+    module: Arc<Module>,
+    assignment: Mutex<Option<Assignment>>,
+    returned: AtomicBool,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    handle: Mutex<Option<Thread>>,
+}
+
+// SAFETY: `hooks.ctx` points at the boxed `wakers` of the same block (a
+// Mutex, Sync); every other field is Sync.
+unsafe impl Sync for Block {}
+// SAFETY: as for Sync; the raw pointer is only dereferenced by the hooks.
+unsafe impl Send for Block {}
+
+impl Block {
+    fn desc(&self) -> *mut SlotDesc {
+        self.desc.0.get()
+    }
+
+    /// The assignment protocol's words (atomics inside the descriptor).
+    fn words(&self) -> (&AtomicU64, &AtomicU64, &AtomicU64) {
+        // SAFETY: the atomics are only ever accessed atomically, by both
+        // sides; taking shared references to them is sound while the block
+        // lives.
+        let d = unsafe { &*self.desc() };
+        (&d.assigned, &d.finished, &d.exit)
+    }
+
+    fn dormant(&self) -> bool {
+        let (assigned, finished, _) = self.words();
+        // Acquire pairs with the block's store-release of `finished`: its
+        // run's accesses to the descriptor happened before.
+        !self.returned.load(Ordering::Acquire)
+            && finished.load(Ordering::Acquire) == assigned.load(Ordering::Relaxed)
+    }
+}
+
+/// The c-host backend (see the [module docs](self)).
+///
+/// ```no_run
+/// let rt = ringkernel::runtime::Runtime::builder()
+///     .device(ringkernel_cuda::CHostBackend::new())
+///     .build()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct CHostBackend {
+    compiler: String,
+    flags: Vec<String>,
+    dir: PathBuf,
+    modules: Mutex<HashMap<ModuleKey, Arc<Module>>>,
+    blocks: Mutex<Vec<(ModuleKey, Arc<Block>)>>,
+}
+
+/// A kernel's identity: name, handler source (address, length), later cap.
+type ModuleKey = (&'static str, usize, usize, u32);
+
+impl std::fmt::Debug for CHostBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CHostBackend")
+            .field("compiler", &self.compiler)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
+
+impl CHostBackend {
+    /// A backend compiling with `$CXX` (else `c++`), extra flags from
+    /// `$RINGKERNEL_CHOST_CXXFLAGS`.
+    pub fn new() -> Arc<Self> {
+        let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let flags = std::env::var("RINGKERNEL_CHOST_CXXFLAGS")
+            .map(|f| f.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
+        let dir = std::env::temp_dir().join(format!(
+            "ringkernel-c-host-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        ));
+        Arc::new(CHostBackend {
+            compiler,
+            flags,
+            dir,
+            modules: Mutex::new(HashMap::new()),
+            blocks: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Compiles (once) and loads the module of `kernel`.
+    fn module(&self, kernel: KernelSource) -> Result<(ModuleKey, Arc<Module>), CudaError> {
+        let h = kernel.handler;
+        let key = (
+            kernel.name,
+            h.source.as_ptr() as usize,
+            h.source.len(),
+            h.max_later,
+        );
+        let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = modules.get(&key) {
+            return Ok((key, m.clone()));
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        let stem = format!(
+            "{}-{}",
+            kernel
+                .name
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect::<String>(),
+            modules.len()
+        );
+        let src = self.dir.join(format!("{stem}.cpp"));
+        let lib = self.dir.join(format!("lib{stem}.so"));
+        std::fs::write(&src, translation_unit(Arch::Host, &[kernel]))?;
+        let out = std::process::Command::new(&self.compiler)
+            .args(["-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-pthread"])
+            .args(["-Wall", "-Wextra", "-Wno-unused-parameter"])
+            .args(&self.flags)
+            .arg(&src)
+            .arg("-o")
+            .arg(&lib)
+            .output()
+            .map_err(|e| CudaError::HostCompiler {
+                compiler: self.compiler.clone(),
+                message: e.to_string(),
+            })?;
+        if !out.status.success() {
+            return Err(CudaError::Compile {
+                log: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        // SAFETY: the library is the one just built from our translation
+        // unit; its initialisers are the C++ runtime's only.
+        let lib = unsafe { libloading::Library::new(&lib) }
+            .map_err(|e| CudaError::Load(e.to_string()))?;
+        // SAFETY: `rk_host_block_run` is defined by rk_actor_host.cuh with
+        // exactly this signature (extern "C", one `rk_slot_desc*`).
+        let run = unsafe { lib.get::<unsafe extern "C" fn(*mut SlotDesc)>(b"rk_host_block_run\0") }
+            .map_err(|e| CudaError::Load(e.to_string()))?;
+        let module = Arc::new(Module {
+            run: *run,
+            _lib: lib,
+        });
+        modules.insert(key, module.clone());
+        Ok((key, module))
+    }
+
+    /// A dormant block of `module`, or a new one.
+    fn block(&self, key: ModuleKey, module: &Arc<Module>) -> Result<Arc<Block>, CudaError> {
+        let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, b)) = blocks.iter().find(|(k, b)| *k == key && b.dormant()) {
+            return Ok(b.clone());
+        }
+        let wakers: Box<WakerCell> = Box::new(Mutex::new(None));
+        let hooks = Box::new(HostHooks {
+            ctx: std::ptr::from_ref(&*wakers).cast(),
+            wake_host: hook_wake_host,
+            wake_senders: hook_wake_senders,
+            idle: hook_idle,
+        });
+        let block = Arc::new(Block {
+            desc: DescCell(UnsafeCell::new(SlotDesc::default())),
+            hooks,
+            wakers,
+            module: module.clone(),
+            assignment: Mutex::new(None),
+            returned: AtomicBool::new(false),
+            thread: Mutex::new(None),
+            handle: Mutex::new(None),
+        });
+        // SAFETY: no thread runs this block yet.
+        unsafe { (*block.desc()).hooks = std::ptr::from_ref(&*block.hooks) as u64 };
+        let b = block.clone();
+        let join = std::thread::Builder::new()
+            .name("ringkernel-c-host".into())
+            .spawn(move || {
+                // SAFETY: the descriptor lives in `b`, which this thread
+                // owns a reference to; the module's code stays loaded
+                // (`b.module`); the loop follows the assignment protocol.
+                unsafe { (b.module.run)(b.desc()) };
+                b.returned.store(true, Ordering::Release);
+            })?;
+        *block.handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(join.thread().clone());
+        *block.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(join);
+        blocks.push((key, block.clone()));
+        Ok(block)
+    }
+
+    fn launch_slot(&self, slot: DeviceSlot) -> Result<Thread, CudaError> {
+        let handler = slot.code.cuda.ok_or(CudaError::NoHandler(slot.kernel))?;
+        if slot.state.len() > MAX_STATE_BYTES {
+            return Err(CudaError::StateSize {
+                bytes: slot.state.len(),
+                max: MAX_STATE_BYTES,
+            });
+        }
+        let (key, module) = self.module(KernelSource {
+            name: slot.kernel,
+            handler,
+        })?;
+        let block = self.block(key, &module)?;
+        let mut state = vec![0u128; slot.state.len().div_ceil(16).max(1)].into_boxed_slice();
+        // SAFETY: `state` has at least `slot.state.len()` bytes; u128 has
+        // no invalid bit patterns.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                slot.state.as_ptr(),
+                state.as_mut_ptr().cast::<u8>(),
+                slot.state.len(),
+            );
+        }
+        let served: Box<[u32]> = slot.served.clone().into_boxed_slice();
+        let d = block.desc();
+        // SAFETY: the block is dormant (its `finished` was acquired equal to
+        // `assigned`, or it is new): its thread reads no plain field until
+        // the store-release below.
+        let generation = unsafe {
+            (*d).control = Arc::as_ptr(&slot.control) as u64;
+            (*d).h2k = slot.h2k.ring_base().as_ptr() as u64;
+            (*d).k2h = slot.k2h.ring_base().as_ptr() as u64;
+            (*d).state = state.as_mut_ptr() as u64;
+            (*d).state_bytes = slot.state.len() as u32;
+            (*d).served = served.as_ptr() as u64;
+            (*d).n_served = served.len() as u32;
+            (*d).kernel = 0;
+            (*d).domain = slot.domain.to_bits();
+            (*d).clock_offset = 0;
+            (*d).hlc = 0;
+            (*d).assigned.load(Ordering::Relaxed) + 1
+        };
+        *block.wakers.lock().unwrap_or_else(|p| p.into_inner()) = Some(Wakers {
+            wake_host: slot.wake_host,
+            wake_senders: slot.wake_senders,
+        });
+        *block.assignment.lock().unwrap_or_else(|p| p.into_inner()) = Some(Assignment {
+            _control: slot.control,
+            _h2k: slot.h2k,
+            _k2h: slot.k2h,
+            _state: state,
+            _served: served,
+        });
+        // Publishes the descriptor; pairs with the block's load-acquire.
+        block.words().0.store(generation, Ordering::Release);
+        let thread = block
+            .handle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| CudaError::Load("block thread missing".into()))?;
+        thread.unpark();
+        Ok(thread)
+    }
+}
+
+impl DeviceBackend for CHostBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cuda
+    }
+
+    fn launch(&self, slot: DeviceSlot) -> Result<Thread, String> {
+        self.launch_slot(slot).map_err(|e| e.to_string())
+    }
+}
+
+/// How long dropping the backend waits for its blocks to return before it
+/// leaves a hung one running (its memory is the block's own, kept alive
+/// by its thread).
+const EXIT_WAIT: Duration = Duration::from_secs(5);
+
+impl Drop for CHostBackend {
+    fn drop(&mut self) {
+        let blocks = std::mem::take(&mut *self.blocks.lock().unwrap_or_else(|p| p.into_inner()));
+        for (_, b) in &blocks {
+            // Pairs with the block's load-acquire of `exit`.
+            b.words().2.store(1, Ordering::Release);
+            if let Some(t) = &*b.handle.lock().unwrap_or_else(|p| p.into_inner()) {
+                t.unpark();
+            }
+        }
+        let deadline = Instant::now() + EXIT_WAIT;
+        for (_, b) in &blocks {
+            while !b.returned.load(Ordering::Acquire) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if b.returned.load(Ordering::Acquire)
+                && let Some(j) = b.thread.lock().unwrap_or_else(|p| p.into_inner()).take()
+            {
+                let _ = j.join();
+            } else {
+                tracing::warn!("a c-host block did not return; left running");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

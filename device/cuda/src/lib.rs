@@ -1,0 +1,152 @@
+//! The CUDA backend of ringkernel, and the c-host backend that executes
+//! the same device loop on the host.
+//!
+//! **Design** (see `ARCHITECTURE.md`, *Backends: cuda*): one persistent,
+//! cooperatively launched *actor-host kernel* per device hosts many actor
+//! slots, one block each; a block is dormant until the host assigns it a
+//! slot descriptor ([`SlotDesc`], `rk_slot_desc` in C) and serves that
+//! actor until its incarnation ends — spawning or restarting a GPU actor
+//! launches nothing and allocates nothing on the device. The loop
+//! (`kernels/rk_loop.cuh`) speaks the protocol of `docs/protocol.md` over
+//! the shared region with system-scope acquire/release PTX.
+//!
+//! **Handlers** are CUDA C++ ([`Kernel::cuda`](ringkernel::kernel::Kernel::cuda)),
+//! one function per kernel type with a fixed signature:
+//!
+//! ```c++
+//! RK_DEVICE uint32_t rk_handle(void* state, const rk_envelope_header* msg,
+//!                              const uint8_t* payload, rk_reply* reply,
+//!                              rk_later* later);
+//! ```
+//!
+//! returning `RK_DONE`, `RK_REPLIED` (`reply` filled, e.g. by
+//! `rk_reply_u64`), `RK_DEFERRED`, `RK_FAULT + code` or `RK_PANIC`; replies
+//! to asks deferred earlier go through `rk_later_push`. Each kernel's source
+//! is wrapped in its own namespace, so helpers of different kernels never
+//! collide. [`translation_unit`] assembles the text; NVRTC compiles it for a
+//! GPU, nvcc compiles it in CI (PTX and cubin for sm_80 and sm_90), and the
+//! host C++ compiler compiles it for the c-host backend.
+//!
+//! **Without a GPU** — every machine that builds this project — the
+//! [`CHostBackend`] runs that very loop, compiled as host C++ against
+//! `kernels/rk_arch_host.h`, one OS thread per block, behind the ordinary
+//! runtime: the conformance suite runs on it, so the C protocol code is
+//! executed, not only compiled. The GPU path ([`probe`], [`compile_ptx`])
+//! reports a missing driver, device or NVRTC as typed errors.
+
+mod chost;
+mod nvrtc;
+mod source;
+
+pub use chost::CHostBackend;
+pub use nvrtc::{DriverInfo, compile_ptx, nvrtc_version, probe};
+pub use source::{Arch, KernelSource, kernels, translation_unit};
+
+use std::sync::atomic::AtomicU64;
+
+/// Why the CUDA backend could not do what was asked.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    /// No CUDA driver library (`libcuda`) could be loaded.
+    #[error("no CUDA driver: libcuda could not be loaded (tried {tried})")]
+    NoDriver {
+        /// The library names tried.
+        tried: String,
+    },
+    /// The driver loaded but reports no device (or failed to initialise).
+    #[error("no CUDA device: {0}")]
+    NoDevice(String),
+    /// NVRTC (`libnvrtc`) could not be loaded.
+    #[error("no CUDA compiler: libnvrtc could not be loaded (tried {tried})")]
+    NoCompiler {
+        /// The library names tried.
+        tried: String,
+    },
+    /// A kernel's handler does not compile; the compiler's log.
+    #[error("kernel does not compile:\n{log}")]
+    Compile {
+        /// The compiler's log.
+        log: String,
+    },
+    /// The host C++ compiler of the c-host backend could not be run.
+    #[error("host C++ compiler `{compiler}` could not be run: {message}")]
+    HostCompiler {
+        /// The compiler command.
+        compiler: String,
+        /// Why.
+        message: String,
+    },
+    /// A compiled module could not be loaded.
+    #[error("compiled module could not be loaded: {0}")]
+    Load(String),
+    /// The kernel has no CUDA handler.
+    #[error("kernel `{0}` has no CUDA handler")]
+    NoHandler(&'static str),
+    /// The kernel's state is larger than a slot may keep.
+    #[error("state of {bytes} bytes exceeds the {max}-byte limit")]
+    StateSize {
+        /// The state's size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// An operating-system call failed (a thread, a file).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The largest kernel state a slot keeps, in bytes.
+pub const MAX_STATE_BYTES: usize = 64 * 1024;
+
+/// One actor slot of the actor-host kernel, in memory both sides see:
+/// `rk_slot_desc` in `kernels/rk_device.cuh` (offsets asserted on both
+/// sides). The host fills the plain fields while the block is dormant,
+/// then store-releases `assigned`; the block store-releases `finished`
+/// when the slot's incarnation has ended.
+#[repr(C, align(128))]
+#[derive(Debug, Default)]
+pub struct SlotDesc {
+    /// `rk_control_block*`.
+    pub control: u64,
+    /// `rk_ring_header*` of H2K (the block consumes).
+    pub h2k: u64,
+    /// `rk_ring_header*` of K2H (the block produces).
+    pub k2h: u64,
+    /// The kernel's state bytes (16-byte aligned).
+    pub state: u64,
+    /// `const uint32_t*`: the served type ids, sorted.
+    pub served: u64,
+    /// c-host: `rk_host_hooks*`; CUDA: 0.
+    pub hooks: u64,
+    /// How many served type ids.
+    pub n_served: u32,
+    /// Index of the kernel's handler in the translation unit.
+    pub kernel: u32,
+    /// The slot's clock domain.
+    pub domain: u32,
+    /// Size of the state.
+    pub state_bytes: u32,
+    /// Host ns minus device ns (the calibration of `%globaltimer`).
+    pub clock_offset: i64,
+    /// The slot's HLC word (the device's).
+    pub hlc: u64,
+    /// The generation assigned (host, store-release).
+    pub assigned: AtomicU64,
+    /// The generation whose run ended (device, store-release).
+    pub finished: AtomicU64,
+    /// Nonzero: the block returns (host).
+    pub exit: AtomicU64,
+    _pad: [u8; 24],
+}
+
+const _: () = {
+    assert!(std::mem::size_of::<SlotDesc>() == 128);
+    assert!(std::mem::align_of::<SlotDesc>() == 128);
+    assert!(std::mem::offset_of!(SlotDesc, n_served) == 48);
+    assert!(std::mem::offset_of!(SlotDesc, clock_offset) == 64);
+    assert!(std::mem::offset_of!(SlotDesc, hlc) == 72);
+    assert!(std::mem::offset_of!(SlotDesc, assigned) == 80);
+    assert!(std::mem::offset_of!(SlotDesc, finished) == 88);
+    assert!(std::mem::offset_of!(SlotDesc, exit) == 96);
+};
