@@ -13,9 +13,10 @@
 //! as the cpu backend's does; the rest of the runtime cannot tell them
 //! apart.
 
-use crate::control::ControlBlock;
+use crate::control::ControlRef;
 use crate::id::{ActorId, ClockDomain};
 use crate::kernel::BackendKind;
+use crate::region::{HeapRegion, SharedMemory};
 use crate::ring::{Consumer, Producer};
 use std::sync::Arc;
 use std::thread::Thread;
@@ -84,7 +85,7 @@ pub struct DeviceSlot {
     pub kernel: &'static str,
     /// The slot's control block: the device acknowledges states, commits,
     /// reports progress and faults here, and obeys the fence.
-    pub control: Arc<ControlBlock>,
+    pub control: ControlRef,
     /// The H2K ring's consuming end.
     pub h2k: Consumer,
     /// The K2H ring's producing end.
@@ -123,6 +124,17 @@ pub trait DeviceBackend: Send + Sync + 'static {
     /// launch work).
     fn has_handler(&self, code: &DeviceCode) -> bool {
         code.types_for(self.kind()).is_some()
+    }
+
+    /// Zeroed memory for one slot's control block and rings, `bytes` long,
+    /// which the device can see (pinned and mapped host memory on CUDA).
+    /// The default is the heap, for backends whose device loop runs on the
+    /// host.
+    ///
+    /// # Errors
+    /// A message saying why there is none (a pinned-memory budget spent).
+    fn slot_memory(&self, bytes: usize) -> Result<Arc<dyn SharedMemory>, String> {
+        Ok(Arc::new(HeapRegion::zeroed(bytes)))
     }
 
     /// Starts serving `slot`; returns the thread its doorbell wakes.

@@ -466,6 +466,105 @@ impl fmt::Debug for ControlBlock {
     }
 }
 
+/// A shared handle to a [`ControlBlock`]: in its own heap allocation
+/// ([`ControlRef::new`]) or laid in a [`SharedMemory`] region a device
+/// sees too ([`ControlRef::init_in`]). Dereferences to the block; clones
+/// share it, and the memory lives as long as any clone.
+#[derive(Clone)]
+pub struct ControlRef {
+    ptr: std::ptr::NonNull<ControlBlock>,
+    _owner: ControlOwner,
+}
+
+#[derive(Clone)]
+enum ControlOwner {
+    Heap(#[allow(dead_code, reason = "keeps the block alive")] std::sync::Arc<ControlBlock>),
+    #[cfg(not(ringkernel_loom))]
+    Region(
+        #[allow(dead_code, reason = "keeps the region alive")]
+        std::sync::Arc<dyn crate::region::SharedMemory>,
+    ),
+}
+
+// SAFETY: the pointer is valid for as long as the owner lives (each clone
+// holds it); ControlBlock is Sync (atomics only) and the owner is Send.
+unsafe impl Send for ControlRef {}
+// SAFETY: as for Send; `&ControlRef` only gives `&ControlBlock`.
+unsafe impl Sync for ControlRef {}
+
+impl ControlRef {
+    /// A fresh block (state `Created`, incarnation 0) on the heap.
+    pub fn new() -> Self {
+        let block = std::sync::Arc::new(ControlBlock::new());
+        ControlRef {
+            ptr: std::ptr::NonNull::from(&*block),
+            _owner: ControlOwner::Heap(block),
+        }
+    }
+
+    /// Lays a fresh block at `offset` in `mem`.
+    ///
+    /// # Errors
+    /// [`LayoutError::RegionTooSmall`](crate::LayoutError) or
+    /// [`LayoutError::Misaligned`](crate::LayoutError) (offsets are
+    /// multiples of 128).
+    ///
+    /// # Safety
+    /// `mem[offset..offset + CONTROL_BLOCK_SIZE]` is used by nothing but this
+    /// block (and its device-side peer) for as long as `mem` lives.
+    #[cfg(not(ringkernel_loom))]
+    pub unsafe fn init_in(
+        mem: std::sync::Arc<dyn crate::region::SharedMemory>,
+        offset: usize,
+    ) -> Result<Self, crate::LayoutError> {
+        let base = crate::region::check_span(
+            &*mem,
+            offset,
+            CONTROL_BLOCK_SIZE,
+            crate::region::REGION_ALIGN,
+        )?;
+        let ptr = base.cast::<ControlBlock>();
+        // SAFETY: the span is in bounds and aligned for ControlBlock
+        // (checked), and by the caller's contract no one else uses it.
+        unsafe { ptr.as_ptr().write(ControlBlock::new()) };
+        Ok(ControlRef {
+            ptr,
+            _owner: ControlOwner::Region(mem),
+        })
+    }
+
+    /// Whether two handles are the same block.
+    pub fn ptr_eq(a: &Self, b: &Self) -> bool {
+        a.ptr == b.ptr
+    }
+
+    /// The block's address (for a device peer: `rk_control_block*`).
+    pub fn as_ptr(&self) -> *const ControlBlock {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Default for ControlRef {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::ops::Deref for ControlRef {
+    type Target = ControlBlock;
+
+    fn deref(&self) -> &ControlBlock {
+        // SAFETY: valid while the owner lives, which `self` keeps alive.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl fmt::Debug for ControlRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
 #[cfg(all(test, not(ringkernel_loom)))]
 mod tests {
     use super::*;

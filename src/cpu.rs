@@ -3,7 +3,7 @@
 //! the kernel's Rust handlers. It is the default backend and the reference
 //! the GPU backends must match byte for byte.
 
-use crate::control::{ControlBlock, FaultCode, LifecycleState};
+use crate::control::{ControlRef, FaultCode, LifecycleState};
 use crate::envelope::{EnvelopeHeader, Flags, HeaderCheck};
 use crate::hlc::Hlc;
 use crate::home::{DeadLetter, DeadLetterReason, HomeCore, RouteFailure};
@@ -28,7 +28,7 @@ pub(crate) struct SlotParts<K: Kernel> {
     pub(crate) state: K::State,
     pub(crate) handlers: CpuHandlers<K>,
     pub(crate) served: Vec<u32>,
-    pub(crate) control: Arc<ControlBlock>,
+    pub(crate) control: ControlRef,
     pub(crate) h2k: Consumer,
     pub(crate) k2h: Producer,
     pub(crate) poller: Arc<PollerShared>,
@@ -159,7 +159,7 @@ struct DeviceLoop<K: Kernel> {
     state: K::State,
     handlers: CpuHandlers<K>,
     served: Vec<u32>,
-    control: Arc<ControlBlock>,
+    control: ControlRef,
     h2k: Consumer,
     k2h: Producer,
     poller: Arc<PollerShared>,
@@ -894,7 +894,7 @@ struct Progress {
 /// Stores the state in the actor's home (refused there if fenced).
 fn checkpoint<K: Kernel>(
     home: &HomeCore,
-    control: &Arc<ControlBlock>,
+    control: &ControlRef,
     incarnation: u16,
     processed: u64,
     state: &K::State,

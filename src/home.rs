@@ -53,7 +53,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use crate::control::ControlBlock;
+use crate::control::ControlRef;
 use crate::id::ActorId;
 use crate::kernel::Payload;
 use crate::link::{Link, SlotWaker};
@@ -209,7 +209,7 @@ struct HomeState {
     /// Incarnations started (the next one's number, mod 2^16).
     started: u32,
     /// The control block of the incarnation launched last.
-    live: Option<Arc<ControlBlock>>,
+    live: Option<ControlRef>,
     /// Whether that incarnation's unprocessed messages have been handed
     /// back (`GpuSlot::recover`): the next one may start only then.
     live_recovered: bool,
@@ -361,7 +361,7 @@ impl HomeCore {
     pub(crate) fn store_checkpoint(
         &self,
         kernel: &'static str,
-        control: &Arc<ControlBlock>,
+        control: &ControlRef,
         incarnation: u16,
         processed: u64,
         bytes: &[u8],
@@ -372,7 +372,7 @@ impl HomeCore {
         let current = st
             .live
             .as_ref()
-            .is_some_and(|cb| Arc::ptr_eq(cb, control) && !cb.is_fenced());
+            .is_some_and(|cb| ControlRef::ptr_eq(cb, control) && !cb.is_fenced());
         if !current {
             drop(st);
             self.count_fenced(1);
@@ -403,7 +403,7 @@ impl HomeCore {
     /// number and the checkpoint to start from.
     pub(crate) fn begin(
         &self,
-        control: &Arc<ControlBlock>,
+        control: &ControlRef,
         served: &[u32],
     ) -> Result<(u16, Option<Checkpoint>), u16> {
         let mut st = self.lock();
@@ -435,9 +435,13 @@ impl HomeCore {
 
     /// The incarnation of `control` has handed back its unprocessed
     /// messages.
-    pub(crate) fn recovered(&self, control: &Arc<ControlBlock>) {
+    pub(crate) fn recovered(&self, control: &ControlRef) {
         let mut st = self.lock();
-        if st.live.as_ref().is_some_and(|cb| Arc::ptr_eq(cb, control)) {
+        if st
+            .live
+            .as_ref()
+            .is_some_and(|cb| ControlRef::ptr_eq(cb, control))
+        {
             st.live_recovered = true;
         }
     }

@@ -53,7 +53,7 @@
 //! never across a handler; the host takes them only to close or hand back.
 //! The two ends never contend with each other.
 
-use crate::control::ControlBlock;
+use crate::control::ControlRef;
 use crate::envelope::{EnvelopeHeader, HeaderCheck};
 use crate::error::DecodeError;
 use crate::id::ActorId;
@@ -390,7 +390,7 @@ impl Staged {
 /// thread. Swapped by the host at each incarnation.
 #[derive(Clone)]
 pub(crate) struct WakeTarget {
-    pub(crate) control: Arc<ControlBlock>,
+    pub(crate) control: ControlRef,
     pub(crate) thread: Thread,
 }
 

@@ -14,7 +14,7 @@
 //! the kernel does not serve, a full ring and a closed slot are typed errors
 //! that hand the message back.
 
-use crate::control::{ControlBlock, FaultCode, LifecycleState, SlotStatus};
+use crate::control::{ControlRef, FaultCode, LifecycleState, SlotStatus};
 use crate::doorbell::Doorbell;
 use crate::envelope::{EnvelopeHeader, Flags, HeaderCheck};
 use crate::error::{LayoutError, StateError};
@@ -568,6 +568,44 @@ struct RuntimeInner {
 }
 
 /// A kernel's code for the backend it launches on.
+/// A device slot's control block and rings, laid out in one region of the
+/// backend's memory: control block, H2K, K2H (each at a 128-byte offset).
+#[allow(clippy::type_complexity)]
+fn slot_memory(
+    device: &dyn crate::backend::DeviceBackend,
+    h2k: crate::ring::RingLayout,
+    k2h: crate::ring::RingLayout,
+) -> Result<
+    (
+        ControlRef,
+        (crate::ring::Producer, crate::ring::Consumer),
+        (crate::ring::Producer, crate::ring::Consumer),
+    ),
+    String,
+> {
+    use crate::region::REGION_ALIGN;
+    let at_h2k = crate::control::CONTROL_BLOCK_SIZE.next_multiple_of(REGION_ALIGN);
+    let at_k2h = (at_h2k + h2k.region_bytes()).next_multiple_of(REGION_ALIGN);
+    let bytes = at_k2h + k2h.region_bytes();
+    let mem = device.slot_memory(bytes)?;
+    if mem.len() < bytes {
+        return Err(format!(
+            "the backend gave {} bytes of slot memory, {bytes} were asked",
+            mem.len()
+        ));
+    }
+    // SAFETY: the region is fresh from the backend, for this slot alone;
+    // the three spans are disjoint, and each half not used here is handed
+    // to the device loop (the runtime's only other user of the region).
+    unsafe {
+        let control = ControlRef::init_in(mem.clone(), 0).map_err(|e| e.to_string())?;
+        let h2k =
+            crate::ring::Ring::init_in(mem.clone(), at_h2k, h2k).map_err(|e| e.to_string())?;
+        let k2h = crate::ring::Ring::init_in(mem, at_k2h, k2h).map_err(|e| e.to_string())?;
+        Ok((control, h2k, k2h))
+    }
+}
+
 enum Code<K: Kernel> {
     Cpu(crate::kernel::CpuHandlers<K>),
     Device(
@@ -933,7 +971,21 @@ impl Runtime {
         }
         let guard = SlotCount(live.clone());
 
-        let control = Arc::new(ControlBlock::new());
+        // A device backend gives the memory its device sees (pinned and
+        // mapped on CUDA); the cpu backend's is the heap.
+        let (control, (h2k, h2k_rx), (k2h_tx, k2h)) = match &self.inner.device {
+            None => (
+                ControlRef::new(),
+                crate::ring::Ring::new(h2k_layout),
+                crate::ring::Ring::new(k2h_layout),
+            ),
+            Some(device) => slot_memory(&**device, h2k_layout, k2h_layout).map_err(|message| {
+                LaunchError::Backend {
+                    backend: self.inner.backend,
+                    message,
+                }
+            })?,
+        };
         let (incarnation, checkpoint) = home
             .core()
             .begin(&control, &served)
@@ -949,8 +1001,6 @@ impl Runtime {
             home.core().recovered(&control);
             LaunchError::Spawn(e)
         };
-        let (h2k, h2k_rx) = crate::ring::Ring::new(h2k_layout);
-        let (k2h_tx, k2h) = crate::ring::Ring::new(k2h_layout);
         let waiters = WaiterSlab::new(options.max_in_flight, incarnation)
             .map_err(|e| abort(e.to_string()))?;
         let shared = Arc::new(SlotShared {
@@ -1082,7 +1132,7 @@ pub(crate) fn complete<W: Waiter>(waiter: W, outcome: Result<Reply, AskError>) {
 pub(crate) struct SlotShared<W> {
     id: ActorId,
     name: &'static str,
-    control: Arc<ControlBlock>,
+    control: ControlRef,
     home: Arc<HomeCore>,
     policy: PendingPolicy,
     waiters: WaiterSlab<W>,
@@ -1186,7 +1236,7 @@ impl<W: Waiter> fmt::Debug for GpuSlot<W> {
 /// handler is held by a full ring.
 #[derive(Clone)]
 pub struct SlotController {
-    control: Arc<ControlBlock>,
+    control: ControlRef,
     h2k: RingObserver,
     device: Option<Thread>,
     id: ActorId,

@@ -14,7 +14,7 @@
 use crate::source::{Arch, KernelSource, translation_unit};
 use crate::{CudaError, MAX_STATE_BYTES, SlotDesc};
 use ringkernel::backend::{DeviceBackend, DeviceSlot};
-use ringkernel::control::ControlBlock;
+use ringkernel::control::ControlRef;
 use ringkernel::kernel::BackendKind;
 use ringkernel::ring::{Consumer, Producer};
 use std::cell::UnsafeCell;
@@ -82,7 +82,7 @@ struct Module {
 
 /// What an assigned slot's loop touches, kept alive while it may.
 struct Assignment {
-    _control: Arc<ControlBlock>,
+    _control: ControlRef,
     _h2k: Consumer,
     _k2h: Producer,
     _state: Box<[u128]>,
@@ -323,7 +323,7 @@ impl CHostBackend {
         // `assigned`, or it is new): its thread reads no plain field until
         // the store-release below.
         let generation = unsafe {
-            (*d).control = Arc::as_ptr(&slot.control) as u64;
+            (*d).control = slot.control.as_ptr() as u64;
             (*d).h2k = slot.h2k.ring_base().as_ptr() as u64;
             (*d).k2h = slot.k2h.ring_base().as_ptr() as u64;
             (*d).state = state.as_mut_ptr() as u64;

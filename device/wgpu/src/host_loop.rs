@@ -16,7 +16,7 @@
 //! doorbell at once.
 
 use crate::{Program, SLOT_BYTES, SlotCell, WgpuDevice};
-use ringkernel::control::{ControlBlock, FaultCode, LifecycleState};
+use ringkernel::control::{ControlRef, FaultCode, LifecycleState};
 use ringkernel::doorbell::Doorbell;
 use ringkernel::envelope::{EnvelopeHeader, Flags, HeaderCheck};
 use ringkernel::hlc::{PhysicalClock, TscClock};
@@ -43,7 +43,7 @@ pub struct LoopSlot {
     /// The actor.
     pub id: ActorId,
     /// Its control block (the loop acknowledges, commits, reports).
-    pub control: Arc<ControlBlock>,
+    pub control: ControlRef,
     /// The H2K ring's consumer end.
     pub h2k: Consumer,
     /// The K2H ring's producer end.

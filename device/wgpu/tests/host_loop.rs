@@ -7,7 +7,7 @@
 
 mod common;
 use common::*;
-use ringkernel::control::{ControlBlock, FaultCode, LifecycleState};
+use ringkernel::control::{ControlBlock, ControlRef, FaultCode, LifecycleState};
 use ringkernel::envelope::{EnvelopeHeader, Flags, HeaderCheck};
 use ringkernel::id::{ActorId, ClockDomain, CorrelationId};
 use ringkernel::kernel::SYS_NO_REPLY;
@@ -20,7 +20,7 @@ const TYPE: u32 = 1;
 
 /// The host's ends of one slot.
 struct Host {
-    control: Arc<ControlBlock>,
+    control: ControlRef,
     h2k: Producer,
     k2h: Consumer,
     seq: u64,
@@ -96,7 +96,7 @@ fn start(dev: &Arc<WgpuDevice>, kernel: &WgslKernel) -> (DispatchLoop, Host) {
     let layout = RingLayout::new(1024, 128).unwrap();
     let (h2k, h2k_rx) = Ring::new(layout);
     let (k2h_tx, k2h) = Ring::new(layout);
-    let control = Arc::new(ControlBlock::new());
+    let control = ControlRef::new();
     control.request(LifecycleState::Launched).unwrap();
     control.request(LifecycleState::Active).unwrap();
     lp.add(LoopSlot {
