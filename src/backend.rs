@@ -66,6 +66,15 @@ impl DeviceCode {
         }
     }
 
+    /// The `max_later` of the code for `backend` (0 without code).
+    pub fn max_later_for(&self, backend: BackendKind) -> u32 {
+        match backend {
+            BackendKind::Cpu => 0,
+            BackendKind::Cuda => self.cuda.map_or(0, |c| c.max_later),
+            BackendKind::Wgpu => self.wgsl.map_or(0, |w| w.max_later),
+        }
+    }
+
     /// The message types served by the code for `backend` (`None`: the
     /// kernel has no code for it).
     pub fn types_for(&self, backend: BackendKind) -> Option<&'static [u32]> {
@@ -76,6 +85,10 @@ impl DeviceCode {
         }
     }
 }
+
+/// The most replies to deferred asks one handler run may make
+/// (`max_later`); a launch also needs K2H to hold `1 + max_later`.
+pub const MAX_LATER: u32 = 64;
 
 /// Everything a backend needs to serve one actor slot.
 pub struct DeviceSlot {

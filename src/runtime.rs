@@ -221,6 +221,19 @@ pub enum LaunchError {
     /// The device thread could not be started.
     #[error("starting the device loop failed: {0}")]
     Spawn(String),
+    /// The kernel's device handler declares more replies to deferred asks
+    /// per run than K2H (or [`MAX_LATER`](crate::backend::MAX_LATER))
+    /// allows.
+    #[error(
+        "the handler may answer at most {limit} deferred asks per run (K2H holds 1 + max_later \
+         replies per message); it declares max_later = {max_later}"
+    )]
+    TooManyLater {
+        /// What the kernel's device handler declares.
+        max_later: u32,
+        /// The most this launch allows.
+        limit: u32,
+    },
     /// The backend cannot honour a launch option (none is accepted and
     /// ignored).
     #[error("the {backend:?} backend does not support {what}")]
@@ -938,6 +951,11 @@ impl Runtime {
                         backend: self.inner.backend,
                         what: "fault injection",
                     });
+                }
+                let max_later = code.max_later_for(device.kind());
+                let limit = crate::backend::MAX_LATER.min(k2h_layout.capacity() - 1);
+                if max_later > limit {
+                    return Err(LaunchError::TooManyLater { max_later, limit });
                 }
                 (Code::Device(device.clone(), code), types.to_vec())
             }

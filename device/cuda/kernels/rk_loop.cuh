@@ -26,9 +26,13 @@
 #define RK_IDLE_MIN_NS 64u
 #define RK_IDLE_MAX_NS 20000u
 #define RK_SPIN_NS 0ull
+// A dormant block polls its descriptor this often at most.
+#define RK_DORMANT_MAX_NS 20000u
 #else
-// The host hooks park the thread; the doorbell wakes it, the bound only
-// covers waiting for K2H room (the poller does not ring the doorbell).
+// A dormant block's thread is unparked by the assignment.
+#define RK_DORMANT_MAX_NS 100000000u
+// The host hooks park the thread; the doorbell wakes it (the poller rings
+// it after draining K2H, too), so the bound is only a backstop.
 #define RK_IDLE_MIN_NS 50000u
 #define RK_IDLE_MAX_NS 1000000u
 // Spin this long before parking: a caller asking one at a time sends its
@@ -246,7 +250,11 @@ RK_DEVICE int64_t rk_serve_batch(rk_run* r) {
             }
             break;
         }
-        if ((status == RK_REPLIED && reply.len > RK_MAX_INLINE) || later.n > later.cap) {
+        bool too_large = (status == RK_REPLIED && reply.len > RK_MAX_INLINE) || later.n > later.cap;
+        for (uint32_t k = 0; !too_large && k < later.n; ++k) {
+            too_large = later_buf[k].len > RK_MAX_INLINE;
+        }
+        if (too_large) {
             fault = (uint32_t)RK_FAULT_HANDLER_FAULT;
             detail = RK_DETAIL_REPLY_TOO_LARGE;
             break;
@@ -262,19 +270,25 @@ RK_DEVICE int64_t rk_serve_batch(rk_run* r) {
             r->hlc = rk_hlc_tick(r->hlc, now);
             rk_stage_reply(&r->k2h, at, (uint32_t)RK_SYS_NO_REPLY,
                            (uint8_t)(RK_FLAG_REPLY | RK_FLAG_ERROR), d->domain, msg.correlation,
-                           msg.dst, msg.src, r->hlc, msg.seq, msg.trace_id, payload, 0);
+                           msg.dst, msg.src, r->hlc, 0, 0, payload, 0);
             staged += 1;
         }
         for (uint32_t k = 0; k < later.n; ++k) {
             const rk_later_reply* l = &later_buf[k];
             r->hlc = rk_hlc_tick(r->hlc, now);
             rk_stage_reply(&r->k2h, r->k2h.local + staged, l->type_id, (uint8_t)RK_FLAG_REPLY,
-                           d->domain, l->correlation, msg.dst, l->dst, r->hlc, msg.seq,
-                           msg.trace_id, l->payload, l->len);
+                           d->domain, l->correlation, msg.dst, l->dst, r->hlc, 0, 0,
+                           l->payload, l->len);
             staged += 1;
         }
         last_seq = msg.seq;
         n += 1;
+    }
+    if (n > 0 && !fault) {
+        // No handler is running: `serving` must not name a message that
+        // finished, or a fence before the commit below would take it for
+        // the one that killed the incarnation (and fail it, not replay it).
+        rk_begin_serving(c, r->committed, 0);
     }
     if (n > 0) {
         // Fenced meanwhile: publish nothing (pairs with the host's
@@ -425,6 +439,6 @@ RK_DEVICE void rk_block_run(rk_slot_desc* d) {
             continue;
         }
         rk_hook_idle((void*)d->hooks, backoff);
-        backoff = backoff * 2 > RK_IDLE_MAX_NS ? RK_IDLE_MAX_NS : backoff * 2;
+        backoff = backoff * 2 > RK_DORMANT_MAX_NS ? RK_DORMANT_MAX_NS : backoff * 2;
     }
 }

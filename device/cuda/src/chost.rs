@@ -85,8 +85,25 @@ struct Assignment {
     _control: ControlRef,
     _h2k: Consumer,
     _k2h: Producer,
-    _state: Box<[u128]>,
-    _served: Box<[u32]>,
+    /// `Box<[u128]>` turned raw: the loop writes through its pointer.
+    state: *mut [u128],
+    /// `Box<[u32]>` turned raw: the loop reads through its pointer.
+    served: *mut [u32],
+}
+
+// SAFETY: the raw parts are owned boxes (freed in Drop); the rest is Send.
+unsafe impl Send for Assignment {}
+
+impl Drop for Assignment {
+    fn drop(&mut self) {
+        // SAFETY: both came from Box::into_raw in `launch_slot` and are freed
+        // once, here; the block no longer runs this slot (an assignment is
+        // dropped only when replaced on a dormant block, or with the block).
+        unsafe {
+            drop(Box::from_raw(self.state));
+            drop(Box::from_raw(self.served));
+        }
+    }
 }
 
 /// The descriptor, shared with the block's thread.
@@ -124,13 +141,20 @@ impl Block {
         self.desc.0.get()
     }
 
-    /// The assignment protocol's words (atomics inside the descriptor).
+    /// The assignment protocol's words (atomics inside the descriptor),
+    /// without a reference to the rest of it (which the block writes).
     fn words(&self) -> (&AtomicU64, &AtomicU64, &AtomicU64) {
-        // SAFETY: the atomics are only ever accessed atomically, by both
-        // sides; taking shared references to them is sound while the block
-        // lives.
-        let d = unsafe { &*self.desc() };
-        (&d.assigned, &d.finished, &d.exit)
+        let d = self.desc();
+        // SAFETY: the three fields are atomics, only ever accessed
+        // atomically by both sides, inside the block's descriptor, which
+        // lives as long as `self`.
+        unsafe {
+            (
+                &*std::ptr::addr_of!((*d).assigned),
+                &*std::ptr::addr_of!((*d).finished),
+                &*std::ptr::addr_of!((*d).exit),
+            )
+        }
     }
 
     fn dormant(&self) -> bool {
@@ -194,6 +218,18 @@ impl CHostBackend {
         })
     }
 
+    /// How many blocks (threads) the backend has started: a terminated
+    /// actor's block serves the next launch of its kernel.
+    pub fn blocks(&self) -> usize {
+        self.blocks.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// How many of them are dormant (serving no actor).
+    pub fn dormant_blocks(&self) -> usize {
+        let blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        blocks.iter().filter(|(_, b)| b.dormant()).count()
+    }
+
     /// Compiles (once) and loads the module of `kernel`.
     fn module(&self, kernel: KernelSource) -> Result<(ModuleKey, Arc<Module>), CudaError> {
         let h = kernel.handler;
@@ -253,9 +289,15 @@ impl CHostBackend {
         Ok((key, module))
     }
 
-    /// A dormant block of `module`, or a new one.
-    fn block(&self, key: ModuleKey, module: &Arc<Module>) -> Result<Arc<Block>, CudaError> {
-        let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+    /// A dormant block of `module`, or a new one. The caller holds the
+    /// blocks' lock until it has assigned the block (so two launches never
+    /// take one block).
+    fn block(
+        &self,
+        blocks: &mut Vec<(ModuleKey, Arc<Block>)>,
+        key: ModuleKey,
+        module: &Arc<Module>,
+    ) -> Result<Arc<Block>, CudaError> {
         if let Some((_, b)) = blocks.iter().find(|(k, b)| *k == key && b.dormant()) {
             return Ok(b.clone());
         }
@@ -306,18 +348,14 @@ impl CHostBackend {
             name: slot.kernel,
             handler,
         })?;
-        let block = self.block(key, &module)?;
+        let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        let block = self.block(&mut blocks, key, &module)?;
         let mut state = vec![0u128; slot.state.len().div_ceil(16).max(1)].into_boxed_slice();
-        // SAFETY: `state` has at least `slot.state.len()` bytes; u128 has
-        // no invalid bit patterns.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                slot.state.as_ptr(),
-                state.as_mut_ptr().cast::<u8>(),
-                slot.state.len(),
-            );
-        }
-        let served: Box<[u32]> = slot.served.clone().into_boxed_slice();
+        bytemuck::cast_slice_mut::<u128, u8>(&mut state)[..slot.state.len()]
+            .copy_from_slice(&slot.state);
+        let n_served = slot.served.len();
+        let state = Box::into_raw(state);
+        let served = Box::into_raw(slot.served.clone().into_boxed_slice());
         let d = block.desc();
         // SAFETY: the block is dormant (its `finished` was acquired equal to
         // `assigned`, or it is new): its thread reads no plain field until
@@ -326,10 +364,10 @@ impl CHostBackend {
             (*d).control = slot.control.as_ptr() as u64;
             (*d).h2k = slot.h2k.ring_base().as_ptr() as u64;
             (*d).k2h = slot.k2h.ring_base().as_ptr() as u64;
-            (*d).state = state.as_mut_ptr() as u64;
+            (*d).state = state.cast::<u128>() as u64;
             (*d).state_bytes = slot.state.len() as u32;
-            (*d).served = served.as_ptr() as u64;
-            (*d).n_served = served.len() as u32;
+            (*d).served = served.cast::<u32>() as u64;
+            (*d).n_served = n_served as u32;
             (*d).kernel = 0;
             (*d).domain = slot.domain.to_bits();
             (*d).clock_offset = 0;
@@ -344,8 +382,8 @@ impl CHostBackend {
             _control: slot.control,
             _h2k: slot.h2k,
             _k2h: slot.k2h,
-            _state: state,
-            _served: served,
+            state,
+            served,
         });
         // Publishes the descriptor; pairs with the block's load-acquire.
         block.words().0.store(generation, Ordering::Release);
@@ -355,6 +393,7 @@ impl CHostBackend {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .ok_or_else(|| CudaError::Load("block thread missing".into()))?;
+        drop(blocks);
         thread.unpark();
         Ok(thread)
     }

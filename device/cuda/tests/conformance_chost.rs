@@ -75,7 +75,84 @@ fn what_the_c_host_backend_cannot_do_is_a_typed_error() {
         ),
         other => panic!("expected a compile error, got {other:?}"),
     }
+    assert!(matches!(
+        rt.launch::<Greedy, ChannelWaiter>(0, &LaunchOptions::default(), |_| {}),
+        Err(LaunchError::TooManyLater {
+            max_later: 1000,
+            ..
+        })
+    ));
     // The runtime serves on after a failed launch.
     conformance::ask_round_trip(&rt);
-    let _ = Probe;
+}
+
+/// A kernel that declares more later replies per run than K2H can take.
+struct Greedy;
+impl ringkernel::kernel::Kernel for Greedy {
+    type State = u64;
+    const NAME: &'static str = "greedy";
+    fn cuda() -> Option<ringkernel::backend::CudaHandler> {
+        Some(ringkernel::backend::CudaHandler {
+            max_later: 1000,
+            ..Probe::cuda().unwrap()
+        })
+    }
+}
+
+fn echo(slot: &mut ringkernel::runtime::GpuSlot<ChannelWaiter>, v: u64) -> u64 {
+    conformance::ask(slot, Echo(v))
+        .wait()
+        .unwrap()
+        .decode::<u64>()
+        .unwrap()
+}
+
+#[test]
+fn a_terminated_actors_block_serves_the_next_launch() {
+    let backend = CHostBackend::new();
+    let rt = Runtime::builder().device(backend.clone()).build().unwrap();
+    for round in 0..5u64 {
+        let mut slot = rt
+            .launch::<Probe, ChannelWaiter>(Default::default(), &LaunchOptions::default(), |_| {})
+            .unwrap();
+        assert_eq!(echo(&mut slot, round), round);
+        assert!(slot.terminate(conformance::DEADLINE).acknowledged);
+        // The block goes dormant just after the acknowledgement.
+        let deadline = std::time::Instant::now() + conformance::DEADLINE;
+        while backend.dormant_blocks() < 1 && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(backend.dormant_blocks(), 1);
+    }
+    assert_eq!(backend.blocks(), 1, "one block served all five actors");
+}
+
+#[test]
+fn concurrent_launches_each_get_their_own_block() {
+    let backend = CHostBackend::new();
+    let rt = Runtime::builder().device(backend.clone()).build().unwrap();
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let rt = &rt;
+            s.spawn(move || {
+                let mut slots: Vec<_> = (0..4)
+                    .map(|_| {
+                        rt.launch::<Probe, ChannelWaiter>(
+                            Default::default(),
+                            &LaunchOptions::default(),
+                            |_| {},
+                        )
+                        .unwrap()
+                    })
+                    .collect();
+                for round in 0..100u64 {
+                    for (i, slot) in slots.iter_mut().enumerate() {
+                        let v = t * 1_000_000 + i as u64 * 1000 + round;
+                        assert_eq!(echo(slot, v), v);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(backend.blocks(), 16);
 }
