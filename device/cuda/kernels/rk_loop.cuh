@@ -406,6 +406,12 @@ RK_DEVICE void rk_slot_run(rk_slot_desc* d) {
         if (idle_since == 0) idle_since = now;
         if (now - idle_since < RK_SPIN_NS) continue;
 #endif
+        // The host is shutting the kernel down (pairs with its store-release).
+        if (rk_ld_acquire_u64(&d->exit)) {
+            rk_ack(c, RK_STATE_TERMINATED, r.incarnation);
+            rk_hook_wake_host(r.hooks);
+            break;
+        }
         // The doorbell handshake: announce, fence (pairs with the waker's
         // SeqCst fence), re-check everything, and sleep only if idle.
         rk_st_relaxed_u32(&c->doorbell, (uint32_t)RK_DOORBELL_PARKED);

@@ -35,10 +35,12 @@
 //! reports a missing driver, device or NVRTC as typed errors.
 
 mod chost;
+mod gpu;
 mod nvrtc;
 mod source;
 
 pub use chost::CHostBackend;
+pub use gpu::{CudaBackend, CudaBackendBuilder, CudaOptions};
 pub use nvrtc::{DriverInfo, compile_ptx, nvrtc_version, probe};
 pub use source::{Arch, KernelSource, kernels, translation_unit};
 
@@ -91,6 +93,33 @@ pub enum CudaError {
         /// The limit.
         max: usize,
     },
+    /// A driver call failed.
+    #[error("CUDA driver: {0}")]
+    Driver(String),
+    /// The device lacks something the backend needs.
+    #[error("the device does not support {0}")]
+    Unsupported(&'static str),
+    /// More blocks asked than the device keeps resident at once (a
+    /// cooperative launch needs all of them resident; no spin-barrier
+    /// fallback).
+    #[error("{blocks} blocks asked, the device keeps {resident} resident")]
+    GridTooLarge {
+        /// Blocks asked.
+        blocks: u32,
+        /// Blocks the device keeps resident (occupancy × SMs).
+        resident: u32,
+    },
+    /// The kernel type was not registered when the backend was built.
+    #[error(
+        "kernel `{0}` is not registered with this CUDA backend (CudaBackend::builder().kernel::<K>())"
+    )]
+    NotRegistered(&'static str),
+    /// Every block serves an actor.
+    #[error("all {0} blocks of the actor-host kernel are serving actors")]
+    NoFreeBlock(usize),
+    /// The pinned-memory budget is spent.
+    #[error("the pinned-memory budget ({0} bytes) is spent")]
+    PinnedBudget(usize),
     /// An operating-system call failed (a thread, a file).
     #[error("{0}")]
     Io(#[from] std::io::Error),

@@ -17,6 +17,9 @@ pub struct DriverInfo {
     pub name: String,
     /// Device 0's compute capability (major, minor).
     pub compute_capability: (i32, i32),
+    /// Whether host and device atomics on mapped memory are atomic with
+    /// each other (`HOST_NATIVE_ATOMIC_SUPPORTED`).
+    pub host_native_atomics: bool,
 }
 
 fn tried(lib: &str) -> String {
@@ -60,6 +63,9 @@ pub fn probe() -> Result<DriverInfo, CudaError> {
             attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
             attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
         ),
+        host_native_atomics: attr(
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_HOST_NATIVE_ATOMIC_SUPPORTED,
+        ) != 0,
     })
 }
 

@@ -1,0 +1,732 @@
+//! The cuda backend proper: one cooperative, persistent launch of the
+//! actor-host kernel per device, its blocks dormant until assigned a slot.
+//!
+//! **Never executed yet**: no machine that built this had a GPU. Every
+//! piece it shares with the c-host backend (the loop, the descriptor, the
+//! assignment protocol) runs in CI there; what only runs here — driver
+//! calls, mapped memory, the cooperative launch, the host-side monitor —
+//! is compiled and reviewed, and its first run is `tests/gpu.rs` on a GPU
+//! machine (see `docs/BENCHMARKS.md`, *GPU check*).
+//!
+//! Layout in memory both sides see, allocated once at start (no allocation
+//! and no launch while the kernel runs):
+//! - the descriptors: one [`SlotDesc`] per block, pinned and mapped;
+//! - the slot arena: pinned, mapped host memory the runtime lays each
+//!   slot's control block and rings in ([`DeviceBackend::slot_memory`]),
+//!   carved first-fit from a fixed budget;
+//! - the states: device memory, `max_state_bytes` per block, copied in at
+//!   assignment on a second stream.
+//!
+//! The device cannot wake a host thread, so a monitor thread polls every
+//! assigned slot's K2H tail, acknowledged state and H2K head, and wakes the
+//! runtime's poller and senders when they move (spinning 50 µs after any
+//! movement, then backing off to 200 µs); it also queries the stream, and
+//! a sticky device error faults every assigned slot (`DeviceError`).
+
+use crate::source::{Arch, KernelSource, translation_unit};
+use crate::{CudaError, DriverInfo, SlotDesc};
+use cudarc::driver::sys::{self, CUdevice_attribute as Attr};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
+};
+use ringkernel::backend::{CudaHandler, DeviceBackend, DeviceSlot};
+use ringkernel::control::{ControlRef, FaultCode, LifecycleState};
+use ringkernel::kernel::{BackendKind, Kernel};
+use ringkernel::region::SharedMemory;
+use ringkernel::ring::{Consumer, Producer};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+/// Sizes of a [`CudaBackend`].
+#[derive(Clone, Copy, Debug)]
+pub struct CudaOptions {
+    /// Blocks (actor slots hosted at once); `None`: as many as the device
+    /// keeps resident (occupancy × SMs), at most 1024.
+    pub blocks: Option<u32>,
+    /// Threads per block (handlers run on thread 0; width Thread).
+    pub threads_per_block: u32,
+    /// Pinned, mapped host memory for control blocks and rings.
+    pub pinned_bytes: usize,
+    /// Device memory per block for the kernel's state.
+    pub max_state_bytes: usize,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            blocks: None,
+            threads_per_block: 32,
+            pinned_bytes: 64 << 20,
+            max_state_bytes: 4096,
+        }
+    }
+}
+
+/// Registers the kernel types a [`CudaBackend`] hosts, then starts it.
+#[derive(Debug, Default)]
+pub struct CudaBackendBuilder {
+    kernels: Vec<KernelSource>,
+    options: CudaOptions,
+}
+
+impl CudaBackendBuilder {
+    /// Hosts kernel `K` (its CUDA handler is compiled with the loop).
+    ///
+    /// # Errors
+    /// [`CudaError::NoHandler`] when `K` has no CUDA handler.
+    pub fn kernel<K: Kernel>(mut self) -> Result<Self, CudaError> {
+        let handler = K::cuda().ok_or(CudaError::NoHandler(K::NAME))?;
+        if !self.kernels.iter().any(|k| same(&k.handler, &handler)) {
+            self.kernels.push(KernelSource {
+                name: K::NAME,
+                handler,
+            });
+        }
+        Ok(self)
+    }
+
+    /// Sets the sizes.
+    pub fn options(mut self, options: CudaOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Probes the driver and device, compiles the loop with every
+    /// registered handler (NVRTC, for the device's architecture), sizes the
+    /// grid by occupancy, allocates everything, and launches the kernel.
+    ///
+    /// # Errors
+    /// [`CudaError::NoDriver`], [`CudaError::NoDevice`],
+    /// [`CudaError::NoCompiler`], [`CudaError::Compile`] (with NVRTC's log),
+    /// [`CudaError::Unsupported`] (no cooperative launch or mapped memory),
+    /// [`CudaError::GridTooLarge`], [`CudaError::Driver`].
+    pub fn build(self) -> Result<Arc<CudaBackend>, CudaError> {
+        CudaBackend::start(self.kernels, self.options)
+    }
+}
+
+fn same(a: &CudaHandler, b: &CudaHandler) -> bool {
+    a.source.as_ptr() == b.source.as_ptr() && a.source.len() == b.source.len()
+}
+
+fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> CudaError {
+    move |e| CudaError::Driver(format!("{what}: {e:?}"))
+}
+
+/// Pinned host memory mapped into the device (no write-combining: both
+/// sides read it).
+struct Pinned {
+    host: NonNull<u8>,
+    dev: u64,
+    len: usize,
+}
+
+// SAFETY: the allocation is owned by this value; concurrent access to its
+// bytes is governed by the protocols laid over it (atomics for every word
+// two sides touch).
+unsafe impl Send for Pinned {}
+// SAFETY: as for Send.
+unsafe impl Sync for Pinned {}
+
+impl Pinned {
+    fn new(len: usize) -> Result<Self, CudaError> {
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        // SAFETY: a plain allocation call; the context is current.
+        let host = unsafe { cudarc::driver::result::malloc_host(len, flags) }
+            .map_err(driver("cuMemHostAlloc"))?;
+        let host = NonNull::new(host.cast::<u8>())
+            .ok_or_else(|| CudaError::Driver("cuMemHostAlloc gave null".into()))?;
+        // SAFETY: `host` points at `len` bytes just allocated.
+        unsafe { std::ptr::write_bytes(host.as_ptr(), 0, len) };
+        let mut dev = 0;
+        // SAFETY: `host` is mapped (DEVICEMAP); `dev` is a valid out pointer.
+        let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, host.as_ptr().cast(), 0) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            // SAFETY: allocated above, not shared yet.
+            let _ = unsafe { cudarc::driver::result::free_host(host.as_ptr().cast()) };
+            return Err(CudaError::Driver(format!(
+                "cuMemHostGetDevicePointer: {r:?}"
+            )));
+        }
+        Ok(Pinned { host, dev, len })
+    }
+
+    /// The device address of host address `p` inside this allocation.
+    fn dev_addr(&self, p: *const u8) -> Option<u64> {
+        let off = (p as usize).checked_sub(self.host.as_ptr() as usize)?;
+        (off < self.len).then(|| self.dev + off as u64)
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: allocated by cuMemHostAlloc in `new`; dropped only once
+        // the device no longer runs (see CudaBackend's Drop).
+        let _ = unsafe { cudarc::driver::result::free_host(self.host.as_ptr().cast()) };
+    }
+}
+
+/// The slot arena: first-fit over a fixed pinned allocation.
+struct Arena {
+    mem: Pinned,
+    /// Free spans (offset, length), sorted by offset.
+    free: Mutex<Vec<(usize, usize)>>,
+}
+
+const ARENA_ALIGN: usize = 128;
+
+impl Arena {
+    fn alloc(self: &Arc<Self>, bytes: usize) -> Option<ArenaRegion> {
+        let len = bytes.max(1).next_multiple_of(ARENA_ALIGN);
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let i = free.iter().position(|&(_, l)| l >= len)?;
+        let (off, l) = free[i];
+        if l == len {
+            free.remove(i);
+        } else {
+            free[i] = (off + len, l - len);
+        }
+        drop(free);
+        // SAFETY: the span is inside the allocation and now ours alone.
+        unsafe { std::ptr::write_bytes(self.mem.host.as_ptr().add(off), 0, len) };
+        Some(ArenaRegion {
+            arena: self.clone(),
+            off,
+            len,
+        })
+    }
+
+    fn release(&self, off: usize, len: usize) {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let i = free.partition_point(|&(o, _)| o < off);
+        free.insert(i, (off, len));
+        // Coalesce with the neighbours.
+        if i + 1 < free.len() && free[i].0 + free[i].1 == free[i + 1].0 {
+            free[i].1 += free[i + 1].1;
+            free.remove(i + 1);
+        }
+        if i > 0 && free[i - 1].0 + free[i - 1].1 == free[i].0 {
+            free[i - 1].1 += free[i].1;
+            free.remove(i);
+        }
+    }
+}
+
+/// One slot's span of the arena.
+struct ArenaRegion {
+    arena: Arc<Arena>,
+    off: usize,
+    len: usize,
+}
+
+impl Drop for ArenaRegion {
+    fn drop(&mut self) {
+        self.arena.release(self.off, self.len);
+    }
+}
+
+// SAFETY: the span lies inside the pinned allocation, which the Arc keeps
+// alive and never moves; it starts at a 128-byte offset of a page-aligned
+// allocation; it is handed to one slot only until dropped.
+unsafe impl SharedMemory for ArenaRegion {
+    fn base(&self) -> NonNull<u8> {
+        // SAFETY: `off < len of the allocation`.
+        unsafe { self.arena.mem.host.add(self.off) }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// What an assigned block's slot needs kept and watched.
+struct Assigned {
+    control: ControlRef,
+    h2k: Consumer,
+    k2h: Producer,
+    wake_host: Box<dyn Fn() + Send>,
+    wake_senders: Box<dyn Fn() + Send>,
+    /// The served type ids the device reads.
+    _served: ArenaRegion,
+    /// Last seen: K2H published, H2K released, acknowledged state.
+    seen: (u64, u64, Option<LifecycleState>),
+}
+
+struct Block {
+    /// The generation last assigned.
+    generation: u64,
+    slot: Option<Assigned>,
+}
+
+struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    copy: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    kernels: Vec<KernelSource>,
+    descs: Pinned,
+    arena: Arc<Arena>,
+    states: u64,
+    options: CudaOptions,
+    blocks: Mutex<Vec<Block>>,
+    failed: AtomicBool,
+    stop: AtomicBool,
+    /// The kernel has returned (set by the backend's Drop).
+    returned: AtomicBool,
+    info: DriverInfo,
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        // The descriptors' and arena's cuMemFreeHost (their own Drop) and
+        // the states' cuMemFree need the context on this thread.
+        let _ = self.ctx.bind_to_thread();
+        if self.returned.load(Ordering::Acquire) {
+            // SAFETY: the kernel has returned: nothing on the device uses
+            // the states any more.
+            let _ = unsafe { cudarc::driver::result::free_sync(self.states) };
+        }
+    }
+}
+
+impl Gpu {
+    fn desc(&self, i: usize) -> *mut SlotDesc {
+        // SAFETY: `i < blocks`, and the descriptors are `blocks` SlotDescs.
+        unsafe { self.descs.host.as_ptr().cast::<SlotDesc>().add(i) }
+    }
+
+    /// The descriptor's generation words (no reference to the rest, which
+    /// the device writes).
+    fn words(&self, i: usize) -> (&AtomicU64, &AtomicU64, &AtomicU64) {
+        let d = self.desc(i);
+        // SAFETY: atomics inside the pinned descriptor array, accessed only
+        // atomically by both sides, alive as long as `self`.
+        unsafe {
+            (
+                &*std::ptr::addr_of!((*d).assigned),
+                &*std::ptr::addr_of!((*d).finished),
+                &*std::ptr::addr_of!((*d).exit),
+            )
+        }
+    }
+}
+
+/// The cuda backend: GPU actors served by the persistent actor-host kernel.
+///
+/// ```no_run
+/// use ringkernel::conformance::Probe;
+/// let backend = ringkernel_cuda::CudaBackend::builder().kernel::<Probe>()?.build()?;
+/// let rt = ringkernel::runtime::Runtime::builder().device(backend).build()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct CudaBackend {
+    gpu: Arc<Gpu>,
+    monitor: Thread,
+    join: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("device", &self.gpu.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CudaBackend {
+    /// A builder: register kernel types, then [`CudaBackendBuilder::build`].
+    pub fn builder() -> CudaBackendBuilder {
+        CudaBackendBuilder::default()
+    }
+
+    /// The device.
+    pub fn info(&self) -> &DriverInfo {
+        &self.gpu.info
+    }
+
+    /// How many blocks (actor slots at once) the kernel hosts.
+    pub fn blocks(&self) -> usize {
+        self.gpu.blocks.lock().map_or(0, |b| b.len())
+    }
+
+    fn start(kernels: Vec<KernelSource>, options: CudaOptions) -> Result<Arc<Self>, CudaError> {
+        let info = crate::probe()?;
+        if !info.host_native_atomics {
+            // The commit word is CAS'd by the device and fenced by the host;
+            // without host-native atomics the two are not atomic with each
+            // other (see docs/protocol.md, *Commit and fence*).
+            tracing::warn!(
+                device = %info.name,
+                "no host-native atomics: a host fence racing a device commit may be lost"
+            );
+        }
+        let ctx = CudaContext::new(0).map_err(driver("cuCtxCreate"))?;
+        let attr = |a| ctx.attribute(a).unwrap_or(0);
+        if attr(Attr::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH) == 0 {
+            return Err(CudaError::Unsupported("cooperative launch"));
+        }
+        if attr(Attr::CU_DEVICE_ATTRIBUTE_CAN_MAP_HOST_MEMORY) == 0
+            || attr(Attr::CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING) == 0
+        {
+            return Err(CudaError::Unsupported("mapped host memory"));
+        }
+        // SAFETY: every allocation of this backend is raw (driver calls), so
+        // cudarc's event tracking has nothing to track; turning it off
+        // keeps it from recording events on our streams.
+        unsafe { ctx.disable_event_tracking() };
+        // Both streams are CU_STREAM_NON_BLOCKING (cudarc's new_stream).
+        let stream = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
+        let copy = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
+        let (major, minor) = info.compute_capability;
+        let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+        let ptx = crate::compile_ptx(&translation_unit(Arch::Cuda, &kernels), arch)?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .map_err(driver("cuModuleLoadData"))?;
+        let host_fn = module
+            .load_function("rk_actor_host")
+            .map_err(driver("rk_actor_host"))?;
+        let probe_fn = module
+            .load_function("rk_clock_probe")
+            .map_err(driver("rk_clock_probe"))?;
+        let per_sm = host_fn
+            .occupancy_max_active_blocks_per_multiprocessor(options.threads_per_block, 0, None)
+            .map_err(driver("occupancy"))?;
+        let sms = attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).max(0) as u32;
+        let resident = per_sm.saturating_mul(sms);
+        let blocks = options.blocks.unwrap_or(resident.min(1024));
+        if blocks == 0 || blocks > resident {
+            return Err(CudaError::GridTooLarge { blocks, resident });
+        }
+        let descs = Pinned::new(blocks as usize * std::mem::size_of::<SlotDesc>())?;
+        let arena = Arc::new(Arena {
+            mem: Pinned::new(options.pinned_bytes.max(ARENA_ALIGN))?,
+            free: Mutex::new(vec![(0, options.pinned_bytes.max(ARENA_ALIGN))]),
+        });
+        let state_bytes = options.max_state_bytes.next_multiple_of(16) * blocks as usize;
+        // SAFETY: a plain device allocation; the context is current.
+        let states = unsafe { cudarc::driver::result::malloc_sync(state_bytes.max(16)) }
+            .map_err(driver("cuMemAlloc"))?;
+        let offset = calibrate(&stream, &probe_fn, &arena)?;
+        for i in 0..blocks as usize {
+            // SAFETY: the descriptors are ours alone until the launch below.
+            unsafe { (*descs.host.as_ptr().cast::<SlotDesc>().add(i)).clock_offset = offset };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (options.threads_per_block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (desc_arg, n_arg) = (descs.dev, blocks);
+        // SAFETY: `rk_actor_host(rk_slot_desc*, uint32_t)`: the arguments
+        // are a device pointer to `blocks` descriptors (mapped, alive until
+        // the kernel has returned: see Drop) and their count; the grid fits
+        // the device's co-residency (checked), as a cooperative launch must.
+        unsafe {
+            stream
+                .launch_builder(&host_fn)
+                .arg(&desc_arg)
+                .arg(&n_arg)
+                .launch_cooperative(cfg)
+        }
+        .map_err(driver("cuLaunchCooperativeKernel"))?;
+        let gpu = Arc::new(Gpu {
+            ctx,
+            stream,
+            copy,
+            _module: module,
+            kernels,
+            descs,
+            arena,
+            states,
+            options,
+            blocks: Mutex::new(
+                (0..blocks)
+                    .map(|_| Block {
+                        generation: 0,
+                        slot: None,
+                    })
+                    .collect(),
+            ),
+            failed: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            returned: AtomicBool::new(false),
+            info,
+        });
+        let g = gpu.clone();
+        let join = std::thread::Builder::new()
+            .name("ringkernel-cuda-monitor".into())
+            .spawn(move || monitor(&g))?;
+        Ok(Arc::new(CudaBackend {
+            gpu,
+            monitor: join.thread().clone(),
+            join: Mutex::new(Some(join)),
+        }))
+    }
+
+    fn launch_slot(&self, slot: DeviceSlot) -> Result<Thread, CudaError> {
+        let g = &self.gpu;
+        g.ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
+        if g.failed.load(Ordering::Acquire) {
+            return Err(CudaError::Driver(
+                "the device failed (a sticky error)".into(),
+            ));
+        }
+        let handler = slot.code.cuda.ok_or(CudaError::NoHandler(slot.kernel))?;
+        let kernel = g
+            .kernels
+            .iter()
+            .position(|k| same(&k.handler, &handler))
+            .ok_or(CudaError::NotRegistered(slot.kernel))?;
+        if slot.state.len() > g.options.max_state_bytes {
+            return Err(CudaError::StateSize {
+                bytes: slot.state.len(),
+                max: g.options.max_state_bytes,
+            });
+        }
+        let dev = |p: *const u8| {
+            g.arena
+                .mem
+                .dev_addr(p)
+                .ok_or_else(|| CudaError::Driver("slot memory outside the pinned arena".into()))
+        };
+        let control = dev(slot.control.as_ptr().cast())?;
+        let h2k = dev(slot.h2k.ring_base().as_ptr())?;
+        let k2h = dev(slot.k2h.ring_base().as_ptr())?;
+        let mut blocks = g.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        let i = (0..blocks.len())
+            .find(|&i| {
+                let (_, finished, _) = g.words(i);
+                // Acquire pairs with the block's store-release of `finished`.
+                finished.load(Ordering::Acquire) == blocks[i].generation
+            })
+            .ok_or(CudaError::NoFreeBlock(blocks.len()))?;
+        let stride = g.options.max_state_bytes.next_multiple_of(16);
+        let state = g.states + (i * stride) as u64;
+        if !slot.state.is_empty() {
+            // SAFETY: `state` has `stride >= slot.state.len()` bytes of
+            // device memory owned by block `i` (dormant: no kernel touches
+            // it); the source lives until the synchronize below.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(state, &slot.state, g.copy.cu_stream())
+                    .map_err(driver("cuMemcpyHtoDAsync"))?;
+            }
+        }
+        g.copy
+            .synchronize()
+            .map_err(driver("cuStreamSynchronize"))?;
+        let served = g
+            .arena
+            .alloc(slot.served.len() * 4)
+            .ok_or(CudaError::PinnedBudget(g.options.pinned_bytes))?;
+        // SAFETY: the span has room for the served ids and is ours.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                slot.served.as_ptr(),
+                served.base().as_ptr().cast::<u32>(),
+                slot.served.len(),
+            );
+        }
+        let served_dev = dev(served.base().as_ptr())?;
+        let d = g.desc(i);
+        let generation = blocks[i].generation + 1;
+        // SAFETY: block `i` is dormant (acquired above): the device reads no
+        // plain field of its descriptor until the store-release below.
+        unsafe {
+            (*d).control = control;
+            (*d).h2k = h2k;
+            (*d).k2h = k2h;
+            (*d).state = state;
+            (*d).state_bytes = slot.state.len() as u32;
+            (*d).served = served_dev;
+            (*d).n_served = slot.served.len() as u32;
+            (*d).kernel = kernel as u32;
+            (*d).domain = slot.domain.to_bits();
+            (*d).hooks = 0;
+            (*d).hlc = 0;
+        }
+        blocks[i] = Block {
+            generation,
+            slot: Some(Assigned {
+                control: slot.control,
+                h2k: slot.h2k,
+                k2h: slot.k2h,
+                wake_host: slot.wake_host,
+                wake_senders: slot.wake_senders,
+                _served: served,
+                seen: (0, 0, None),
+            }),
+        };
+        // Publishes the descriptor; pairs with the block's ld.acquire.sys.
+        g.words(i).0.store(generation, Ordering::Release);
+        drop(blocks);
+        self.monitor.unpark();
+        Ok(self.monitor.clone())
+    }
+}
+
+/// Host minus device time (ns), from one probe launch bracketed by host
+/// clock reads.
+fn calibrate(
+    stream: &Arc<CudaStream>,
+    probe: &CudaFunction,
+    arena: &Arc<Arena>,
+) -> Result<i64, CudaError> {
+    let out = arena
+        .alloc(8)
+        .ok_or(CudaError::PinnedBudget(arena.mem.len))?;
+    let dev = arena
+        .mem
+        .dev_addr(out.base().as_ptr())
+        .ok_or_else(|| CudaError::Driver("probe word outside the arena".into()))?;
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64)
+    };
+    let before = now();
+    // SAFETY: `rk_clock_probe(uint64_t*)` gets a mapped device pointer to 8
+    // bytes that live until the synchronize below.
+    unsafe {
+        stream.launch_builder(probe).arg(&dev).launch(LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(driver("rk_clock_probe"))?;
+    stream
+        .synchronize()
+        .map_err(driver("cuStreamSynchronize"))?;
+    let after = now();
+    // SAFETY: the probe finished (synchronized); the word is in our span.
+    let device = unsafe { std::ptr::read_volatile(out.base().as_ptr().cast::<u64>()) } as i64;
+    Ok((before + after) / 2 - device)
+}
+
+/// The host side of the cuda backend's wake-ups and failure detection.
+fn monitor(g: &Gpu) {
+    if let Err(e) = g.ctx.bind_to_thread() {
+        tracing::error!(error = ?e, "the CUDA monitor cannot bind the context");
+    }
+    let mut last_activity = Instant::now();
+    let mut last_query = Instant::now();
+    while !g.stop.load(Ordering::Acquire) {
+        let mut moved = false;
+        {
+            let mut blocks = g.blocks.lock().unwrap_or_else(|p| p.into_inner());
+            for b in blocks.iter_mut() {
+                let Some(s) = &mut b.slot else { continue };
+                let published = s.k2h.observer().published();
+                let released = s.h2k.observer().released();
+                let state = s.control.acked_state().ok();
+                if published != s.seen.0 || state != s.seen.2 {
+                    (s.wake_host)();
+                    moved = true;
+                }
+                if released != s.seen.1 {
+                    (s.wake_senders)();
+                    moved = true;
+                }
+                s.seen = (published, released, state);
+            }
+        }
+        if last_query.elapsed() > Duration::from_millis(10) {
+            last_query = Instant::now();
+            // SAFETY: a query of our own stream.
+            let r = unsafe { sys::cuStreamQuery(g.stream.cu_stream()) };
+            if r != sys::CUresult::CUDA_ERROR_NOT_READY {
+                fail_all(g, r);
+                return;
+            }
+        }
+        if moved {
+            last_activity = Instant::now();
+        } else if last_activity.elapsed() > Duration::from_micros(50) {
+            std::thread::park_timeout(Duration::from_micros(200));
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// The kernel ended (an error, or it returned unasked): every assigned
+/// slot faults with `DeviceError` — a sticky error fails every actor of the
+/// device — and no slot is launched again.
+fn fail_all(g: &Gpu, r: sys::CUresult) {
+    g.failed.store(true, Ordering::Release);
+    tracing::error!(result = ?r, "the actor-host kernel ended; every actor on the device fails");
+    let blocks = g.blocks.lock().unwrap_or_else(|p| p.into_inner());
+    for b in blocks.iter() {
+        if let Some(s) = &b.slot {
+            let c = &s.control;
+            if !c.acked_state().is_ok_and(LifecycleState::is_final) {
+                // The device is gone: the host writes the device line.
+                c.report_fault(FaultCode::DeviceError, r as u64, c.incarnation());
+                (s.wake_host)();
+            }
+        }
+    }
+}
+
+impl DeviceBackend for CudaBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cuda
+    }
+
+    fn slot_memory(&self, bytes: usize) -> Result<Arc<dyn SharedMemory>, String> {
+        self.gpu
+            .arena
+            .alloc(bytes)
+            .map(|r| Arc::new(r) as Arc<dyn SharedMemory>)
+            .ok_or_else(|| CudaError::PinnedBudget(self.gpu.options.pinned_bytes).to_string())
+    }
+
+    fn launch(&self, slot: DeviceSlot) -> Result<Thread, String> {
+        self.launch_slot(slot).map_err(|e| e.to_string())
+    }
+}
+
+/// How long dropping the backend waits for the kernel to return before it
+/// leaks the memory a hung block may still touch.
+const EXIT_WAIT: Duration = Duration::from_secs(5);
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        let g = &self.gpu;
+        let _ = g.ctx.bind_to_thread();
+        let n = g.blocks.lock().map_or(0, |b| b.len());
+        for i in 0..n {
+            // Pairs with the blocks' ld.acquire.sys of `exit`.
+            g.words(i).2.store(1, Ordering::Release);
+        }
+        let deadline = Instant::now() + EXIT_WAIT;
+        let returned = loop {
+            // SAFETY: a query of our own stream.
+            let r = unsafe { sys::cuStreamQuery(g.stream.cu_stream()) };
+            if r != sys::CUresult::CUDA_ERROR_NOT_READY {
+                break r == sys::CUresult::CUDA_SUCCESS;
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        g.stop.store(true, Ordering::Release);
+        self.monitor.unpark();
+        if let Some(j) = self.join.lock().ok().and_then(|mut j| j.take()) {
+            let _ = j.join();
+        }
+        if returned {
+            g.returned.store(true, Ordering::Release);
+        } else {
+            // A hung block may still touch the descriptors, the arena and
+            // the states: leak them rather than free them under it.
+            tracing::error!("the actor-host kernel did not return; its memory is leaked");
+            std::mem::forget(self.gpu.clone());
+        }
+    }
+}
