@@ -8,6 +8,7 @@ pub mod actors;
 pub mod faults;
 pub mod k2k;
 pub mod pipeline;
+pub mod cuda;
 pub mod wgpu;
 
 use bytemuck::{Pod, Zeroable};

@@ -15,7 +15,7 @@
 use ringkernel::hlc::Hlc;
 use ringkernel::id::ClockDomain;
 use ringkernel_bench::*;
-use ringkernel_bench::{actors, faults, k2k, pipeline, wgpu};
+use ringkernel_bench::{actors, cuda, faults, k2k, pipeline, wgpu};
 use std::time::{Duration, Instant};
 
 fn cpu_now() -> Duration {
@@ -326,6 +326,37 @@ fn main() {
                 run(c, rounds);
             }
         }
+    }
+
+    // The CUDA device loop: as host C++ everywhere, on a GPU where there is one.
+    if filter
+        .as_deref()
+        .is_none_or(|f| "chost_ask".contains(f) || f.starts_with("chost"))
+    {
+        let c = std::cell::RefCell::new(cuda::CHostBench::new());
+        let mut c = Comparison {
+            name: "chost_ask",
+            config: "sequential asks (Echo) to a GPU actor on the c-host backend (the CUDA device loop compiled as host C++, a block thread) vs the same on the cpu backend (the Rust loop)".into(),
+            ops: 20_000 * scale,
+            ours: Box::new(|n| c.borrow_mut().chost_asks(n)),
+            base: Box::new(|n| c.borrow_mut().cpu_asks(n)),
+        };
+        run(&mut c, rounds);
+    }
+    if filter
+        .as_deref()
+        .is_none_or(|f| "cuda_ask".contains(f) || f.starts_with("cuda"))
+        && let Some(g) = cuda::GpuBench::new()
+    {
+        let g = std::cell::RefCell::new(g);
+        let mut c = Comparison {
+            name: "cuda_ask",
+            config: "sequential asks (Echo) to a GPU actor served by the persistent actor-host kernel (mapped memory; the host's monitor thread polls K2H and wakes the poller) vs a kernel launch per message with the host spinning on the mapped word it writes".into(),
+            ops: 20_000 * scale,
+            ours: Box::new(|n| g.borrow_mut().asks(n)),
+            base: Box::new(|n| g.borrow_mut().launches(n)),
+        };
+        run(&mut c, rounds);
     }
 
     let wanted = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));

@@ -262,6 +262,8 @@ struct Block {
 }
 
 struct Gpu {
+    /// `rk_clock_probe`: also the launch-per-message baseline.
+    probe: CudaFunction,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     copy: Arc<CudaStream>,
@@ -410,7 +412,7 @@ impl CudaBackend {
         // SAFETY: a plain device allocation; the context is current.
         let states = unsafe { cudarc::driver::result::malloc_sync(state_bytes.max(16)) }
             .map_err(driver("cuMemAlloc"))?;
-        let offset = calibrate(&stream, &probe_fn, &arena)?;
+        let offset = calibrate(&copy, &probe_fn, &arena)?;
         for i in 0..blocks as usize {
             // SAFETY: the descriptors are ours alone until the launch below.
             unsafe { (*descs.host.as_ptr().cast::<SlotDesc>().add(i)).clock_offset = offset };
@@ -434,6 +436,7 @@ impl CudaBackend {
         }
         .map_err(driver("cuLaunchCooperativeKernel"))?;
         let gpu = Arc::new(Gpu {
+            probe: probe_fn,
             ctx,
             stream,
             copy,
@@ -465,6 +468,55 @@ impl CudaBackend {
             monitor: join.thread().clone(),
             join: Mutex::new(Some(join)),
         }))
+    }
+
+    /// The baseline a persistent kernel is measured against: `n` messages
+    /// each served by a kernel launch of its own (`rk_clock_probe`, on the
+    /// second stream, beside the actor-host kernel), the host spinning on
+    /// the mapped word it writes. Returns the time taken.
+    ///
+    /// # Errors
+    /// [`CudaError::Driver`]; [`CudaError::PinnedBudget`].
+    pub fn launch_per_message(&self, n: u64) -> Result<Duration, CudaError> {
+        let g = &self.gpu;
+        g.ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
+        let word = g
+            .arena
+            .alloc(8)
+            .ok_or(CudaError::PinnedBudget(g.options.pinned_bytes))?;
+        let dev = g
+            .arena
+            .mem
+            .dev_addr(word.base().as_ptr())
+            .ok_or_else(|| CudaError::Driver("word outside the arena".into()))?;
+        let flag = word.base().as_ptr().cast::<u64>();
+        let start = Instant::now();
+        for _ in 0..n {
+            // SAFETY: the word is ours, 8 bytes, aligned; the device's last
+            // write to it was observed (or it is fresh).
+            unsafe { std::ptr::write_volatile(flag, 0) };
+            // SAFETY: as in `calibrate`: a mapped pointer to the word, alive
+            // until the spin below has seen the write.
+            unsafe {
+                g.copy
+                    .launch_builder(&g.probe)
+                    .arg(&dev)
+                    .launch(LaunchConfig {
+                        grid_dim: (1, 1, 1),
+                        block_dim: (1, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+            }
+            .map_err(driver("rk_clock_probe"))?;
+            // SAFETY: the device writes the word with st.release.sys; this
+            // volatile read sees it once it lands.
+            while unsafe { std::ptr::read_volatile(flag) } == 0 {
+                std::hint::spin_loop();
+            }
+        }
+        let took = start.elapsed();
+        g.copy.synchronize().map_err(driver("cuStreamSynchronize"))?;
+        Ok(took)
     }
 
     fn launch_slot(&self, slot: DeviceSlot) -> Result<Thread, CudaError> {
