@@ -467,7 +467,7 @@ impl fmt::Debug for ControlBlock {
 }
 
 /// A shared handle to a [`ControlBlock`]: in its own heap allocation
-/// ([`ControlRef::new`]) or laid in a [`SharedMemory`] region a device
+/// ([`ControlRef::new`]) or laid in a [`SharedMemory`](crate::region::SharedMemory) region a device
 /// sees too ([`ControlRef::init_in`]). Dereferences to the block; clones
 /// share it, and the memory lives as long as any clone.
 #[derive(Clone)]

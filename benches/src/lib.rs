@@ -5,10 +5,10 @@
 //! dependencies of the library.
 
 pub mod actors;
+pub mod cuda;
 pub mod faults;
 pub mod k2k;
 pub mod pipeline;
-pub mod cuda;
 pub mod wgpu;
 
 use bytemuck::{Pod, Zeroable};

@@ -166,7 +166,12 @@ impl Block {
     }
 }
 
-/// The c-host backend (see the [module docs](self)).
+/// The c-host backend: the actor-host device loop compiled as host C++
+/// with each kernel's CUDA handler (by `$CXX`, else `c++`, when its first
+/// actor launches; a handler that does not compile fails the launch with
+/// the compiler's log), one OS thread per block, dormant until assigned a
+/// slot as the GPU's blocks are. A test backend: it executes the C protocol
+/// code where there is no GPU; the cpu backend is the production one.
 ///
 /// ```no_run
 /// let rt = ringkernel::runtime::Runtime::builder()

@@ -41,7 +41,7 @@ use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 /// Sizes of a [`CudaBackend`].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct CudaOptions {
     /// Blocks (actor slots hosted at once); `None`: as many as the device
     /// keeps resident (occupancy × SMs), at most 1024.
@@ -52,6 +52,10 @@ pub struct CudaOptions {
     pub pinned_bytes: usize,
     /// Device memory per block for the kernel's state.
     pub max_state_bytes: usize,
+    /// Where compiled modules are cached and looked up
+    /// ([`module_name`](crate::module_name)); default
+    /// `$RINGKERNEL_CUDA_MODULES`, else none.
+    pub module_cache: Option<std::path::PathBuf>,
 }
 
 impl Default for CudaOptions {
@@ -61,6 +65,7 @@ impl Default for CudaOptions {
             threads_per_block: 32,
             pinned_bytes: 64 << 20,
             max_state_bytes: 4096,
+            module_cache: std::env::var_os("RINGKERNEL_CUDA_MODULES").map(Into::into),
         }
     }
 }
@@ -384,10 +389,12 @@ impl CudaBackend {
         let copy = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
         let (major, minor) = info.compute_capability;
         let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
-        let ptx = crate::compile_ptx(&translation_unit(Arch::Cuda, &kernels), arch)?;
-        let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-            .map_err(driver("cuModuleLoadData"))?;
+        let image = module_image(
+            &translation_unit(Arch::Cuda, &kernels),
+            arch,
+            options.module_cache.as_deref(),
+        )?;
+        let module = ctx.load_module(image).map_err(driver("cuModuleLoadData"))?;
         let host_fn = module
             .load_function("rk_actor_host")
             .map_err(driver("rk_actor_host"))?;
@@ -515,7 +522,9 @@ impl CudaBackend {
             }
         }
         let took = start.elapsed();
-        g.copy.synchronize().map_err(driver("cuStreamSynchronize"))?;
+        g.copy
+            .synchronize()
+            .map_err(driver("cuStreamSynchronize"))?;
         Ok(took)
     }
 
@@ -618,6 +627,32 @@ impl CudaBackend {
         self.monitor.unpark();
         Ok(self.monitor.clone())
     }
+}
+
+/// The module for `tu` on `arch`: a cached cubin or PTX by its
+/// [`module_name`](crate::module_name), else NVRTC's PTX (then cached).
+fn module_image(
+    tu: &str,
+    arch: &'static str,
+    cache: Option<&std::path::Path>,
+) -> Result<cudarc::nvrtc::Ptx, CudaError> {
+    let name = crate::module_name(tu, arch);
+    if let Some(dir) = cache {
+        if let Ok(cubin) = std::fs::read(dir.join(format!("{name}.cubin"))) {
+            tracing::info!(module = %name, "cached cubin");
+            return Ok(cudarc::nvrtc::Ptx::from_binary(cubin));
+        }
+        if let Ok(ptx) = std::fs::read_to_string(dir.join(format!("{name}.ptx"))) {
+            tracing::info!(module = %name, "cached PTX");
+            return Ok(cudarc::nvrtc::Ptx::from_src(ptx));
+        }
+    }
+    let ptx = crate::compile_ptx(tu, arch)?;
+    if let Some(dir) = cache {
+        let _ = std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(dir.join(format!("{name}.ptx")), &ptx));
+    }
+    Ok(cudarc::nvrtc::Ptx::from_src(ptx))
 }
 
 /// Host minus device time (ns), from one probe launch bracketed by host

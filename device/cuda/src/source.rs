@@ -121,3 +121,15 @@ pub fn translation_unit(arch: Arch, kernels: &[KernelSource]) -> String {
     piece(&mut tu, "rk_actor_host.cuh", kernels::ENTRY);
     tu
 }
+
+/// The file name (without extension) a compiled actor-host module of `tu`
+/// for `arch` is cached under: `rk_actor_host-<FNV-1a of the text>-<arch>`.
+/// [`CudaBackend`](crate::CudaBackend) loads `<name>.cubin` or `<name>.ptx`
+/// from its module cache before compiling with NVRTC, so a GPU machine
+/// without NVRTC can run modules built elsewhere (`examples/prebuild.rs`).
+pub fn module_name(tu: &str, arch: &str) -> String {
+    let hash = tu.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("rk_actor_host-{hash:016x}-{arch}")
+}
