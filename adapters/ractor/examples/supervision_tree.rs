@@ -1,5 +1,5 @@
 //! A small ractor supervision tree with a GPU actor serving CPU actors, on
-//! the cpu backend (no GPU needed).
+//! the cpu backend by default (no GPU needed).
 //!
 //! ```text
 //! Supervisor ─┬─ Scorer   (GPU actor: kernel `Stats`, launched once, keeps its state)
@@ -14,10 +14,17 @@
 //! one checkpointed and serves again.
 //!
 //! `cargo run --release -p ringkernel-ractor --example supervision_tree`
+//!
+//! `-- --backend cuda` runs the scorer in the persistent CUDA actor-host
+//! kernel (falling back to the cpu backend, saying why, without a GPU);
+//! `-- --backend c-host` runs the same CUDA C++ handler in the device loop
+//! compiled for the host. Kernel-state checkpoints are a cpu-backend
+//! feature: elsewhere the restarted scorer starts from a fresh state.
 
 use bytemuck::{Pod, Zeroable};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent, call};
-use ringkernel::kernel::{CpuHandlers, HandlerError, Kernel, Message};
+use ringkernel::backend::CudaHandler;
+use ringkernel::kernel::{BackendKind, CpuHandlers, HandlerError, Kernel, Message};
 use ringkernel::runtime::{LaunchOptions, Runtime};
 use ringkernel_ractor::{GpuActor, GpuActorRef, GpuMsg};
 use std::time::Duration;
@@ -74,6 +81,65 @@ impl Kernel for Stats {
                 }),
         )
     }
+
+    fn cuda() -> Option<CudaHandler> {
+        Some(CudaHandler {
+            source: STATS_CUDA,
+            types: &[Reading::TYPE_ID, Summary::TYPE_ID],
+            max_later: 0,
+        })
+    }
+}
+
+/// The same handlers in CUDA C++ (the cuda and c-host backends).
+const STATS_CUDA: &str = r#"
+struct StatsState { int64_t count, sum, max; };
+
+RK_DEVICE uint32_t rk_handle(void* state, const rk_envelope_header* msg, const uint8_t* payload,
+                             rk_reply* reply, rk_later* later) {
+    StatsState* s = (StatsState*)state;
+    if (msg->type_id == 1) {
+        uint32_t sensor = rk_get_u32(payload, 0);
+        int value = (int)rk_get_u32(payload, 4);
+        if (value < 0) return RK_FAULT + sensor;
+        s->count += 1;
+        s->sum += value;
+        if (value > s->max) s->max = value;
+        return RK_DONE;
+    }
+    int64_t summary[3] = {s->count, s->sum, s->max};
+    return rk_reply_bytes(reply, summary, 24);
+}
+"#;
+
+/// The runtime for `--backend cpu|cuda|c-host` (default cpu).
+fn runtime() -> Result<Runtime, Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let backend = args
+        .iter()
+        .position(|a| a == "--backend")
+        .and_then(|i| args.get(i + 1))
+        .map_or("cpu", String::as_str);
+    Ok(match backend {
+        "cpu" => Runtime::new()?,
+        "c-host" => Runtime::builder()
+            .device(ringkernel_cuda::CHostBackend::new())
+            .build()?,
+        "cuda" => match ringkernel_cuda::CudaBackend::builder()
+            .kernel::<Stats>()
+            .and_then(|b| b.build())
+        {
+            Ok(gpu) => {
+                println!("cuda device: {}", gpu.info().name);
+                Runtime::builder().device(gpu).build()?
+            }
+            Err(e) => {
+                println!("the cuda backend is not available here ({e}); using the cpu backend");
+                Runtime::new()?
+            }
+        },
+        other => return Err(format!("unknown backend `{other}` (cpu, cuda, c-host)").into()),
+    })
 }
 
 /// A CPU actor that feeds readings to the scorer.
@@ -127,8 +193,13 @@ impl Actor for Supervisor {
         rt: Runtime,
     ) -> Result<Self::State, ActorProcessingErr> {
         // Checkpoint the kernel state after every message, so a restart
-        // picks up where the faulted incarnation left off.
-        let gpu = GpuActor::<Stats>::with_options(rt, LaunchOptions::default().checkpoint_every(1));
+        // picks up where the faulted incarnation left off (cpu backend).
+        let options = if rt.backend() == BackendKind::Cpu {
+            LaunchOptions::default().checkpoint_every(1)
+        } else {
+            LaunchOptions::default()
+        };
+        let gpu = GpuActor::<Stats>::with_options(rt, options);
         let (scorer, _) = Actor::spawn_linked(
             Some("scorer".into()),
             gpu.clone(),
@@ -186,7 +257,7 @@ impl Actor for Supervisor {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let rt = Runtime::new()?;
+    let rt = runtime()?;
     println!("runtime: {:?} backend, node {}", rt.backend(), rt.node());
     let (sup, sup_handle) = Actor::spawn(Some("supervisor".into()), Supervisor, rt.clone()).await?;
     let scorer = GpuActorRef::<Stats>::new(call!(sup, SupMsg::Scorer)?);
@@ -237,8 +308,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             value: 42,
         })
         .map_err(|e| e.to_string())?;
+    let from = if rt.backend() == BackendKind::Cpu {
+        "the checkpointed state"
+    } else {
+        "a fresh state (no checkpoints on this backend)"
+    };
     println!(
-        "new incarnation serves again, from the checkpointed state (count, sum, max): {:?}",
+        "new incarnation serves again, from {from} (count, sum, max): {:?}",
         fresh.ask(Summary).await?
     );
 
