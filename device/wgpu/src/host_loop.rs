@@ -299,7 +299,13 @@ impl Runner {
             .collect();
         let inputs: Vec<&[[u8; SLOT_BYTES]]> = batches.iter().map(|b| &b.messages[..]).collect();
         let now = self.clock.now_ns();
-        let outcomes = match self.device.dispatch(program, now, &mut cells, &inputs) {
+        // wgpu panics on some operations of a lost device: a panic is a
+        // failed dispatch like any other, not the end of the loop's thread.
+        let dispatched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.device.dispatch(program, now, &mut cells, &inputs)
+        }))
+        .unwrap_or_else(|_| Err(crate::WgpuError::Operation("wgpu panicked".into())));
+        let outcomes = match dispatched {
             Ok(o) => o,
             Err(e) => {
                 // The device failed the dispatch: no message of it was

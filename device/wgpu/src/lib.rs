@@ -281,6 +281,15 @@ impl WgpuDevice {
         })
     }
 
+    /// Destroys the device, as a device loss would: every later dispatch
+    /// fails (`WgpuError::Operation`), and the dispatch loop faults every
+    /// slot in it with `DeviceError` (detail `DEVICE_FAILED`), so every
+    /// caller resolves. For tests of device loss, and to give a device up
+    /// early.
+    pub fn destroy(&self) {
+        self.device.destroy();
+    }
+
     /// The adapter's name and backend.
     pub fn adapter(&self) -> String {
         format!("{} ({:?})", self.info.name, self.info.backend)
@@ -401,15 +410,20 @@ impl WgpuDevice {
 
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let memory = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let init = |label, contents: &[u8], usage| {
-            self.device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some(label),
-                    contents,
-                    usage,
-                })
-        };
         use wgpu::BufferUsages as U;
+        // Created unmapped and filled through the queue: `create_buffer_init`
+        // maps at creation and panics on a lost device.
+        let init = |label, contents: &[u8], usage: U| {
+            let size = (contents.len() as u64).next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT);
+            let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: size.max(wgpu::COPY_BUFFER_ALIGNMENT),
+                usage: usage | U::COPY_DST,
+                mapped_at_creation: false,
+            });
+            self.queue.write_buffer(&buffer, 0, contents);
+            buffer
+        };
         let dispatch_buf = init("rk-dispatch", &header, U::UNIFORM);
         let ranges_buf = init("rk-batches", &ranges, U::STORAGE);
         let inbox_buf = init("rk-inbox", &inbox, U::STORAGE);

@@ -111,3 +111,47 @@ fn a_runtime_asked_for_wgpu_without_its_device_is_refused() {
         })
     ));
 }
+
+/// A lost device: the ask in flight and those after it resolve with the
+/// device's fault, the adapter hears of it, and a later launch is refused
+/// or faults at once — nothing hangs, nothing is silently dropped.
+#[test]
+fn a_lost_device_faults_every_slot_and_hangs_no_caller() {
+    let Some(backend) = ringkernel_wgpu::WgpuBackend::new()
+        .map_err(|e| eprintln!("skipped: {e}"))
+        .ok()
+    else {
+        assert!(std::env::var("RINGKERNEL_REQUIRE_WGPU").as_deref() != Ok("1"));
+        return;
+    };
+    let rt = Runtime::builder().device(backend.clone()).build().unwrap();
+    let (tx, events) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let mut slot = rt
+        .launch::<Probe, ChannelWaiter>(Default::default(), &LaunchOptions::default(), move |e| {
+            let _ = tx.lock().map(|t| t.send(e));
+        })
+        .unwrap();
+    let echo = |slot: &mut ringkernel::runtime::GpuSlot<ChannelWaiter>, v: u64| {
+        conformance::ask(slot, Echo(v)).wait()
+    };
+    assert_eq!(echo(&mut slot, 7).unwrap().decode::<u64>(), Ok(7));
+    backend.device().destroy();
+    let after: Vec<_> = (0..5)
+        .map(|i| conformance::ask(&mut slot, Echo(i)))
+        .collect();
+    for p in after {
+        match p.wait() {
+            Err(ringkernel::runtime::AskError::Faulted(f)) => {
+                assert_eq!(f.code, ringkernel::control::FaultCode::DeviceError);
+                assert_eq!(f.detail, ringkernel_wgpu::DEVICE_FAILED);
+            }
+            other => panic!("an ask to a lost device: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        events.recv_timeout(conformance::DEADLINE),
+        Ok(ringkernel::runtime::SlotEvent::Faulted(_))
+    ));
+    assert!(!slot.is_open());
+}
