@@ -427,6 +427,69 @@ fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, re
 }
 "#;
 
+message!(
+    /// Tell to [`Relay`]: send `Seq(.1)` to the actor whose id bits are `.0`.
+    Forward(u64, u64) = 1 => ()
+);
+
+/// Forwards each [`Forward`] as a [`Seq`] tell to the actor it names: a
+/// send from a kernel, which the host routes once the message commits.
+#[derive(Debug)]
+pub struct Relay;
+
+impl Kernel for Relay {
+    type State = u64;
+    const NAME: &'static str = "relay";
+
+    fn cpu_handlers() -> Option<CpuHandlers<Self>> {
+        Some(
+            CpuHandlers::<Self>::new().on::<Forward>(|_, Forward(dst, v), ctx| {
+                ctx.send(ActorId::from_bits(dst), Seq(v));
+                Ok(())
+            }),
+        )
+    }
+
+    fn wgsl() -> Option<crate::backend::WgslHandler> {
+        Some(crate::backend::WgslHandler {
+            source: RELAY_WGSL,
+            types: &[Forward::TYPE_ID],
+            max_later: 1,
+        })
+    }
+
+    fn cuda() -> Option<crate::backend::CudaHandler> {
+        Some(crate::backend::CudaHandler {
+            source: RELAY_CUDA,
+            types: &[Forward::TYPE_ID],
+            max_later: 1,
+        })
+    }
+}
+
+/// [`Relay`] in WGSL: a `later` entry with correlation 0 is a send.
+pub const RELAY_WGSL: &str = r#"
+fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 {
+    (*later).replies[0].correlation = vec2<u32>(0u, 0u);
+    (*later).replies[0].dst = vec2<u32>(msg.payload[0], msg.payload[1]);
+    (*later).replies[0].type_id = 4u;
+    (*later).replies[0].len = 8u;
+    (*later).replies[0].payload[0] = msg.payload[2];
+    (*later).replies[0].payload[1] = msg.payload[3];
+    (*later).n = 1u;
+    return RK_DONE;
+}
+"#;
+
+/// [`Relay`] in CUDA C++ (`rk_send`).
+pub const RELAY_CUDA: &str = r#"
+RK_DEVICE uint32_t rk_handle(void* state, const rk_envelope_header* msg, const uint8_t* payload,
+                             rk_reply* reply, rk_later* later) {
+    uint64_t v = rk_get_u64(payload, 8);
+    return rk_send(later, rk_get_u64(payload, 0), 4u, &v, 8) ? RK_DONE : RK_PANIC;
+}
+"#;
+
 /// A [`Waiter`] over a std channel, for blocking callers.
 #[derive(Debug)]
 pub struct ChannelWaiter(pub mpsc::SyncSender<Result<Reply, AskError>>);
@@ -698,6 +761,48 @@ pub fn unknown_type_is_refused(rt: &Runtime) {
     slot.terminate(DEADLINE);
 }
 
+/// Collects the `Seq` values delivered to it (a host-side mailbox).
+struct Collect(std::sync::Mutex<Vec<u64>>);
+
+impl crate::registry::Mailbox for Collect {
+    fn try_deliver(
+        &self,
+        d: crate::registry::Delivery,
+    ) -> Result<(), crate::registry::DeliveryError> {
+        let Some(Seq(v)) = d.payload.get::<Seq>() else {
+            return Err(crate::registry::DeliveryError::Refused(d));
+        };
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(v);
+        Ok(())
+    }
+}
+
+/// A kernel's sends reach the actor they name (here a host mailbox in the
+/// runtime's registry), each once and in the order sent.
+pub fn sends_from_a_kernel_arrive_in_order(rt: &Runtime) {
+    let sink = ActorId::cpu(rt.node(), 0xFFF0);
+    let got = std::sync::Arc::new(Collect(std::sync::Mutex::new(Vec::new())));
+    rt.registry().register(sink, got.clone());
+    let (mut relay, _) = launch::<Relay>(rt, &LaunchOptions::default().h2k_capacity(64));
+    let n = 2000;
+    for i in 0..n {
+        tell(&mut relay, Forward(sink.to_bits(), i));
+    }
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let len = || got.0.lock().map_or(0, |v| v.len()) as u64;
+    while len() < n && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let values = got.0.lock().map(|v| v.clone()).unwrap_or_default();
+    assert_eq!(values.len() as u64, n, "every send arrives");
+    assert!(
+        values.iter().copied().eq(0..n),
+        "sends arrive once each, in order"
+    );
+    relay.terminate(DEADLINE);
+    rt.registry().unregister(sink);
+}
+
 /// One conformance check.
 pub type Check = fn(&Runtime);
 
@@ -717,4 +822,8 @@ pub const ALL: &[(&str, Check)] = &[
         deferred_replies_in_reverse_order,
     ),
     ("unknown_type_is_refused", unknown_type_is_refused),
+    (
+        "sends_from_a_kernel_arrive_in_order",
+        sends_from_a_kernel_arrive_in_order,
+    ),
 ];

@@ -25,11 +25,12 @@ checks!(
     runs_on_the_device_thread,
     deferred_replies_in_reverse_order,
     unknown_type_is_refused,
+    sends_from_a_kernel_arrive_in_order,
 );
 
 /// The list the suite exports matches the tests above (a new check must get
 /// a test here too).
 #[test]
 fn every_check_has_a_test() {
-    assert_eq!(conformance::ALL.len(), 11);
+    assert_eq!(conformance::ALL.len(), 12);
 }

@@ -12,8 +12,9 @@
 // `payload` holds msg->payload_len bytes. It returns RK_DONE, RK_REPLIED
 // (`reply` filled), RK_DEFERRED (the ask is answered by a later run),
 // RK_FAULT + code, or RK_PANIC. Any run may also answer asks deferred
-// earlier: up to `later->cap` replies through rk_later_push, addressed by
-// the correlation id and sender the handler kept. Messages of one actor
+// earlier, and send tells to other actors: up to `later->cap` envelopes in
+// all, through rk_later_push (addressed by the correlation id and sender
+// the handler kept) and rk_send. Messages of one actor
 // are handled one at a time, in order, on the slot's thread.
 #pragma once
 
@@ -121,6 +122,15 @@ RK_DEVICE bool rk_later_push(rk_later* later, uint64_t correlation, uint64_t dst
     rk_copy(r->payload, v, len);
     later->n += 1;
     return true;
+}
+
+// Sends a tell to actor `dst` (an ActorId's bits): the host routes it once
+// this message commits, in order with this actor's other sends. It shares
+// `later`'s room (a send is an entry with correlation 0); false when full,
+// too large, or `dst` is 0.
+RK_DEVICE bool rk_send(rk_later* later, uint64_t dst, uint32_t type_id, const void* v,
+                       uint32_t len) {
+    return dst != 0 && rk_later_push(later, 0, dst, type_id, v, len);
 }
 
 // FNV-1a of a NUL-terminated string (the conformance kernels' WhereAmI).

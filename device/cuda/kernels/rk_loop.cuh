@@ -276,9 +276,12 @@ RK_DEVICE int64_t rk_serve_batch(rk_run* r) {
         for (uint32_t k = 0; k < later.n; ++k) {
             const rk_later_reply* l = &later_buf[k];
             r->hlc = rk_hlc_tick(r->hlc, now);
-            rk_stage_reply(&r->k2h, r->k2h.local + staged, l->type_id, (uint8_t)RK_FLAG_REPLY,
-                           d->domain, l->correlation, msg.dst, l->dst, r->hlc, 0, 0,
-                           l->payload, l->len);
+            // Correlation 0: a send, which the poller routes once `seq` (this
+            // message) has committed; else a reply to a deferred ask.
+            bool send = l->correlation == 0;
+            rk_stage_reply(&r->k2h, r->k2h.local + staged, l->type_id,
+                           send ? (uint8_t)0 : (uint8_t)RK_FLAG_REPLY, d->domain, l->correlation,
+                           msg.dst, l->dst, r->hlc, send ? msg.seq : 0, 0, l->payload, l->len);
             staged += 1;
         }
         last_seq = msg.seq;

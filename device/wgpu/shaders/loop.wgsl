@@ -11,8 +11,10 @@
 //                later: ptr<function, Later>) -> u32
 // returns RK_DONE, RK_REPLIED (with `reply` filled), RK_DEFERRED (the ask
 // will be answered by a later run), RK_FAULT + detail, or RK_PANIC. Any run
-// may also answer asks deferred earlier: `later.n` replies in `later`,
-// addressed by the correlation and sender it kept (at most RK_MAX_LATER).
+// may also answer asks deferred earlier, and send tells to other actors:
+// `later.n` entries in `later` (at most RK_MAX_LATER) — a reply addressed
+// by the correlation and sender it kept, or, with correlation 0, a send to
+// actor `dst` that the host routes once this message commits.
 
 struct Reply {
     // Payload bytes (a multiple of 4, at most 64).
@@ -140,7 +142,15 @@ fn rk_main(@builtin(global_invocation_id) gid: vec3<u32>) {
             let l = later.replies[k];
             hlc = hlc_tick(hlc, dispatch.pt);
             var e: Envelope;
-            e.magic_version_flags = 0x4B52u | (1u << 16u) | (RK_FLAG_REPLY << 24u);
+            // Correlation 0: a send, which the poller routes once `seq`
+            // (this message) has committed; else a reply to a deferred ask.
+            let send = l.correlation.x == 0u && l.correlation.y == 0u;
+            var flags = RK_FLAG_REPLY;
+            if send {
+                flags = 0u;
+                e.seq = msg.seq;
+            }
+            e.magic_version_flags = 0x4B52u | (1u << 16u) | (flags << 24u);
             e.type_id = l.type_id;
             e.payload_len = l.len;
             e.clock_domain = cells[slot].domain;
