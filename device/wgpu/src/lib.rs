@@ -31,7 +31,6 @@ pub use host_loop::{DEVICE_FAILED, DispatchLoop, K2H_OVERRUN, LoopSlot};
 use ringkernel::envelope::HEADER_SIZE;
 use ringkernel::kernel::MAX_INLINE;
 use std::borrow::Cow;
-use wgpu::util::DeviceExt;
 
 /// The protocol in WGSL: the envelope as 32-bit words, 64-bit helpers, HLC.
 pub const PROTOCOL_WGSL: &str = include_str!("../shaders/protocol.wgsl");
