@@ -105,6 +105,9 @@ pub struct DeviceSlot {
     pub k2h: Producer,
     /// The message types the slot serves (sorted).
     pub served: Vec<u32>,
+    /// Device threads per message (the kernel's declared width; at most
+    /// the backend's [`DeviceBackend::max_width`]).
+    pub width: u32,
     /// The initial state, as bytes (the kernel's `State`).
     pub state: Vec<u8>,
     /// The slot's clock domain (stamps what it sends).
@@ -137,6 +140,12 @@ pub trait DeviceBackend: Send + Sync + 'static {
     /// launch work).
     fn has_handler(&self, code: &DeviceCode) -> bool {
         code.types_for(self.kind()).is_some()
+    }
+
+    /// The most device threads one slot's handler may use per message
+    /// (wider declared widths are refused at launch). Default 1.
+    fn max_width(&self) -> u32 {
+        1
     }
 
     /// Zeroed memory for one slot's control block and rings, `bytes` long,

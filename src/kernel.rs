@@ -79,6 +79,15 @@ pub enum Width {
 }
 
 impl Width {
+    /// Device threads per message: 1, 32, or the block's size.
+    pub const fn threads(self) -> u32 {
+        match self {
+            Width::Thread => 1,
+            Width::Warp => 32,
+            Width::Block(n) => n,
+        }
+    }
+
     /// Whether the width is one a backend can run.
     pub const fn is_valid(self) -> bool {
         match self {

@@ -933,10 +933,10 @@ impl Runtime {
                     return Err(no_handler);
                 };
                 // No option is accepted and ignored.
-                if K::WIDTH != crate::kernel::Width::Thread {
+                if K::WIDTH.threads() > device.max_width() {
                     return Err(LaunchError::Unsupported {
                         backend: self.inner.backend,
-                        what: "an execution width wider than one thread",
+                        what: "an execution width wider than its handlers can run",
                     });
                 }
                 if options.checkpoint_every > 0 {
@@ -1081,6 +1081,7 @@ impl Runtime {
                         h2k: h2k_rx,
                         k2h: k2h_tx,
                         served: served.clone(),
+                        width: K::WIDTH.threads(),
                         state: bytemuck::bytes_of(&state).to_vec(),
                         domain: ClockDomain::unit(self.inner.node, (index as u16).wrapping_add(1)),
                         code,

@@ -52,6 +52,7 @@ impl WgpuBench {
                 state_words: (std::mem::size_of::<ProbeState>() / 4) as u32,
                 handler: conformance::PROBE_WGSL,
                 max_later: 0,
+                width: 1,
             })
             .expect("probe compiles");
         let rt = Runtime::builder()

@@ -19,8 +19,9 @@ pub struct WgpuBackend {
     programs: Mutex<HashMap<ProgramKey, Arc<Program>>>,
 }
 
-/// A compiled kernel's identity: name, handler source, state words.
-type ProgramKey = (&'static str, usize, u32, u32);
+/// A compiled kernel's identity: name, handler source, state words, later
+/// entries, width.
+type ProgramKey = (&'static str, usize, u32, u32, u32);
 
 impl std::fmt::Debug for WgpuBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -58,6 +59,7 @@ impl WgpuBackend {
             kernel.handler.as_ptr() as usize,
             kernel.state_words,
             kernel.max_later,
+            kernel.width,
         );
         let mut programs = self.programs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = programs.get(&key) {
@@ -72,6 +74,10 @@ impl WgpuBackend {
 impl ringkernel::backend::DeviceBackend for WgpuBackend {
     fn kind(&self) -> ringkernel::kernel::BackendKind {
         ringkernel::kernel::BackendKind::Wgpu
+    }
+
+    fn max_width(&self) -> u32 {
+        crate::MAX_WIDTH
     }
 
     fn launch(&self, slot: ringkernel::backend::DeviceSlot) -> Result<std::thread::Thread, String> {
@@ -99,6 +105,7 @@ impl ringkernel::backend::DeviceBackend for WgpuBackend {
                 state_words: state.len() as u32,
                 handler: wgsl.source,
                 max_later: wgsl.max_later,
+                width: slot.width,
             })
             .map_err(|e| e.to_string())?;
         self.dispatch.add(LoopSlot {

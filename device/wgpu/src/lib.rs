@@ -36,6 +36,14 @@ use std::borrow::Cow;
 pub const PROTOCOL_WGSL: &str = include_str!("../shaders/protocol.wgsl");
 /// The device loop of one dispatch.
 pub const LOOP_WGSL: &str = include_str!("../shaders/loop.wgsl");
+/// The loop for kernels of declared width > 1 (a workgroup per slot).
+pub const LOOP_WIDE_WGSL: &str = include_str!("../shaders/loop_wide.wgsl");
+/// What both loops share: output types, bindings, `rk_emit`.
+pub const EMIT_WGSL: &str = include_str!("../shaders/emit.wgsl");
+
+/// The widest handler the wgpu backend runs: WebGPU's default limit of
+/// invocations per workgroup.
+pub const MAX_WIDTH: u32 = 256;
 
 /// Bytes of one envelope slot (header + inline payload), as in the rings.
 pub const SLOT_BYTES: usize = HEADER_SIZE + MAX_INLINE;
@@ -141,19 +149,26 @@ pub struct WgslKernel {
     pub state_words: u32,
     /// The WGSL source of `rk_handle` (and any helpers it uses).
     pub handler: &'static str,
-    /// The most replies to deferred asks one run may make.
+    /// The most replies to deferred asks (and sends) one run may make.
     pub max_later: u32,
+    /// Invocations per slot: 1 runs the handler above on one invocation;
+    /// more (up to [`MAX_WIDTH`]) runs the workgroup form (see
+    /// `shaders/loop_wide.wgsl`: `rk_handle(lid, msg, reply, later)`, the
+    /// state in `rk_state`).
+    pub width: u32,
 }
 
 impl WgslKernel {
     /// The whole shader: protocol, state size, handler, loop.
     pub fn source(&self) -> String {
+        let width = self.width.max(1);
         format!(
-            "{PROTOCOL_WGSL}\nconst RK_STATE_WORDS: u32 = {}u;\nconst RK_MAX_LATER: u32 = {}u;\nconst RK_LATER_SLOTS: u32 = {}u;\n{}\n{LOOP_WGSL}",
+            "{PROTOCOL_WGSL}\nconst RK_STATE_WORDS: u32 = {}u;\nconst RK_MAX_LATER: u32 = {}u;\nconst RK_LATER_SLOTS: u32 = {}u;\nconst RK_WIDTH: u32 = {width}u;\n{}\n{EMIT_WGSL}\n{}",
             self.state_words.max(1),
             self.max_later,
             self.max_later.max(1),
-            self.handler
+            self.handler,
+            if width > 1 { LOOP_WIDE_WGSL } else { LOOP_WGSL },
         )
     }
 
@@ -577,6 +592,7 @@ mod tests {
             state_words: 1,
             handler: "fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 { (*state)[0] = (*state)[0] + 1u; return RK_DONE; }",
             max_later: 0,
+            width: 1,
         };
         let program = dev.compile(&count).unwrap();
         let n = 100_000;

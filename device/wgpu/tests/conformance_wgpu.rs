@@ -79,7 +79,7 @@ struct WideProbe;
 impl ringkernel::kernel::Kernel for WideProbe {
     type State = ringkernel::conformance::ProbeState;
     const NAME: &'static str = "wide-probe";
-    const WIDTH: ringkernel::kernel::Width = ringkernel::kernel::Width::Warp;
+    const WIDTH: ringkernel::kernel::Width = ringkernel::kernel::Width::Block(512);
     fn wgsl() -> Option<ringkernel::backend::WgslHandler> {
         Probe::wgsl()
     }

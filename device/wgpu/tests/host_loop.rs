@@ -273,6 +273,7 @@ fn a_reply_longer_than_a_slot_faults_rather_than_truncates() {
         state_words: 1,
         handler: "fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 { (*reply).len = 68u; return RK_REPLIED; }",
         max_later: 0,
+        width: 1,
     };
     let (_lp, mut host) = start(&dev, &LONG);
     host.send(1, true);

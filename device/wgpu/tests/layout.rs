@@ -11,6 +11,7 @@ const NOOP: WgslKernel = WgslKernel {
     state_words: 3,
     handler: "fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 { return RK_DONE; }",
     max_later: 0,
+    width: 1,
 };
 
 /// (member name, offset) of struct `name` in `module`, and its size.
@@ -91,6 +92,7 @@ fn a_handler_that_does_not_compile_is_a_typed_error_with_nagas_message() {
         state_words: 1,
         handler: "fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 { return undefined_thing; }",
         max_later: 0,
+        width: 1,
     };
     match bad.validate() {
         Err(WgpuError::Shader { kernel, message }) => {
@@ -104,6 +106,7 @@ fn a_handler_that_does_not_compile_is_a_typed_error_with_nagas_message() {
         state_words: 1,
         handler: "fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 { return 1.5; }",
         max_later: 0,
+        width: 1,
     };
     assert!(matches!(
         wrong_type.validate(),

@@ -31,6 +31,7 @@ fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, re
 }
 "#,
     max_later: 0,
+    width: 1,
 };
 
 fn skipped(e: WgpuError) {
