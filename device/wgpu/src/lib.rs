@@ -230,6 +230,29 @@ impl Program {
     }
 }
 
+/// A dispatch submitted and not read back yet ([`WgpuDevice::submit`]).
+pub struct Pending {
+    submission: wgpu::SubmissionIndex,
+    outbox_read: wgpu::Buffer,
+    cells_read: wgpu::Buffer,
+    /// Kept: a later dispatch may chain its slots' cells from it.
+    cells_buf: wgpu::Buffer,
+    rx: std::sync::mpsc::Receiver<Result<(), wgpu::BufferAsyncError>>,
+    lens: Vec<usize>,
+    slots: usize,
+    outs: usize,
+    cell_bytes: usize,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("slots", &self.slots)
+            .field("messages", &self.lens)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One actor slot's part of a dispatch: what persists between dispatches
 /// (the host keeps it), and its batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -359,17 +382,43 @@ impl WgpuDevice {
         cells: &mut [SlotCell],
         batches: &[&[[u8; SLOT_BYTES]]],
     ) -> Result<Vec<SlotOutcome>, WgpuError> {
-        self.dispatch_limited(program, pt_ns, cells, batches, MAX_BATCH)
+        if cells.is_empty() || batches.is_empty() {
+            return Ok(Vec::new());
+        }
+        let chain = vec![None; cells.len()];
+        let pending = self.submit_limited(program, pt_ns, cells, batches, &chain, MAX_BATCH)?;
+        self.wait(pending, cells)
     }
 
-    fn dispatch_limited(
+    /// Submits a dispatch and returns without waiting for it: its results
+    /// come from [`WgpuDevice::wait`]. `chain[i] = Some((earlier, j))` takes
+    /// slot `i`'s cell (state, clock, fault) from slot `j` of an `earlier`
+    /// dispatch still in flight, on the device, after it ran — so a slot
+    /// can have two dispatches in flight, the second serving the messages
+    /// after the first's; `None` takes `cells[i]`.
+    ///
+    /// # Errors
+    /// As [`WgpuDevice::dispatch`], but for `LoopCut` (found by `wait`).
+    pub fn submit(
         &self,
         program: &Program,
         pt_ns: u64,
-        cells: &mut [SlotCell],
+        cells: &[SlotCell],
         batches: &[&[[u8; SLOT_BYTES]]],
+        chain: &[Option<(&Pending, usize)>],
+    ) -> Result<Pending, WgpuError> {
+        self.submit_limited(program, pt_ns, cells, batches, chain, MAX_BATCH)
+    }
+
+    fn submit_limited(
+        &self,
+        program: &Program,
+        pt_ns: u64,
+        cells: &[SlotCell],
+        batches: &[&[[u8; SLOT_BYTES]]],
+        chain: &[Option<(&Pending, usize)>],
         max_batch: usize,
-    ) -> Result<Vec<SlotOutcome>, WgpuError> {
+    ) -> Result<Pending, WgpuError> {
         let kernel = &program.kernel;
         let words = kernel.state_words.max(1) as usize;
         for (cell, batch) in cells.iter().zip(batches) {
@@ -388,7 +437,7 @@ impl WgpuDevice {
         }
         let slots = cells.len().min(batches.len());
         if slots == 0 {
-            return Ok(Vec::new());
+            return Err(WgpuError::Operation("a dispatch of no slots".into()));
         }
         let total: usize = batches[..slots].iter().map(|b| b.len()).sum();
 
@@ -474,6 +523,24 @@ impl WgpuDevice {
         let mut encoder = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("rk") });
+        // Cells chained from a dispatch in flight: copied on the device,
+        // after it ran (queue order), over what was uploaded for them.
+        for (i, link) in chain.iter().enumerate().take(slots) {
+            if let Some((earlier, j)) = link {
+                if earlier.cell_bytes != cell_bytes || *j >= earlier.slots {
+                    return Err(WgpuError::Operation(
+                        "a chained cell from another kernel or slot range".into(),
+                    ));
+                }
+                encoder.copy_buffer_to_buffer(
+                    &earlier.cells_buf,
+                    (j * cell_bytes) as u64,
+                    &cells_buf,
+                    (i * cell_bytes) as u64,
+                    cell_bytes as u64,
+                );
+            }
+        }
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("rk-loop"),
@@ -485,7 +552,7 @@ impl WgpuDevice {
         }
         encoder.copy_buffer_to_buffer(&outbox_buf, 0, &outbox_read, 0, outbox_len as u64);
         encoder.copy_buffer_to_buffer(&cells_buf, 0, &cells_read, 0, cell_data.len() as u64);
-        self.queue.submit([encoder.finish()]);
+        let submission = self.queue.submit([encoder.finish()]);
         let (tx, rx) = std::sync::mpsc::channel();
         for b in [&outbox_read, &cells_read] {
             let tx = tx.clone();
@@ -493,7 +560,6 @@ impl WgpuDevice {
                 let _ = tx.send(r);
             });
         }
-        let polled = self.device.poll(wgpu::PollType::wait_indefinitely());
         let errors = [
             pollster::block_on(memory.pop()),
             pollster::block_on(validation.pop()),
@@ -501,7 +567,46 @@ impl WgpuDevice {
         if let Some(e) = errors.into_iter().flatten().next() {
             return Err(WgpuError::Operation(e.to_string()));
         }
-        polled.map_err(|e| WgpuError::Operation(e.to_string()))?;
+        Ok(Pending {
+            submission,
+            outbox_read,
+            cells_read,
+            cells_buf,
+            rx,
+            lens: batches[..slots].iter().map(|b| b.len()).collect(),
+            slots,
+            outs,
+            cell_bytes,
+        })
+    }
+
+    /// Waits for a submitted dispatch (only it, not later ones) and reads
+    /// back what it did; `cells` (the dispatch's, in order) are updated.
+    ///
+    /// # Errors
+    /// [`WgpuError::LoopCut`], [`WgpuError::Operation`].
+    pub fn wait(
+        &self,
+        pending: Pending,
+        cells: &mut [SlotCell],
+    ) -> Result<Vec<SlotOutcome>, WgpuError> {
+        let Pending {
+            submission,
+            outbox_read,
+            cells_read,
+            rx,
+            lens,
+            slots,
+            outs,
+            cell_bytes,
+            ..
+        } = pending;
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(submission),
+                timeout: None,
+            })
+            .map_err(|e| WgpuError::Operation(e.to_string()))?;
         for _ in 0..2 {
             rx.recv()
                 .map_err(|e| WgpuError::Operation(e.to_string()))?
@@ -518,10 +623,10 @@ impl WgpuDevice {
 
         let mut outcomes = Vec::with_capacity(slots);
         let mut first = 0usize;
-        for (slot, ((c, bytes), b)) in cells[..slots]
+        for (slot, ((c, bytes), &len)) in cells[..slots]
             .iter_mut()
             .zip(cell_out.chunks(cell_bytes))
-            .zip(batches)
+            .zip(&lens)
             .enumerate()
         {
             let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
@@ -531,11 +636,11 @@ impl WgpuDevice {
             for (i, s) in c.state.iter_mut().enumerate() {
                 *s = word(CELL_STATE + 4 * i);
             }
-            if processed > b.len() || (c.fault == 0 && processed != b.len()) {
+            if processed > len || (c.fault == 0 && processed != len) {
                 return Err(WgpuError::LoopCut {
                     slot,
                     processed,
-                    count: b.len(),
+                    count: len,
                 });
             }
             let env = |at: usize| -> [u8; SLOT_BYTES] {
@@ -561,7 +666,7 @@ impl WgpuDevice {
                 processed,
                 messages,
             });
-            first += b.len();
+            first += len;
         }
         Ok(outcomes)
     }
@@ -603,7 +708,11 @@ mod tests {
             fault: 0,
             state: vec![0],
         }];
-        match dev.dispatch_limited(&program, 1, &mut cells, &[&batch], n) {
+        let chain = [None];
+        let result = dev
+            .submit_limited(&program, 1, &cells, &[&batch], &chain, n)
+            .and_then(|p| dev.wait(p, &mut cells));
+        match result {
             Ok(out) => {
                 assert_eq!(out[0].processed, n);
                 assert_eq!(cells[0].state, [n as u32]);

@@ -173,3 +173,46 @@ fn the_hlc_carries_across_the_word_boundary_and_saturates() {
         .unwrap();
     assert_eq!(cells[0].hlc, pt & !0xF);
 }
+
+/// Two dispatches in flight for one slot: the second takes the slot's cell
+/// from the first on the device (chained), so it continues the fold where
+/// the first left it, though the host submitted it before the first ran.
+#[test]
+fn a_chained_dispatch_continues_where_the_one_in_flight_left_off() {
+    let Some(dev) = device() else { return };
+    let program = dev.compile(&FOLD).unwrap();
+    let first: Vec<u32> = (0..500).map(|i| i * 7 + 1).collect();
+    let second: Vec<u32> = (0..500).map(|i| i * 13 + 5).collect();
+    let batch = |ms: &[u32], from: u64| -> Vec<[u8; SLOT_BYTES]> {
+        ms.iter()
+            .enumerate()
+            .map(|(i, &m)| message(m, true, 1000 + from + i as u64, from + i as u64))
+            .collect()
+    };
+    let (a, b) = (batch(&first, 0), batch(&second, 500));
+    let cells_a = [cell(2)];
+    let pa = dev.submit(&program, 7, &cells_a, &[&a], &[None]).unwrap();
+    // A stale host cell: only the chained copy may count.
+    let stale = [SlotCell {
+        state: vec![0xDEAD, 0xBEEF],
+        ..cell(2)
+    }];
+    let pb = dev
+        .submit(&program, 8, &stale, &[&b], &[Some((&pa, 0))])
+        .unwrap();
+    let mut cells_a = cells_a;
+    let out_a = dev.wait(pa, &mut cells_a).unwrap();
+    let mut cells_b = stale;
+    let out_b = dev.wait(pb, &mut cells_b).unwrap();
+    assert_eq!(out_a[0].processed, 500);
+    assert_eq!(out_b[0].processed, 500);
+    assert_eq!(cells_a[0].state, vec![fold(first.iter().copied()), 500]);
+    let all = first.iter().chain(&second).copied();
+    assert_eq!(cells_b[0].state, vec![fold(all), 1000]);
+    // The second's replies continue the count.
+    let last = out_b[0].messages[499].reply.expect("a reply");
+    let check = HeaderCheck::only(64, &[1]);
+    let reply = Envelope::decode(&last, &check).unwrap();
+    let [_, n]: [u32; 2] = reply.payload_as().unwrap();
+    assert_eq!(n, 1000);
+}
