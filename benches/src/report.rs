@@ -314,6 +314,13 @@ fn main() {
                 base: Box::new(|n| w.borrow_mut().cpu_tells(n)),
             },
             Comparison {
+                name: "wgpu_tell_two_in_flight",
+                config: "n tells then one ask that sees them, to a Probe actor on the wgpu backend with two dispatches in flight (the default: batches of at most half the ring, the next submitted before the last is published) vs a backend keeping one in flight; time per tell".into(),
+                ops: 20_000 * scale,
+                ours: Box::new(|n| w.borrow_mut().wgpu_tells(n)),
+                base: Box::new(|n| w.borrow_mut().serial_tells(n)),
+            },
+            Comparison {
                 name: "wgpu_batch_1024",
                 config: "per-message time of dispatches of 1024 Echo messages vs dispatches of 1 (bare device, readback included)".into(),
                 ops: 1024,

@@ -16,9 +16,12 @@ pub struct WgpuBench {
     program: Program,
     slot: GpuSlot<ChannelWaiter>,
     cpu_slot: GpuSlot<ChannelWaiter>,
+    /// A Probe actor on a second backend that keeps one dispatch in flight.
+    serial_slot: GpuSlot<ChannelWaiter>,
     total: u64,
     _rt: Runtime,
     _cpu: Runtime,
+    _serial: Runtime,
 }
 
 fn echo(n: u64) -> [u8; SLOT_BYTES] {
@@ -67,14 +70,23 @@ impl WgpuBench {
         let cpu_slot = cpu
             .launch::<Probe, ChannelWaiter>(Default::default(), &opts, |_| {})
             .expect("launch");
+        let serial = Runtime::builder()
+            .device(WgpuBackend::with_in_flight(1).expect("a second device"))
+            .build()
+            .expect("runtime");
+        let serial_slot = serial
+            .launch::<Probe, ChannelWaiter>(Default::default(), &opts, |_| {})
+            .expect("launch");
         Some(WgpuBench {
             backend,
             program,
             slot,
             cpu_slot,
+            serial_slot,
             total: 0,
             _rt: rt,
             _cpu: cpu,
+            _serial: serial,
         })
     }
 
@@ -119,6 +131,12 @@ impl WgpuBench {
     /// `n` tells then one ask that sees them, on wgpu.
     pub fn wgpu_tells(&mut self, n: u64) {
         Self::tells(&mut self.slot, &mut self.total, n);
+    }
+
+    /// The same on a wgpu backend keeping one dispatch in flight.
+    pub fn serial_tells(&mut self, n: u64) {
+        let mut total = 0;
+        Self::tells(&mut self.serial_slot, &mut total, n);
     }
 
     /// The same on the cpu backend.

@@ -100,6 +100,19 @@ fn rk_emit(slot: u32, index: u32, msg: Envelope, status: u32, reply: Reply, late
         out.trace_id = msg.trace_id;
         out.payload = reply.payload;
     }
+    if status != RK_REPLIED && status != RK_DEFERRED && (rk_flags(msg) & RK_FLAG_ASK) != 0u {
+        // An ask its handler neither answered nor deferred: NoReply, stamped
+        // by the slot's clock like any reply.
+        *hlc = hlc_tick(*hlc, dispatch.pt);
+        out.magic_version_flags = 0x4B52u | (1u << 16u) | ((RK_FLAG_REPLY | RK_FLAG_ERROR) << 24u);
+        out.type_id = RK_SYS_NO_REPLY;
+        out.payload_len = 0u;
+        out.clock_domain = cells[slot].domain;
+        out.correlation = msg.correlation;
+        out.src = msg.dst;
+        out.dst = msg.src;
+        out.hlc = *hlc;
+    }
     if out.type_id == 0u {
         // No reply now; `seq` tells the host whether one will come.
         out.seq = vec2<u32>(status, 0u);

@@ -22,6 +22,8 @@ struct Envelope {
 const RK_FLAG_ASK: u32 = 1u;
 const RK_FLAG_REPLY: u32 = 2u;
 const RK_FLAG_ERROR: u32 = 4u;
+// Type id of the reply to an ask its handler neither answered nor deferred.
+const RK_SYS_NO_REPLY: u32 = 0xFFFF0001u;
 
 fn rk_flags(e: Envelope) -> u32 {
     return e.magic_version_flags >> 24u;

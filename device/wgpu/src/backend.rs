@@ -38,9 +38,19 @@ impl WgpuBackend {
     /// [`WgpuError::NoAdapter`], [`WgpuError::Device`], or the loop's
     /// thread would not start ([`WgpuError::Operation`]).
     pub fn new() -> Result<Arc<Self>, WgpuError> {
+        Self::with_in_flight(2)
+    }
+
+    /// As [`WgpuBackend::new`], with at most `in_flight` dispatches in
+    /// flight (1 or 2; 2 is the default: the host publishes one while the
+    /// device runs the next).
+    ///
+    /// # Errors
+    /// As [`WgpuBackend::new`].
+    pub fn with_in_flight(in_flight: usize) -> Result<Arc<Self>, WgpuError> {
         let device = Arc::new(WgpuDevice::new()?);
-        let dispatch =
-            DispatchLoop::start(device.clone()).map_err(|e| WgpuError::Operation(e.to_string()))?;
+        let dispatch = DispatchLoop::start_with(device.clone(), in_flight)
+            .map_err(|e| WgpuError::Operation(e.to_string()))?;
         Ok(Arc::new(WgpuBackend {
             device,
             dispatch,
@@ -51,6 +61,12 @@ impl WgpuBackend {
     /// The device.
     pub fn device(&self) -> &WgpuDevice {
         &self.device
+    }
+
+    /// What the dispatch loop has done (dispatches, and how many were
+    /// submitted while another was in flight).
+    pub fn stats(&self) -> crate::DispatchStats {
+        self.dispatch.stats()
     }
 
     fn program(&self, kernel: WgslKernel) -> Result<Arc<Program>, WgpuError> {

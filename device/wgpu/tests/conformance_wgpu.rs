@@ -155,3 +155,42 @@ fn a_lost_device_faults_every_slot_and_hangs_no_caller() {
     ));
     assert!(!slot.is_open());
 }
+
+/// A backlog keeps two dispatches in flight (the newer chained on the
+/// older's cells on the device), and the order-sensitive results stay
+/// exact: 20 000 tells, then the sequence report.
+#[test]
+fn a_backlog_keeps_two_dispatches_in_flight() {
+    let Some(backend) = ringkernel_wgpu::WgpuBackend::new()
+        .map_err(|e| eprintln!("skipped: {e}"))
+        .ok()
+    else {
+        assert!(std::env::var("RINGKERNEL_REQUIRE_WGPU").as_deref() != Ok("1"));
+        return;
+    };
+    let rt = Runtime::builder().device(backend.clone()).build().unwrap();
+    let mut slot = rt
+        .launch::<Probe, ChannelWaiter>(
+            Default::default(),
+            &LaunchOptions::default().h2k_capacity(4096),
+            |_| {},
+        )
+        .unwrap();
+    let before = backend.stats();
+    let n = 20_000u64;
+    for i in 0..n {
+        conformance::tell(&mut slot, ringkernel::conformance::Seq(i));
+    }
+    let report: [u64; 2] = conformance::ask(&mut slot, ringkernel::conformance::SeqReport())
+        .wait()
+        .unwrap()
+        .decode()
+        .unwrap();
+    assert_eq!(report, [n, 0], "[seen, out of order]");
+    let after = backend.stats();
+    eprintln!("dispatches {before:?} -> {after:?}");
+    assert!(
+        after.overlapped > before.overlapped,
+        "no dispatch was submitted while another was in flight"
+    );
+}
