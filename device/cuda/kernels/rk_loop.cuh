@@ -26,8 +26,9 @@
 #define RK_IDLE_MIN_NS 64u
 #define RK_IDLE_MAX_NS 20000u
 #define RK_SPIN_NS 0ull
-// A dormant block polls its descriptor this often at most.
-#define RK_DORMANT_MAX_NS 20000u
+// A dormant block polls its descriptor at least this often (an assignment
+// waits at most this; dormant blocks then cost the bus almost nothing).
+#define RK_DORMANT_MAX_NS 1000000u
 #else
 // A dormant block's thread is unparked by the assignment.
 #define RK_DORMANT_MAX_NS 100000000u

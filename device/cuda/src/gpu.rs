@@ -127,6 +127,9 @@ struct Pinned {
     host: NonNull<u8>,
     dev: u64,
     len: usize,
+    /// Kept alive (and bound) until the memory is freed: releasing the
+    /// primary context frees its pinned memory under whoever still holds it.
+    ctx: Arc<CudaContext>,
 }
 
 // SAFETY: the allocation is owned by this value; concurrent access to its
@@ -137,7 +140,8 @@ unsafe impl Send for Pinned {}
 unsafe impl Sync for Pinned {}
 
 impl Pinned {
-    fn new(len: usize) -> Result<Self, CudaError> {
+    fn new(ctx: &Arc<CudaContext>, len: usize) -> Result<Self, CudaError> {
+        ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
         let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
         // SAFETY: a plain allocation call; the context is current.
         let host = unsafe { cudarc::driver::result::malloc_host(len, flags) }
@@ -156,7 +160,12 @@ impl Pinned {
                 "cuMemHostGetDevicePointer: {r:?}"
             )));
         }
-        Ok(Pinned { host, dev, len })
+        Ok(Pinned {
+            host,
+            dev,
+            len,
+            ctx: ctx.clone(),
+        })
     }
 
     /// The device address of host address `p` inside this allocation.
@@ -168,6 +177,8 @@ impl Pinned {
 
 impl Drop for Pinned {
     fn drop(&mut self) {
+        // Whichever thread drops the last region needs the context.
+        let _ = self.ctx.bind_to_thread();
         // SAFETY: allocated by cuMemHostAlloc in `new`; dropped only once
         // the device no longer runs (see CudaBackend's Drop).
         let _ = unsafe { cudarc::driver::result::free_host(self.host.as_ptr().cast()) };
@@ -267,6 +278,9 @@ struct Block {
 }
 
 struct Gpu {
+    // Dropped first: the pinned memory (which keeps the context itself).
+    descs: Pinned,
+    arena: Arc<Arena>,
     /// `rk_clock_probe`: also the launch-per-message baseline.
     probe: CudaFunction,
     ctx: Arc<CudaContext>,
@@ -274,12 +288,12 @@ struct Gpu {
     copy: Arc<CudaStream>,
     _module: Arc<CudaModule>,
     kernels: Vec<KernelSource>,
-    descs: Pinned,
-    arena: Arc<Arena>,
     states: u64,
     options: CudaOptions,
     blocks: Mutex<Vec<Block>>,
     failed: AtomicBool,
+    /// The backend is shutting the kernel down: its end is no failure.
+    stopping: AtomicBool,
     stop: AtomicBool,
     /// The kernel has returned (set by the backend's Drop).
     returned: AtomicBool,
@@ -389,12 +403,21 @@ impl CudaBackend {
         let copy = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
         let (major, minor) = info.compute_capability;
         let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
-        let image = module_image(
+        let images = module_image(
             &translation_unit(Arch::Cuda, &kernels),
             arch,
             options.module_cache.as_deref(),
         )?;
-        let module = ctx.load_module(image).map_err(driver("cuModuleLoadData"))?;
+        let mut loaded = Err(CudaError::Load("no module".into()));
+        for image in images {
+            loaded = ctx
+                .load_module(image)
+                .map_err(|e| CudaError::Load(format!("cuModuleLoadData: {e:?}")));
+            if loaded.is_ok() {
+                break;
+            }
+        }
+        let module = loaded?;
         let host_fn = module
             .load_function("rk_actor_host")
             .map_err(driver("rk_actor_host"))?;
@@ -406,20 +429,31 @@ impl CudaBackend {
             .map_err(driver("occupancy"))?;
         let sms = attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).max(0) as u32;
         let resident = per_sm.saturating_mul(sms);
-        let blocks = options.blocks.unwrap_or(resident.min(1024));
+        // By default one block per SM is left free: a kernel launched beside
+        // the persistent one (the launch-per-message baseline) can run.
+        let blocks = options
+            .blocks
+            .unwrap_or(resident.saturating_sub(sms).clamp(1, 1024));
         if blocks == 0 || blocks > resident {
             return Err(CudaError::GridTooLarge { blocks, resident });
         }
-        let descs = Pinned::new(blocks as usize * std::mem::size_of::<SlotDesc>())?;
+        let descs = Pinned::new(&ctx, blocks as usize * std::mem::size_of::<SlotDesc>())?;
         let arena = Arc::new(Arena {
-            mem: Pinned::new(options.pinned_bytes.max(ARENA_ALIGN))?,
+            mem: Pinned::new(&ctx, options.pinned_bytes.max(ARENA_ALIGN))?,
             free: Mutex::new(vec![(0, options.pinned_bytes.max(ARENA_ALIGN))]),
         });
         let state_bytes = options.max_state_bytes.next_multiple_of(16) * blocks as usize;
         // SAFETY: a plain device allocation; the context is current.
         let states = unsafe { cudarc::driver::result::malloc_sync(state_bytes.max(16)) }
             .map_err(driver("cuMemAlloc"))?;
-        let offset = calibrate(&copy, &probe_fn, &arena)?;
+        let offset = match calibrate(&copy, &probe_fn, &arena) {
+            Ok(o) => o,
+            Err(e) => {
+                // SAFETY: allocated above; nothing runs on the device yet.
+                let _ = unsafe { cudarc::driver::result::free_sync(states) };
+                return Err(e);
+            }
+        };
         for i in 0..blocks as usize {
             // SAFETY: the descriptors are ours alone until the launch below.
             unsafe { (*descs.host.as_ptr().cast::<SlotDesc>().add(i)).clock_offset = offset };
@@ -462,14 +496,30 @@ impl CudaBackend {
                     .collect(),
             ),
             failed: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             returned: AtomicBool::new(false),
             info,
         });
         let g = gpu.clone();
-        let join = std::thread::Builder::new()
+        let join = match std::thread::Builder::new()
             .name("ringkernel-cuda-monitor".into())
-            .spawn(move || monitor(&g))?;
+            .spawn(move || monitor(&g))
+        {
+            Ok(j) => j,
+            Err(e) => {
+                // The kernel runs: ask it to return, and leak what it may
+                // still touch if it does not.
+                gpu.stopping.store(true, Ordering::Release);
+                for i in 0..blocks as usize {
+                    gpu.words(i).2.store(1, Ordering::Release);
+                }
+                if !wait_for_return(&gpu.stream) {
+                    std::mem::forget(gpu);
+                }
+                return Err(e.into());
+            }
+        };
         Ok(Arc::new(CudaBackend {
             gpu,
             monitor: join.thread().clone(),
@@ -517,7 +567,13 @@ impl CudaBackend {
             .map_err(driver("rk_clock_probe"))?;
             // SAFETY: the device writes the word with st.release.sys; this
             // volatile read sees it once it lands.
+            let deadline = Instant::now() + Duration::from_secs(5);
             while unsafe { std::ptr::read_volatile(flag) } == 0 {
+                if Instant::now() > deadline || g.failed.load(Ordering::Acquire) {
+                    return Err(CudaError::Driver(
+                        "the probe launch never ran (no room beside the persistent kernel?)".into(),
+                    ));
+                }
                 std::hint::spin_loop();
             }
         }
@@ -606,7 +662,7 @@ impl CudaBackend {
             (*d).n_served = slot.served.len() as u32;
             (*d).kernel = kernel as u32;
             (*d).domain = slot.domain.to_bits();
-            (*d).hooks = 0;
+
             (*d).hlc = 0;
         }
         blocks[i] = Block {
@@ -629,30 +685,41 @@ impl CudaBackend {
     }
 }
 
-/// The module for `tu` on `arch`: a cached cubin or PTX by its
-/// [`module_name`](crate::module_name), else NVRTC's PTX (then cached).
+/// The module for `tu` on `arch`: a cached cubin (or PTX) by its
+/// [`module_name`](crate::module_name), else NVRTC's cubin (then cached).
+/// A cubin is machine code: a driver of the CUDA major it was built for
+/// loads it whatever the NVRTC minor (PTX from a newer NVRTC would not).
+/// Several images in order of preference: one that does not load (stale,
+/// or for another driver) falls back to the next.
 fn module_image(
     tu: &str,
     arch: &'static str,
     cache: Option<&std::path::Path>,
-) -> Result<cudarc::nvrtc::Ptx, CudaError> {
+) -> Result<Vec<cudarc::nvrtc::Ptx>, CudaError> {
     let name = crate::module_name(tu, arch);
+    let mut images = Vec::new();
     if let Some(dir) = cache {
         if let Ok(cubin) = std::fs::read(dir.join(format!("{name}.cubin"))) {
             tracing::info!(module = %name, "cached cubin");
-            return Ok(cudarc::nvrtc::Ptx::from_binary(cubin));
+            images.push(cudarc::nvrtc::Ptx::from_binary(cubin));
         }
         if let Ok(ptx) = std::fs::read_to_string(dir.join(format!("{name}.ptx"))) {
             tracing::info!(module = %name, "cached PTX");
-            return Ok(cudarc::nvrtc::Ptx::from_src(ptx));
+            images.push(cudarc::nvrtc::Ptx::from_src(ptx));
         }
     }
-    let ptx = crate::compile_ptx(tu, arch)?;
-    if let Some(dir) = cache {
-        let _ = std::fs::create_dir_all(dir)
-            .and_then(|()| std::fs::write(dir.join(format!("{name}.ptx")), &ptx));
+    match crate::compile_cubin(tu, arch) {
+        Ok(cubin) => {
+            if let Some(dir) = cache {
+                let _ = std::fs::create_dir_all(dir)
+                    .and_then(|()| std::fs::write(dir.join(format!("{name}.cubin")), &cubin));
+            }
+            images.push(cudarc::nvrtc::Ptx::from_binary(cubin));
+        }
+        Err(e) if images.is_empty() => return Err(e),
+        Err(e) => tracing::info!(error = %e, "no NVRTC here: the cached module must do"),
     }
-    Ok(cudarc::nvrtc::Ptx::from_src(ptx))
+    Ok(images)
 }
 
 /// Host minus device time (ns), from one probe launch bracketed by host
@@ -674,24 +741,32 @@ fn calibrate(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i64)
     };
-    let before = now();
-    // SAFETY: `rk_clock_probe(uint64_t*)` gets a mapped device pointer to 8
-    // bytes that live until the synchronize below.
-    unsafe {
-        stream.launch_builder(probe).arg(&dev).launch(LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (1, 1, 1),
-            shared_mem_bytes: 0,
-        })
+    // The tightest of a few brackets (the first launch pays for loading).
+    let mut best: Option<(i64, i64)> = None;
+    for _ in 0..5 {
+        let before = now();
+        // SAFETY: `rk_clock_probe(uint64_t*)` gets a mapped device pointer
+        // to 8 bytes that live until the synchronize below.
+        unsafe {
+            stream.launch_builder(probe).arg(&dev).launch(LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (1, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(driver("rk_clock_probe"))?;
+        stream
+            .synchronize()
+            .map_err(driver("cuStreamSynchronize"))?;
+        let after = now();
+        // SAFETY: the probe finished (synchronized); the word is ours.
+        let device = unsafe { std::ptr::read_volatile(out.base().as_ptr().cast::<u64>()) } as i64;
+        let width = after - before;
+        if best.is_none_or(|(w, _)| width < w) {
+            best = Some((width, (before + after) / 2 - device));
+        }
     }
-    .map_err(driver("rk_clock_probe"))?;
-    stream
-        .synchronize()
-        .map_err(driver("cuStreamSynchronize"))?;
-    let after = now();
-    // SAFETY: the probe finished (synchronized); the word is in our span.
-    let device = unsafe { std::ptr::read_volatile(out.base().as_ptr().cast::<u64>()) } as i64;
-    Ok((before + after) / 2 - device)
+    Ok(best.map_or(0, |(_, offset)| offset))
 }
 
 /// The host side of the cuda backend's wake-ups and failure detection.
@@ -705,7 +780,16 @@ fn monitor(g: &Gpu) {
         let mut moved = false;
         {
             let mut blocks = g.blocks.lock().unwrap_or_else(|p| p.into_inner());
-            for b in blocks.iter_mut() {
+            for (i, b) in blocks.iter_mut().enumerate() {
+                // The slot's run is over (the block touches nothing of it
+                // after its release of `finished`): its memory goes back.
+                if b.slot.is_some() && g.words(i).1.load(Ordering::Acquire) == b.generation {
+                    if let Some(s) = &b.slot {
+                        (s.wake_host)();
+                    }
+                    b.slot = None;
+                    continue;
+                }
                 let Some(s) = &mut b.slot else { continue };
                 let published = s.k2h.observer().published();
                 let released = s.h2k.observer().released();
@@ -726,7 +810,9 @@ fn monitor(g: &Gpu) {
             // SAFETY: a query of our own stream.
             let r = unsafe { sys::cuStreamQuery(g.stream.cu_stream()) };
             if r != sys::CUresult::CUDA_ERROR_NOT_READY {
-                fail_all(g, r);
+                if !g.stopping.load(Ordering::Acquire) {
+                    fail_all(g, r);
+                }
                 return;
             }
         }
@@ -781,27 +867,34 @@ impl DeviceBackend for CudaBackend {
 /// leaks the memory a hung block may still touch.
 const EXIT_WAIT: Duration = Duration::from_secs(5);
 
+/// Waits (bounded) for the persistent kernel to return after `exit`;
+/// whether it returned cleanly.
+fn wait_for_return(stream: &CudaStream) -> bool {
+    let deadline = Instant::now() + EXIT_WAIT;
+    loop {
+        // SAFETY: a query of our own stream.
+        let r = unsafe { sys::cuStreamQuery(stream.cu_stream()) };
+        if r != sys::CUresult::CUDA_ERROR_NOT_READY {
+            return r == sys::CUresult::CUDA_SUCCESS;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         let g = &self.gpu;
         let _ = g.ctx.bind_to_thread();
-        let n = g.blocks.lock().map_or(0, |b| b.len());
+        g.stopping.store(true, Ordering::Release);
+        let n = g.blocks.lock().unwrap_or_else(|p| p.into_inner()).len();
         for i in 0..n {
             // Pairs with the blocks' ld.acquire.sys of `exit`.
             g.words(i).2.store(1, Ordering::Release);
         }
-        let deadline = Instant::now() + EXIT_WAIT;
-        let returned = loop {
-            // SAFETY: a query of our own stream.
-            let r = unsafe { sys::cuStreamQuery(g.stream.cu_stream()) };
-            if r != sys::CUresult::CUDA_ERROR_NOT_READY {
-                break r == sys::CUresult::CUDA_SUCCESS;
-            }
-            if Instant::now() > deadline {
-                break false;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        };
+        let returned = wait_for_return(&g.stream);
         g.stop.store(true, Ordering::Release);
         self.monitor.unpark();
         if let Some(j) = self.join.lock().ok().and_then(|mut j| j.take()) {

@@ -41,7 +41,7 @@ mod source;
 
 pub use chost::CHostBackend;
 pub use gpu::{CudaBackend, CudaBackendBuilder, CudaOptions};
-pub use nvrtc::{DriverInfo, compile_ptx, nvrtc_version, probe};
+pub use nvrtc::{DriverInfo, compile_cubin, compile_ptx, nvrtc_version, probe};
 pub use source::{Arch, KernelSource, kernels, module_name, translation_unit};
 
 use std::sync::atomic::AtomicU64;

@@ -125,3 +125,61 @@ pub fn compile_ptx(tu: &str, arch: &'static str) -> Result<String, CudaError> {
         }),
     }
 }
+
+/// Compiles a translation unit with NVRTC straight to a cubin for `arch`
+/// (a real architecture, e.g. `"sm_90"`): machine code, which a driver of
+/// the same CUDA major loads whatever NVRTC minor made it (PTX from a newer
+/// NVRTC than the driver would not load).
+///
+/// # Errors
+/// [`CudaError::NoCompiler`] without `libnvrtc`; [`CudaError::Compile`]
+/// with NVRTC's log.
+pub fn compile_cubin(tu: &str, arch: &str) -> Result<Vec<u8>, CudaError> {
+    use cudarc::nvrtc::{result, sys};
+    nvrtc_present()?;
+    let src = std::ffi::CString::new(tu).map_err(|_| CudaError::Compile {
+        log: "the source contains a NUL byte".into(),
+    })?;
+    let name = c"ringkernel_actor_host.cu";
+    let prog = result::create_program(&src, Some(name)).map_err(|e| CudaError::Compile {
+        log: format!("{e:?}"),
+    })?;
+    let options = [format!("--gpu-architecture={arch}"), "--std=c++17".into()];
+    // SAFETY: `prog` is a live program; the options are valid strings.
+    let compiled = unsafe { result::compile_program(prog, &options) };
+    let out = match compiled {
+        Err(_) => {
+            // SAFETY: `prog` is live; the log is NUL-terminated.
+            let log = unsafe { result::get_program_log(prog) }
+                .map(|l| {
+                    let bytes: Vec<u8> =
+                        l.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+                    String::from_utf8_lossy(&bytes).into_owned()
+                })
+                .unwrap_or_default();
+            Err(CudaError::Compile { log })
+        }
+        Ok(()) => {
+            let mut size = 0usize;
+            // SAFETY: `prog` compiled; `size` is a valid out pointer.
+            let r = unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) };
+            let mut cubin = vec![0u8; size];
+            // SAFETY: `cubin` has the size NVRTC reported.
+            let r2 = if r == sys::nvrtcResult::NVRTC_SUCCESS {
+                unsafe { sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast()) }
+            } else {
+                r
+            };
+            if r2 == sys::nvrtcResult::NVRTC_SUCCESS && size > 0 {
+                Ok(cubin)
+            } else {
+                Err(CudaError::Compile {
+                    log: format!("no cubin for {arch}: {r2:?}"),
+                })
+            }
+        }
+    };
+    // SAFETY: `prog` is live and destroyed once.
+    let _ = unsafe { result::destroy_program(prog) };
+    out
+}

@@ -195,3 +195,15 @@ fn an_nvrtc_compile_error_is_typed_and_carries_the_log() {
         other => panic!("expected a compile error, got {other:?}"),
     }
 }
+
+#[test]
+fn nvrtc_makes_cubins_for_sm80_and_sm90() {
+    if let Err(e) = ringkernel_cuda::nvrtc_version() {
+        return skip(&e.to_string());
+    }
+    for arch in ARCHS {
+        let cubin = ringkernel_cuda::compile_cubin(&conformance_tu(), arch)
+            .unwrap_or_else(|e| panic!("NVRTC cubin {arch}: {e}"));
+        assert_eq!(&cubin[..4], b"\x7fELF", "{arch}: a cubin is an ELF image");
+    }
+}
