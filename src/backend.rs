@@ -13,7 +13,7 @@
 //! as the cpu backend's does; the rest of the runtime cannot tell them
 //! apart.
 
-use crate::control::ControlRef;
+use crate::control::{ControlBlock, ControlRef};
 use crate::id::{ActorId, ClockDomain};
 use crate::kernel::BackendKind;
 use crate::region::{HeapRegion, SharedMemory};
@@ -146,6 +146,15 @@ pub trait DeviceBackend: Send + Sync + 'static {
     /// (wider declared widths are refused at launch). Default 1.
     fn max_width(&self) -> u32 {
         1
+    }
+
+    /// Called before the host fences an incarnation (the commit word's
+    /// `fetch_or`): a backend whose device cannot make that RMW atomic with
+    /// its own commit CAS (CUDA over PCIe without host-native atomics)
+    /// stops the slot's loop first — or waits out a bound, for a hung one.
+    /// Default: nothing (the two are atomic with each other).
+    fn quiesce(&self, control: &ControlBlock) {
+        let _ = control;
     }
 
     /// Zeroed memory for one slot's control block and rings, `bytes` long,

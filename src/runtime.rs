@@ -1035,6 +1035,10 @@ impl Runtime {
             space: Arc::new(SpaceWaker::default()),
             bad_replies: AtomicU64::new(0),
             link_fences: OnceLock::new(),
+            backend: match &code {
+                Code::Device(b, _) => Some(b.clone()),
+                Code::Cpu(_) => None,
+            },
             events: Box::new(events),
             _count: guard,
         });
@@ -1164,6 +1168,8 @@ pub(crate) struct SlotShared<W> {
     /// How far this incarnation had consumed each link into it when it was
     /// fenced (final for its epoch).
     link_fences: OnceLock<Vec<(LinkId, u64)>>,
+    /// The device backend serving the slot (none on the cpu backend).
+    backend: Option<Arc<dyn crate::backend::DeviceBackend>>,
     events: EventSink,
     _count: SlotCount,
 }
@@ -1178,6 +1184,9 @@ impl<W: Waiter> SlotShared<W> {
     /// Fences the incarnation (no commit of its device loop succeeds from
     /// now on) and records how it ended; returns the last committed `seq`.
     fn fence(&self, ending: Ending) -> u64 {
+        if let Some(b) = &self.backend {
+            b.quiesce(&self.control);
+        }
         let committed = self.control.fence();
         let links = self.home.fence_links(self.id.incarnation());
         let _ = self.link_fences.set(links);

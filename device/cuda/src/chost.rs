@@ -180,6 +180,9 @@ impl Block {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct CHostBackend {
+    /// Fences stop the loop first, as the cuda backend's do on a device
+    /// without host-native atomics ([`CHostBackend::quiescing`]).
+    quiesce: bool,
     compiler: String,
     flags: Vec<String>,
     dir: PathBuf,
@@ -215,12 +218,24 @@ impl CHostBackend {
             NEXT_DIR.fetch_add(1, Ordering::Relaxed)
         ));
         Arc::new(CHostBackend {
+            quiesce: false,
             compiler,
             flags,
             dir,
             modules: Mutex::new(HashMap::new()),
             blocks: Mutex::new(Vec::new()),
         })
+    }
+
+    /// As [`CHostBackend::new`], with every fence preceded by a stop the
+    /// loop acknowledges — the cuda backend's protocol on a device whose
+    /// atomics are not atomic with the host's — so that path runs here too.
+    pub fn quiescing() -> Arc<Self> {
+        let mut b = Self::new();
+        if let Some(b) = Arc::get_mut(&mut b) {
+            b.quiesce = true;
+        }
+        b
     }
 
     /// How many blocks (threads) the backend has started: a terminated
@@ -411,6 +426,12 @@ impl DeviceBackend for CHostBackend {
 
     fn launch(&self, slot: DeviceSlot) -> Result<Thread, String> {
         self.launch_slot(slot).map_err(|e| e.to_string())
+    }
+
+    fn quiesce(&self, control: &ringkernel::control::ControlBlock) {
+        if self.quiesce {
+            crate::gpu::stop_and_wait(control);
+        }
     }
 }
 

@@ -30,7 +30,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
 };
 use ringkernel::backend::{CudaHandler, DeviceBackend, DeviceSlot};
-use ringkernel::control::{ControlRef, FaultCode, LifecycleState};
+use ringkernel::control::{ControlBlock, ControlRef, FaultCode, LifecycleState};
 use ringkernel::kernel::{BackendKind, Kernel};
 use ringkernel::region::SharedMemory;
 use ringkernel::ring::{Consumer, Producer};
@@ -379,9 +379,9 @@ impl CudaBackend {
             // The commit word is CAS'd by the device and fenced by the host;
             // without host-native atomics the two are not atomic with each
             // other (see docs/protocol.md, *Commit and fence*).
-            tracing::warn!(
+            tracing::info!(
                 device = %info.name,
-                "no host-native atomics: a host fence racing a device commit may be lost"
+                "no host-native atomics: a fence first stops the slot's loop (quiesce)"
             );
         }
         let ctx = CudaContext::new(0).map_err(driver("cuCtxCreate"))?;
@@ -860,6 +860,36 @@ impl DeviceBackend for CudaBackend {
 
     fn launch(&self, slot: DeviceSlot) -> Result<Thread, String> {
         self.launch_slot(slot).map_err(|e| e.to_string())
+    }
+
+    /// Without host-native atomics the host's fence (`fetch_or` on the
+    /// commit word) and the device's commit CAS are not atomic with each
+    /// other: the slot's loop is asked to stop first (Terminated, a word
+    /// only the host writes), and the fence waits for its acknowledgement —
+    /// after which the device writes the commit word no more. A hung loop
+    /// never acknowledges; after [`QUIESCE_WAIT`] the fence goes ahead (a
+    /// loop that wakes later finds the fence bit when it reads the word).
+    fn quiesce(&self, control: &ControlBlock) {
+        if !self.gpu.info.host_native_atomics {
+            stop_and_wait(control);
+        }
+    }
+}
+
+/// How long a fence waits for a slot's loop to acknowledge a stop.
+pub const QUIESCE_WAIT: Duration = Duration::from_millis(500);
+
+/// Asks the slot's loop to stop (unless it has) and waits, at most
+/// [`QUIESCE_WAIT`], for its acknowledgement.
+pub(crate) fn stop_and_wait(control: &ControlBlock) {
+    let stopped = || control.acked_state().is_ok_and(LifecycleState::is_final);
+    if stopped() {
+        return;
+    }
+    let _ = control.request(LifecycleState::Terminated);
+    let deadline = Instant::now() + QUIESCE_WAIT;
+    while !stopped() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(50));
     }
 }
 

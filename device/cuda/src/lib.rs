@@ -40,7 +40,7 @@ mod nvrtc;
 mod source;
 
 pub use chost::CHostBackend;
-pub use gpu::{CudaBackend, CudaBackendBuilder, CudaOptions};
+pub use gpu::{CudaBackend, CudaBackendBuilder, CudaOptions, QUIESCE_WAIT};
 pub use nvrtc::{DriverInfo, compile_cubin, compile_ptx, nvrtc_version, probe};
 pub use source::{Arch, KernelSource, kernels, module_name, translation_unit};
 

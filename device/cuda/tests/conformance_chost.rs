@@ -25,6 +25,21 @@ fn the_conformance_suite_on_the_c_host_backend() {
     }
 }
 
+/// The same suite with every fence preceded by a stop the loop must
+/// acknowledge (the cuda backend's protocol where host and device atomics
+/// are not atomic with each other).
+#[test]
+fn the_conformance_suite_with_quiescing_fences() {
+    let rt = Runtime::builder()
+        .device(CHostBackend::quiescing())
+        .build()
+        .unwrap();
+    for (name, check) in conformance::ALL {
+        check(&rt);
+        eprintln!("{name}: ok");
+    }
+}
+
 /// A kernel with a cpu handler only.
 struct CpuOnly;
 impl ringkernel::kernel::Kernel for CpuOnly {
