@@ -109,11 +109,11 @@ impl Drop for Assignment {
 /// The descriptor, shared with the block's thread.
 struct DescCell(UnsafeCell<SlotDesc>);
 
-// SAFETY: the descriptor's fields follow the assignment protocol: the host
-// writes plain fields only while the block is dormant (before its
-// store-release of `assigned`, after its load-acquire of `finished`), the
-// block reads them only after its load-acquire of `assigned`; the
-// generation and exit words are atomics.
+// The assignment protocol: the host writes plain fields only while the
+// block is dormant (after acquiring `finished`, before releasing
+// `assigned`); the block reads them only after acquiring `assigned`.
+// SAFETY: per that protocol no plain field is accessed by both at once;
+// the generation and exit words are atomics.
 unsafe impl Sync for DescCell {}
 
 /// One block: a thread running `rk_host_block_run` on its descriptor.
