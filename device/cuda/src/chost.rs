@@ -43,7 +43,8 @@ struct Wakers {
 
 type WakerCell = Mutex<Option<Wakers>>;
 
-extern "C" fn hook_wake_host(ctx: *const c_void) {
+/// Calls one of the block's current wakers (never unwinding into C).
+fn call_waker(ctx: *const c_void, which: fn(&Wakers) -> &(dyn Fn() + Send)) {
     // SAFETY: `ctx` is the `WakerCell` of the block whose loop calls this;
     // the block (and the cell in it) outlives its thread.
     let cell = unsafe { &*ctx.cast::<WakerCell>() };
@@ -51,21 +52,17 @@ extern "C" fn hook_wake_host(ctx: *const c_void) {
         if let Ok(w) = cell.lock()
             && let Some(w) = &*w
         {
-            (w.wake_host)();
+            which(w)();
         }
     }));
 }
 
+extern "C" fn hook_wake_host(ctx: *const c_void) {
+    call_waker(ctx, |w| &*w.wake_host);
+}
+
 extern "C" fn hook_wake_senders(ctx: *const c_void) {
-    // SAFETY: as in `hook_wake_host`.
-    let cell = unsafe { &*ctx.cast::<WakerCell>() };
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        if let Ok(w) = cell.lock()
-            && let Some(w) = &*w
-        {
-            (w.wake_senders)();
-        }
-    }));
+    call_waker(ctx, |w| &*w.wake_senders);
 }
 
 extern "C" fn hook_idle(_ctx: *const c_void, ns: u32) {

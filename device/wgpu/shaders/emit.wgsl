@@ -66,6 +66,20 @@ struct SlotCell {
 @group(0) @binding(4) var<storage, read_write> cells: array<SlotCell>;
 
 
+// An envelope header from the slot (magic "RK", version 1), payload empty.
+fn rk_envelope(slot: u32, flags: u32, type_id: u32, correlation: vec2<u32>, src: vec2<u32>,
+               dst: vec2<u32>, hlc: vec2<u32>) -> Envelope {
+    var e: Envelope;
+    e.magic_version_flags = 0x4B52u | (1u << 16u) | (flags << 24u);
+    e.type_id = type_id;
+    e.clock_domain = cells[slot].domain;
+    e.correlation = correlation;
+    e.src = src;
+    e.dst = dst;
+    e.hlc = hlc;
+    return e;
+}
+
 // Checks one run's outputs and writes them to the outbox: the reply (or,
 // for no reply now, the status in `seq`), then the later entries (replies
 // to deferred asks, or sends). Returns 0, or the status that faults the
@@ -84,36 +98,22 @@ fn rk_emit(slot: u32, index: u32, msg: Envelope, status: u32, reply: Reply, late
         }
     }
     let base = index * RK_OUTS;
+    let ask = (rk_flags(msg) & RK_FLAG_ASK) != 0u;
     var out: Envelope;
-    if status == RK_REPLIED && (rk_flags(msg) & RK_FLAG_ASK) != 0u {
+    if ask && status == RK_REPLIED {
         *hlc = hlc_tick(*hlc, dispatch.pt);
-        // magic "RK", version 1, flags REPLY
-        out.magic_version_flags = 0x4B52u | (1u << 16u) | (RK_FLAG_REPLY << 24u);
-        out.type_id = msg.type_id;
+        out = rk_envelope(slot, RK_FLAG_REPLY, msg.type_id, msg.correlation, msg.dst, msg.src, *hlc);
         out.payload_len = reply.len;
-        out.clock_domain = cells[slot].domain;
-        out.correlation = msg.correlation;
-        out.src = msg.dst;
-        out.dst = msg.src;
-        out.hlc = *hlc;
         out.seq = msg.seq;
         out.trace_id = msg.trace_id;
         out.payload = reply.payload;
-    }
-    if status != RK_REPLIED && status != RK_DEFERRED && (rk_flags(msg) & RK_FLAG_ASK) != 0u {
+    } else if ask && status != RK_DEFERRED {
         // An ask its handler neither answered nor deferred: NoReply, stamped
         // by the slot's clock like any reply.
         *hlc = hlc_tick(*hlc, dispatch.pt);
-        out.magic_version_flags = 0x4B52u | (1u << 16u) | ((RK_FLAG_REPLY | RK_FLAG_ERROR) << 24u);
-        out.type_id = RK_SYS_NO_REPLY;
-        out.payload_len = 0u;
-        out.clock_domain = cells[slot].domain;
-        out.correlation = msg.correlation;
-        out.src = msg.dst;
-        out.dst = msg.src;
-        out.hlc = *hlc;
-    }
-    if out.type_id == 0u {
+        out = rk_envelope(slot, RK_FLAG_REPLY | RK_FLAG_ERROR, RK_SYS_NO_REPLY, msg.correlation,
+                          msg.dst, msg.src, *hlc);
+    } else {
         // No reply now; `seq` tells the host whether one will come.
         out.seq = vec2<u32>(status, 0u);
     }
@@ -121,23 +121,18 @@ fn rk_emit(slot: u32, index: u32, msg: Envelope, status: u32, reply: Reply, late
     for (var k = 0u; k < later.n; k = k + 1u) {
         let l = later.replies[k];
         *hlc = hlc_tick(*hlc, dispatch.pt);
-        var e: Envelope;
         // Correlation 0: a send, which the poller routes once `seq` (this
         // message) has committed; else a reply to a deferred ask.
         let send = l.correlation.x == 0u && l.correlation.y == 0u;
         var flags = RK_FLAG_REPLY;
         if send {
             flags = 0u;
+        }
+        var e = rk_envelope(slot, flags, l.type_id, l.correlation, msg.dst, l.dst, *hlc);
+        if send {
             e.seq = msg.seq;
         }
-        e.magic_version_flags = 0x4B52u | (1u << 16u) | (flags << 24u);
-        e.type_id = l.type_id;
         e.payload_len = l.len;
-        e.clock_domain = cells[slot].domain;
-        e.correlation = l.correlation;
-        e.src = msg.dst;
-        e.dst = l.dst;
-        e.hlc = *hlc;
         e.payload = l.payload;
         outbox[base + 1u + k] = e;
     }

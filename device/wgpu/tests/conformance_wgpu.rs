@@ -117,13 +117,7 @@ fn a_runtime_asked_for_wgpu_without_its_device_is_refused() {
 /// or faults at once — nothing hangs, nothing is silently dropped.
 #[test]
 fn a_lost_device_faults_every_slot_and_hangs_no_caller() {
-    let Some(backend) = ringkernel_wgpu::WgpuBackend::new()
-        .map_err(|e| eprintln!("skipped: {e}"))
-        .ok()
-    else {
-        assert!(std::env::var("RINGKERNEL_REQUIRE_WGPU").as_deref() != Ok("1"));
-        return;
-    };
+    let Some(backend) = backend() else { return };
     let rt = Runtime::builder().device(backend.clone()).build().unwrap();
     let (tx, events) = std::sync::mpsc::channel();
     let tx = std::sync::Mutex::new(tx);
@@ -161,13 +155,7 @@ fn a_lost_device_faults_every_slot_and_hangs_no_caller() {
 /// exact: 20 000 tells, then the sequence report.
 #[test]
 fn a_backlog_keeps_two_dispatches_in_flight() {
-    let Some(backend) = ringkernel_wgpu::WgpuBackend::new()
-        .map_err(|e| eprintln!("skipped: {e}"))
-        .ok()
-    else {
-        assert!(std::env::var("RINGKERNEL_REQUIRE_WGPU").as_deref() != Ok("1"));
-        return;
-    };
+    let Some(backend) = backend() else { return };
     let rt = Runtime::builder().device(backend.clone()).build().unwrap();
     let mut slot = rt
         .launch::<Probe, ChannelWaiter>(

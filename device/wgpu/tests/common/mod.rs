@@ -50,9 +50,14 @@ pub fn device() -> Option<WgpuDevice> {
         .ok()
 }
 
-/// A runtime on the wgpu backend, or `None` (skipped) without an adapter.
-pub fn runtime() -> Option<Runtime> {
+/// The wgpu backend, or `None` (skipped) without an adapter.
+pub fn backend() -> Option<std::sync::Arc<WgpuBackend>> {
     let backend = WgpuBackend::new().map_err(skipped).ok()?;
     eprintln!("adapter: {}", backend.device().adapter());
-    Some(Runtime::builder().device(backend).build().unwrap())
+    Some(backend)
+}
+
+/// A runtime on the wgpu backend, or `None` (skipped) without an adapter.
+pub fn runtime() -> Option<Runtime> {
+    Some(Runtime::builder().device(backend()?).build().unwrap())
 }
