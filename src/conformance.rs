@@ -428,9 +428,14 @@ fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, re
 "#;
 
 message!(
-    /// Tell to [`Relay`]: send `Seq(.1)` to the actor whose id bits are `.0`.
+    /// Tell to [`Relay`]: send `Seq(.1)` to the actor whose id bits are `.0`
+    /// — unless `.1` has its top bit set ([`POISON`]): then the handler
+    /// faults (code 1).
     Forward(u64, u64) = 1 => ()
 );
+
+/// The bit that makes a [`Forward`] a poison message.
+pub const POISON: u64 = 1 << 63;
 
 /// Forwards each [`Forward`] as a [`Seq`] tell to the actor it names: a
 /// send from a kernel, which the host routes once the message commits.
@@ -444,6 +449,9 @@ impl Kernel for Relay {
     fn cpu_handlers() -> Option<CpuHandlers<Self>> {
         Some(
             CpuHandlers::<Self>::new().on::<Forward>(|_, Forward(dst, v), ctx| {
+                if v & POISON != 0 {
+                    return Err(HandlerError(1));
+                }
                 ctx.send(ActorId::from_bits(dst), Seq(v));
                 Ok(())
             }),
@@ -470,6 +478,9 @@ impl Kernel for Relay {
 /// [`Relay`] in WGSL: a `later` entry with correlation 0 is a send.
 pub const RELAY_WGSL: &str = r#"
 fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 {
+    if (msg.payload[3] & 0x80000000u) != 0u {
+        return RK_FAULT + 1u;
+    }
     (*later).replies[0].correlation = vec2<u32>(0u, 0u);
     (*later).replies[0].dst = vec2<u32>(msg.payload[0], msg.payload[1]);
     (*later).replies[0].type_id = 4u;
@@ -486,6 +497,7 @@ pub const RELAY_CUDA: &str = r#"
 RK_DEVICE uint32_t rk_handle(void* state, const rk_envelope_header* msg, const uint8_t* payload,
                              rk_reply* reply, rk_later* later) {
     uint64_t v = rk_get_u64(payload, 8);
+    if (v >> 63) return RK_FAULT + 1;
     return rk_send(later, rk_get_u64(payload, 0), 4u, &v, 8) ? RK_DONE : RK_PANIC;
 }
 "#;
@@ -803,6 +815,88 @@ pub fn sends_from_a_kernel_arrive_in_order(rt: &Runtime) {
     rt.registry().unregister(sink);
 }
 
+/// The next incarnation of `slot`'s actor after a fault: recovers (its
+/// pending messages kept for replay, the poison failed), relaunches, and
+/// replays — again if a replayed message faults the new one.
+fn restart<K: Kernel>(slot: &mut GpuSlot<ChannelWaiter>, rt: &Runtime, opts: &LaunchOptions) {
+    let home = slot.home().clone();
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "restart never settled"
+        );
+        let _ = slot.recover();
+        *slot = rt
+            .launch_in::<K, ChannelWaiter>(&home, bytemuck::Zeroable::zeroed(), opts, |_| {})
+            .expect("relaunch");
+        loop {
+            match slot.replay() {
+                crate::runtime::ReplayStatus::Done => return,
+                crate::runtime::ReplayStatus::Full => std::thread::sleep(Duration::from_micros(50)),
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Faults and restarts lose nothing: a stream of sends through a kernel
+/// that faults on every 97th message (a poison), restarted each time as
+/// the next incarnation with its pending messages replayed, delivers every
+/// other message exactly once, in order — what a device loop commits, and
+/// only that, counts.
+pub fn faults_and_restarts_lose_nothing(rt: &Runtime) {
+    let sink = ActorId::cpu(rt.node(), 0xFFF1);
+    let got = std::sync::Arc::new(Collect(std::sync::Mutex::new(Vec::new())));
+    rt.registry().register(sink, got.clone());
+    let opts = LaunchOptions::default()
+        .h2k_capacity(64)
+        .on_fault(crate::home::PendingPolicy::Replay);
+    let (mut slot, _) = launch::<Relay>(rt, &opts);
+    let n = 3000u64;
+    let poison = |v: u64| v % 97 == 96;
+    let mut restarts = 0;
+    for v in 0..n {
+        let mut payload: Payload =
+            Forward(sink.to_bits(), if poison(v) { v | POISON } else { v }).into();
+        loop {
+            match slot.tell(payload, ActorId::NONE) {
+                Ok(()) => break,
+                Err(SubmitError::Full(back)) => {
+                    payload = back;
+                    std::thread::sleep(Duration::from_micros(20));
+                }
+                Err(SubmitError::Closed(back)) => {
+                    payload = back;
+                    restart::<Relay>(&mut slot, rt, &opts);
+                    restarts += 1;
+                }
+                Err(e) => panic!("tell refused: {e:?}"),
+            }
+        }
+    }
+    let want: Vec<u64> = (0..n).filter(|&v| !poison(v)).collect();
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let len = || got.0.lock().map_or(0, |v| v.len());
+    while len() < want.len() && std::time::Instant::now() < deadline {
+        if !slot.is_open() {
+            restart::<Relay>(&mut slot, rt, &opts);
+            restarts += 1;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let values = got.0.lock().map(|v| v.clone()).unwrap_or_default();
+    assert_eq!(
+        values.len(),
+        want.len(),
+        "every message but the poisons arrives"
+    );
+    assert!(values == want, "each once, in order");
+    assert!(restarts > 0, "the poisons faulted the actor");
+    slot.terminate(DEADLINE);
+    rt.registry().unregister(sink);
+}
+
 /// One conformance check.
 pub type Check = fn(&Runtime);
 
@@ -825,5 +919,9 @@ pub const ALL: &[(&str, Check)] = &[
     (
         "sends_from_a_kernel_arrive_in_order",
         sends_from_a_kernel_arrive_in_order,
+    ),
+    (
+        "faults_and_restarts_lose_nothing",
+        faults_and_restarts_lose_nothing,
     ),
 ];

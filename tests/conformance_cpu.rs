@@ -26,11 +26,12 @@ checks!(
     deferred_replies_in_reverse_order,
     unknown_type_is_refused,
     sends_from_a_kernel_arrive_in_order,
+    faults_and_restarts_lose_nothing,
 );
 
 /// The list the suite exports matches the tests above (a new check must get
 /// a test here too).
 #[test]
 fn every_check_has_a_test() {
-    assert_eq!(conformance::ALL.len(), 12);
+    assert_eq!(conformance::ALL.len(), 13);
 }
