@@ -6,7 +6,7 @@
 //! `cargo run -p ringkernel-cuda --example prebuild -- <dir>`; nvcc is
 //! `$RINGKERNEL_NVCC` or `nvcc` on `PATH`.
 
-use ringkernel::conformance::{Probe, Reverse};
+use ringkernel::conformance::{Probe, Relay, Reverse};
 use ringkernel::kernel::Kernel;
 use ringkernel_cuda::{Arch, KernelSource, module_name, translation_unit};
 use std::process::{Command, ExitCode};
