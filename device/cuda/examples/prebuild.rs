@@ -28,7 +28,7 @@ fn main() -> ExitCode {
     let nvcc = std::env::var("RINGKERNEL_NVCC").unwrap_or_else(|_| "nvcc".into());
     // The kernel sets registered by tests/gpu.rs and the bench report.
     let sets = [
-        vec![source::<Probe>(), source::<Reverse>()],
+        vec![source::<Probe>(), source::<Reverse>(), source::<Relay>()],
         vec![source::<Probe>()],
     ];
     for kernels in &sets {
