@@ -9,7 +9,7 @@
 //! reason — or fail, under `RINGKERNEL_REQUIRE_NVCC=1` (as in CI).
 
 use ringkernel::backend::DeviceCode;
-use ringkernel::conformance::{Probe, Reverse};
+use ringkernel::conformance::{Probe, Relay, Reverse};
 use ringkernel_cuda::{Arch, CudaError, KernelSource, kernels, translation_unit};
 use std::path::PathBuf;
 use std::process::Command;
@@ -53,6 +53,10 @@ fn conformance_tu() -> String {
             KernelSource {
                 name: "reverse",
                 handler: cuda(DeviceCode::of::<Reverse>()),
+            },
+            KernelSource {
+                name: "relay",
+                handler: cuda(DeviceCode::of::<Relay>()),
             },
         ],
     )
