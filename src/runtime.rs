@@ -580,7 +580,6 @@ struct RuntimeInner {
     device: Option<Arc<dyn crate::backend::DeviceBackend>>,
 }
 
-/// A kernel's code for the backend it launches on.
 /// A device slot's control block and rings, laid out in one region of the
 /// backend's memory: control block, H2K, K2H (each at a 128-byte offset).
 #[allow(clippy::type_complexity)]
@@ -619,6 +618,7 @@ fn slot_memory(
     }
 }
 
+/// A kernel's code for the backend it launches on.
 enum Code<K: Kernel> {
     Cpu(crate::kernel::CpuHandlers<K>),
     Device(
