@@ -1,15 +1,17 @@
-//! An actix app where several CPU actors ask one GPU actor (cpu backend).
+//! An actix app where several CPU actors ask one GPU actor (cpu backend by
+//! default).
 //!
 //! Four `Client` actors each ask the `counter` GPU actor to add numbers and
 //! report its running total; the GPU actor keeps its state between
 //! messages and serves the clients' asks in mailbox order.
 //!
 //! `cargo run --release -p ringkernel-actix --example cpu_actors_ask_gpu`
+//! (`-- --backend cuda|c-host` for the CUDA handler; `cuda` falls back to
+//! the cpu backend, saying why, without a GPU).
 
 use actix::prelude::*;
 use bytemuck::{Pod, Zeroable};
 use ringkernel::kernel::{CpuHandlers, Kernel, Message as KernelMessage};
-use ringkernel::runtime::Runtime;
 use ringkernel_actix::{Ask, GpuActor};
 
 /// Ask: add to the total, reply with the new total.
@@ -33,6 +35,21 @@ impl Kernel for Counter {
                 Ok(())
             }),
         )
+    }
+
+    fn cuda() -> Option<ringkernel::backend::CudaHandler> {
+        Some(ringkernel::backend::CudaHandler {
+            source: r#"
+RK_DEVICE uint32_t rk_handle(void* state, const rk_envelope_header* msg, const uint8_t* payload,
+                             rk_reply* reply, rk_later* later) {
+    uint64_t* total = (uint64_t*)state;
+    *total += rk_get_u64(payload, 0);
+    return rk_reply_u64(reply, *total);
+}
+"#,
+            types: &[AddAndGet::TYPE_ID],
+            max_later: 0,
+        })
     }
 }
 
@@ -73,7 +90,10 @@ impl Handler<Work> for Client {
 
 #[actix_rt::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let gpu = GpuActor::<Counter>::new(Runtime::new()?, 0).start();
+    let rt =
+        ringkernel_cuda::runtime_named(&ringkernel_cuda::backend_arg(), |b| b.kernel::<Counter>())?;
+    let backend = rt.backend();
+    let gpu = GpuActor::<Counter>::new(rt, 0).start();
     let clients: Vec<_> = (1..=4)
         .map(|id| {
             Client {
@@ -95,7 +115,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let total = gpu.send(Ask(AddAndGet(0))).await??;
     let expected: u64 = (1..=4).map(|id| id * asks).sum();
     println!(
-        "GPU actor (cpu backend) served {} asks from 4 CPU actors in {:.1} ms; total {total} (expected {expected})",
+        "GPU actor ({backend:?} backend) served {} asks from 4 CPU actors in {:.1} ms; total {total} (expected {expected})",
         4 * asks + 1,
         started.elapsed().as_secs_f64() * 1e3
     );

@@ -1,11 +1,13 @@
-//! A kameo app with a supervised GPU actor (cpu backend) that is made to
-//! fault and comes back.
+//! A kameo app with a supervised GPU actor (cpu backend by default) that is
+//! made to fault and comes back.
 //!
 //! The supervisor is linked to the GPU actor; when the kernel's handler
 //! panics, the GPU actor fails (kameo's panic path), the supervisor's
 //! `on_link_died` sees it and spawns a new incarnation, which serves again.
 //!
 //! `cargo run --release -p ringkernel-kameo --example supervised_gpu_actor`
+//! (`-- --backend cuda|c-host` for the CUDA handler; `cuda` falls back to
+//! the cpu backend, saying why, without a GPU).
 
 use kameo::Actor;
 use kameo::actor::{ActorRef, Spawn, WeakActorRef};
@@ -50,7 +52,8 @@ impl Actor for Supervisor {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let runtime = Runtime::new()?;
+    let runtime =
+        ringkernel_cuda::runtime_named(&ringkernel_cuda::backend_arg(), |b| b.kernel::<Probe>())?;
     let (tx, mut restarted) = mpsc::unbounded_channel();
     let supervisor = Supervisor::spawn(Supervisor {
         runtime: runtime.clone(),

@@ -112,36 +112,6 @@ RK_DEVICE uint32_t rk_handle(void* state, const rk_envelope_header* msg, const u
 }
 "#;
 
-/// The runtime for `--backend cpu|cuda|c-host` (default cpu).
-fn runtime() -> Result<Runtime, Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().collect();
-    let backend = args
-        .iter()
-        .position(|a| a == "--backend")
-        .and_then(|i| args.get(i + 1))
-        .map_or("cpu", String::as_str);
-    Ok(match backend {
-        "cpu" => Runtime::new()?,
-        "c-host" => Runtime::builder()
-            .device(ringkernel_cuda::CHostBackend::new())
-            .build()?,
-        "cuda" => match ringkernel_cuda::CudaBackend::builder()
-            .kernel::<Stats>()
-            .and_then(|b| b.build())
-        {
-            Ok(gpu) => {
-                println!("cuda device: {}", gpu.info().name);
-                Runtime::builder().device(gpu).build()?
-            }
-            Err(e) => {
-                println!("the cuda backend is not available here ({e}); using the cpu backend");
-                Runtime::new()?
-            }
-        },
-        other => return Err(format!("unknown backend `{other}` (cpu, cuda, c-host)").into()),
-    })
-}
-
 /// A CPU actor that feeds readings to the scorer.
 struct Sensor;
 impl Actor for Sensor {
@@ -257,7 +227,8 @@ impl Actor for Supervisor {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let rt = runtime()?;
+    let rt =
+        ringkernel_cuda::runtime_named(&ringkernel_cuda::backend_arg(), |b| b.kernel::<Stats>())?;
     println!("runtime: {:?} backend, node {}", rt.backend(), rt.node());
     let (sup, sup_handle) = Actor::spawn(Some("supervisor".into()), Supervisor, rt.clone()).await?;
     let scorer = GpuActorRef::<Stats>::new(call!(sup, SupMsg::Scorer)?);

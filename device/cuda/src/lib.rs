@@ -179,3 +179,41 @@ const _: () = {
     assert!(std::mem::offset_of!(SlotDesc, finished) == 88);
     assert!(std::mem::offset_of!(SlotDesc, exit) == 96);
 };
+
+/// A runtime on the backend called `name` — `cpu`, `cuda` or `c-host` —
+/// for programs that take a backend option (the adapters' examples). For
+/// `cuda`, `kernels` says which kernel types the actor-host kernel hosts;
+/// without a usable GPU it falls back to the cpu backend and prints why.
+///
+/// # Errors
+/// An unknown name, or a runtime that does not start.
+pub fn runtime_named(
+    name: &str,
+    kernels: impl FnOnce(CudaBackendBuilder) -> Result<CudaBackendBuilder, CudaError>,
+) -> Result<ringkernel::runtime::Runtime, Box<dyn std::error::Error>> {
+    use ringkernel::runtime::Runtime;
+    Ok(match name {
+        "cpu" => Runtime::new()?,
+        "c-host" => Runtime::builder().device(CHostBackend::new()).build()?,
+        "cuda" => match kernels(CudaBackend::builder()).and_then(CudaBackendBuilder::build) {
+            Ok(gpu) => {
+                println!("cuda device: {}", gpu.info().name);
+                Runtime::builder().device(gpu).build()?
+            }
+            Err(e) => {
+                println!("the cuda backend is not available here ({e}); using the cpu backend");
+                Runtime::new()?
+            }
+        },
+        other => return Err(format!("unknown backend `{other}` (cpu, cuda, c-host)").into()),
+    })
+}
+
+/// The value of a `--backend NAME` command-line option, else `cpu`.
+pub fn backend_arg() -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == "--backend")
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| "cpu".into())
+}
