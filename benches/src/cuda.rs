@@ -8,6 +8,17 @@ use ringkernel::conformance::{self, ChannelWaiter, Echo, Probe};
 use ringkernel::runtime::{GpuSlot, LaunchOptions, Runtime};
 use ringkernel_cuda::{CHostBackend, CudaBackend};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The time of one ask, after sleeping `idle` first (zero: back to back).
+fn timed_ask(slot: &mut GpuSlot<ChannelWaiter>, idle: Duration) -> Duration {
+    if !idle.is_zero() {
+        std::thread::sleep(idle);
+    }
+    let start = Instant::now();
+    asks(slot, 1);
+    start.elapsed()
+}
 
 fn asks(slot: &mut GpuSlot<ChannelWaiter>, n: u64) {
     for i in 0..n {
@@ -55,6 +66,11 @@ impl CHostBench {
     /// `n` sequential asks on the cpu backend.
     pub fn cpu_asks(&mut self, n: u64) {
         asks(&mut self.cpu, n);
+    }
+
+    /// One ask on the c-host backend, after idling `idle`.
+    pub fn chost_ask_after(&mut self, idle: Duration) -> Duration {
+        timed_ask(&mut self.chost, idle)
     }
 }
 
@@ -105,5 +121,15 @@ impl GpuBench {
     /// `n` messages, a kernel launch each.
     pub fn launches(&mut self, n: u64) {
         self.backend.launch_per_message(n).expect("launches");
+    }
+
+    /// One ask to the persistent kernel, after idling `idle`.
+    pub fn ask_after(&mut self, idle: Duration) -> Duration {
+        timed_ask(&mut self.slot, idle)
+    }
+
+    /// One message served by a launch of its own.
+    pub fn launch_once(&mut self) -> Duration {
+        self.backend.launch_per_message(1).expect("a launch")
     }
 }
