@@ -7,9 +7,10 @@
 mod common;
 use common::*;
 use ringkernel::conformance::{self, ChannelWaiter, Echo, Probe};
+use ringkernel::id::ActorId;
 use ringkernel::kernel::BackendKind;
 use ringkernel::link::{ConnectError, LinkOptions};
-use ringkernel::runtime::{LaunchError, LaunchOptions, Runtime};
+use ringkernel::runtime::{LaunchError, LaunchOptions, Runtime, SubmitError};
 
 #[test]
 fn the_conformance_suite_on_wgpu() {
@@ -131,11 +132,23 @@ fn a_lost_device_faults_every_slot_and_hangs_no_caller() {
     };
     assert_eq!(echo(&mut slot, 7).unwrap().decode::<u64>(), Ok(7));
     backend.device().destroy();
-    let after: Vec<_> = (0..5)
-        .map(|i| conformance::ask(&mut slot, Echo(i)))
-        .collect();
-    for p in after {
-        match p.wait() {
+    // Each ask after the loss is either accepted and then resolved with the
+    // device's fault, or — once the loop has seen the loss and closed the
+    // slot, which may come before any of them — refused with the message
+    // handed back. Neither hangs; which one a given ask gets is a race.
+    let mut accepted = Vec::new();
+    for i in 0..5u64 {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        match slot.ask(Echo(i).into(), ChannelWaiter(tx), ActorId::NONE) {
+            Ok(_) => accepted.push(rx),
+            Err(SubmitError::Closed((payload, _))) => {
+                assert_eq!(payload.get::<Echo>().map(|e| e.0), Some(i), "handed back");
+            }
+            Err(e) => panic!("an ask to a lost device: {e:?}"),
+        }
+    }
+    for rx in accepted {
+        match rx.recv_timeout(conformance::DEADLINE).expect("an ask hung") {
             Err(ringkernel::runtime::AskError::Faulted(f)) => {
                 assert_eq!(f.code, ringkernel::control::FaultCode::DeviceError);
                 assert_eq!(f.detail, ringkernel_wgpu::DEVICE_FAILED);
