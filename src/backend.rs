@@ -119,6 +119,9 @@ pub struct DeviceSlot {
     pub wake_host: Box<dyn Fn() + Send>,
     /// Wakes senders waiting for H2K room (after releasing H2K slots).
     pub wake_senders: Box<dyn Fn() + Send>,
+    /// The slot's K2K links, for a backend that serves them
+    /// ([`DeviceBackend::serves_links`]); others leave it alone.
+    pub links: crate::link::LinkPort,
 }
 
 impl std::fmt::Debug for DeviceSlot {
@@ -146,6 +149,13 @@ pub trait DeviceBackend: Send + Sync + 'static {
     /// (wider declared widths are refused at launch). Default 1.
     fn max_width(&self) -> u32 {
         1
+    }
+
+    /// Whether the backend's loop serves K2K links through
+    /// [`DeviceSlot::links`] (else [`Runtime::connect`](crate::runtime::Runtime::connect)
+    /// refuses links on it). Default: no.
+    fn serves_links(&self) -> bool {
+        false
     }
 
     /// Called before the host fences an incarnation (the commit word's

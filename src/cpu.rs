@@ -523,7 +523,7 @@ impl<K: Kernel> DeviceLoop<K> {
         }
         let mut buf = std::mem::take(&mut self.inbuf);
         buf.clear();
-        let Some((first, bad)) = link.take(self.incarnation, BATCH, &mut buf) else {
+        let Some((first, bad)) = link.take(self.incarnation, 0, BATCH, &mut buf) else {
             self.inbuf = buf;
             return Ok(0);
         };

@@ -645,13 +645,15 @@ impl Link {
     }
 
     /// Receiver: releases the ring up to what incarnation `epoch` committed,
-    /// then copies out up to `max` messages after it, each checked as an
+    /// then copies out up to `max` messages after it and the `skip` taken
+    /// already (in flight), each checked as an
     /// envelope. Returns the position of the first one (`consumed`) and the
     /// error of a malformed one (which ends the batch), or `None` if the
     /// link is not this incarnation's to serve.
     pub(crate) fn take(
         &self,
         epoch: u16,
+        skip: usize,
         max: usize,
         out: &mut Vec<Staged>,
     ) -> Option<(u64, Option<DecodeError>)> {
@@ -662,6 +664,10 @@ impl Link {
         }
         release_to(&mut rx, &self.observer, consumed);
         let mut batch = rx.batch();
+        let mut skipped = 0u64;
+        while skipped < skip as u64 && batch.try_pop_with(|_| ()).is_some() {
+            skipped += 1;
+        }
         let mut bad = None;
         while out.len() < max {
             match batch.try_recv_with(&CHECK, |env| Staged::new(env.header, env.payload)) {
@@ -675,7 +681,7 @@ impl Link {
         }
         // Nothing is released until it is committed.
         batch.release_first(0);
-        Some((consumed, bad))
+        Some((consumed + skipped, bad))
     }
 
     /// Receiver: releases the ring up to what was committed.
@@ -762,6 +768,379 @@ impl Link {
             outbox: self.outbox_len(),
             dead_letters: self.dead_letters.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// An actor slot's K2K links, for a device backend whose *host* loop moves
+/// link messages (host-mediated K2K: the wgpu backend, between dispatches).
+/// Given in [`DeviceSlot::links`](crate::backend::DeviceSlot::links).
+///
+/// The protocol is the cpu backend's (see the [module docs](self)): a
+/// handler's sends to a linked actor are staged ([`LinkPort::stage`]) and
+/// join the link only once their message commits
+/// ([`LinkPort::commit_with`]); the receiver serves a link's messages in
+/// batches ([`LinkPort::take`]) and commits each on the link's commit word
+/// ([`InboundLink::commit`]), so a fenced incarnation's late commit fails
+/// and the next incarnation carries on where the last one committed; a
+/// sender whose waiting link's outbox is at capacity takes no new message
+/// ([`LinkPort::blocked`]).
+pub struct LinkPort {
+    home: Arc<crate::home::HomeCore>,
+    poller: Arc<crate::runtime::PollerShared>,
+    id: ActorId,
+    incarnation: u16,
+    served: Vec<u32>,
+    generation: u64,
+    inbound: Vec<Arc<Link>>,
+    outbound: Vec<PortOut>,
+    /// Where the next [`LinkPort::take`] starts looking (round robin).
+    cursor: usize,
+}
+
+/// A link out of the slot, as the port sees it.
+struct PortOut {
+    link: Arc<Link>,
+    wake: CachedWake,
+    /// Committed sends left in its outbox, as of the last push or flush.
+    outbox: usize,
+}
+
+impl fmt::Debug for LinkPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LinkPort")
+            .field("inbound", &self.inbound.len())
+            .field("outbound", &self.outbound.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A link into the slot, as a batch taken from it names it.
+#[derive(Clone, Debug)]
+pub struct InboundLink(Arc<Link>);
+
+impl InboundLink {
+    /// The link.
+    pub fn id(&self) -> LinkId {
+        self.0.id
+    }
+
+    /// The origin word of the message at `pos`: what the control block's
+    /// `serving` says while it is served, and the `seq` its routed sends
+    /// carry (the poller holds them until the link's commit passes it).
+    pub fn origin(&self, pos: u64) -> u64 {
+        origin_of_link(self.0.id, pos)
+    }
+
+    /// Commits the message at `pos` for incarnation `epoch`; `false` once
+    /// the host fenced the link for this incarnation (publish nothing more).
+    pub fn commit(&self, epoch: u16, pos: u64) -> bool {
+        self.0.control.commit(epoch, pos)
+    }
+
+    /// Frees the ring up to what was committed (the sender may be waiting
+    /// for room).
+    pub fn release_committed(&self) {
+        self.0.release_committed();
+    }
+}
+
+/// What [`LinkPort::take`] took from one link.
+#[derive(Debug)]
+pub struct LinkBatch {
+    /// The link.
+    pub link: InboundLink,
+    /// The position of the first message given (messages the link had
+    /// delivered before it).
+    pub first: u64,
+    /// Messages given, in order, from `first` on.
+    pub count: usize,
+    /// A malformed envelope that ended the batch. With `count == 0` and
+    /// nothing of this link in flight, the slot faults
+    /// ([`BadEnvelope`](crate::control::FaultCode::BadEnvelope)).
+    pub bad: Option<DecodeError>,
+}
+
+/// Sends a message's handler made to linked actors, held until it commits
+/// (see [`LinkPort::commit_with`]).
+#[derive(Default)]
+pub struct StagedSends(Vec<(Arc<Link>, Staged)>);
+
+impl StagedSends {
+    /// Whether none is staged.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// How many are staged.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Moves `other`'s sends after these (a batch committed at once).
+    pub fn append(&mut self, other: &mut StagedSends) {
+        self.0.append(&mut other.0);
+    }
+}
+
+impl fmt::Debug for StagedSends {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("StagedSends").field(&self.0.len()).finish()
+    }
+}
+
+impl LinkPort {
+    pub(crate) fn new(
+        home: Arc<crate::home::HomeCore>,
+        poller: Arc<crate::runtime::PollerShared>,
+        id: ActorId,
+        served: Vec<u32>,
+    ) -> Self {
+        let mut port = LinkPort {
+            home,
+            poller,
+            id,
+            incarnation: id.incarnation(),
+            served,
+            generation: u64::MAX,
+            inbound: Vec::new(),
+            outbound: Vec::new(),
+            cursor: 0,
+        };
+        port.refresh();
+        port
+    }
+
+    /// Reloads the link lists if [`Runtime::connect`](crate::runtime::Runtime::connect)
+    /// or a departure changed them; returns whether they changed. Batches
+    /// and staged sends name their links, so this may run at any time.
+    pub fn refresh(&mut self) -> bool {
+        let generation = self.home.links_generation();
+        if generation == self.generation {
+            return false;
+        }
+        let (generation, inbound, outbound) = self.home.links();
+        self.generation = generation;
+        self.inbound = inbound;
+        self.outbound = outbound
+            .into_iter()
+            .map(|link| PortOut {
+                outbox: link.outbox_len(),
+                link,
+                wake: CachedWake::default(),
+            })
+            .collect();
+        true
+    }
+
+    /// Whether there is link work: changed lists, or a message waiting in a
+    /// link into the slot (atomic loads only: for a loop's idle check).
+    pub fn has_work(&self) -> bool {
+        self.home.links_generation() != self.generation
+            || self.inbound.iter().any(|l| l.has_inbound(self.incarnation))
+    }
+
+    /// Whether the slot links to any actor (else every send is routed).
+    pub fn has_outbound(&self) -> bool {
+        !self.outbound.is_empty()
+    }
+
+    /// Whether committed sends wait in an outbox for room in their ring
+    /// (retry [`LinkPort::flush`] after a while: a receiver does not wake
+    /// its senders).
+    pub fn outbox_waiting(&self) -> bool {
+        self.outbound.iter().any(|o| o.outbox > 0)
+    }
+
+    /// Moves what the outboxes hold into their rings, waking receivers;
+    /// returns how many moved.
+    pub fn flush(&mut self) -> usize {
+        let mut moved = 0;
+        for o in &mut self.outbound {
+            if o.outbox > 0 {
+                let left = o.link.flush(&mut o.wake);
+                moved += o.outbox.saturating_sub(left);
+                o.outbox = left;
+            }
+        }
+        moved
+    }
+
+    /// Whether a waiting link's outbox is at capacity: the slot takes no
+    /// new message (from H2K or a link) until it drains — backpressure
+    /// along the graph. A loop held so should still beat its heartbeat.
+    pub fn blocked(&self) -> bool {
+        self.outbound
+            .iter()
+            .any(|o| !o.link.report_failures && o.outbox >= o.link.capacity)
+    }
+
+    /// Copies out the messages waiting in the next link into the slot that
+    /// has any (round robin over the links), after the `in_flight(link)`
+    /// taken from it already: each to `each` as (header, payload), until
+    /// `max` or until `each` declines one (it is taken again next time).
+    /// A message of a type the slot does not serve met first, with nothing
+    /// of its link in flight, is committed here and reported as a dead
+    /// letter ([`RouteFailure::Refused`](crate::home::RouteFailure::Refused)),
+    /// as the cpu backend does. `None`: no link has anything.
+    pub fn take(
+        &mut self,
+        max: usize,
+        in_flight: impl Fn(LinkId) -> usize,
+        mut each: impl FnMut(&EnvelopeHeader, &[u8]) -> bool,
+    ) -> Option<LinkBatch> {
+        let n = self.inbound.len();
+        let mut buf = Vec::new();
+        for k in 0..n {
+            let i = (self.cursor + k) % n;
+            let link = self.inbound[i].clone();
+            if !link.has_inbound(self.incarnation) {
+                continue;
+            }
+            let skip = in_flight(link.id);
+            buf.clear();
+            let Some((mut first, bad)) = link.take(self.incarnation, skip, max, &mut buf) else {
+                continue;
+            };
+            let mut count = 0;
+            for s in &buf {
+                if self.served.binary_search(&s.header.type_id).is_err() {
+                    if count == 0 && skip == 0 && link.control.commit(self.incarnation, first) {
+                        first += 1;
+                        link.release_committed();
+                        self.poller.dead_letter(crate::home::DeadLetter {
+                            actor: self.id,
+                            src: s.header.src,
+                            seq: s.header.seq,
+                            payload: crate::kernel::Payload::from_parts(
+                                s.header.type_id,
+                                s.payload(),
+                            ),
+                            reason: crate::home::DeadLetterReason::Unroutable(
+                                crate::home::RouteFailure::Refused,
+                            ),
+                        });
+                        continue;
+                    }
+                    break;
+                }
+                if !each(&s.header, s.payload()) {
+                    break;
+                }
+                count += 1;
+            }
+            let bad = if count == buf.len() { bad } else { None };
+            if count == 0 && bad.is_none() {
+                continue;
+            }
+            self.cursor = (i + 1) % n;
+            return Some(LinkBatch {
+                link: InboundLink(link),
+                first,
+                count,
+                bad,
+            });
+        }
+        None
+    }
+
+    /// A send a handler of this slot made (not a reply). `None`: staged in
+    /// `sends` for its link (a link to its destination serves its type).
+    /// `Some(header)`: it takes the routed path, through K2H, with this
+    /// header — marked [`UNDELIVERED`](crate::envelope::Flags::UNDELIVERED)
+    /// when its link reports failures and has no room (the poller reports
+    /// it as a dead letter once its message commits).
+    pub fn stage(
+        &self,
+        header: EnvelopeHeader,
+        payload: &[u8],
+        sends: &mut StagedSends,
+    ) -> Option<EnvelopeHeader> {
+        let to = header.dst.with_incarnation(0);
+        let Some(o) = self.outbound.iter().find(|o| o.link.to == to) else {
+            return Some(header);
+        };
+        let link = &o.link;
+        if link.receiver_gone() || link.served.binary_search(&header.type_id).is_err() {
+            // Types the receiver does not serve take the routed path (where
+            // the adapter refuses them as dead letters).
+            return Some(header);
+        }
+        let staged_here = sends.0.iter().filter(|(l, _)| Arc::ptr_eq(l, link)).count();
+        if !link.report_failures || link.in_ring() + o.outbox + staged_here < 2 * link.capacity {
+            sends.0.push((link.clone(), Staged::new(header, payload)));
+            return None;
+        }
+        let mut header = header;
+        header.flags = header.flags.with(crate::envelope::Flags::UNDELIVERED);
+        Some(header)
+    }
+
+    /// Runs `commit` (the message's commit CAS) holding the producer ends
+    /// of the links `sends` go on — so an incarnation started after a fence
+    /// of this one cannot slip its sends in between — and, if it succeeds,
+    /// pushes them to their links in the order they were made, waking the
+    /// receivers. A failed commit (the host fenced the incarnation) drops
+    /// them, counted as fenced writes. Returns `commit`'s result; `sends`
+    /// is empty afterwards.
+    pub fn commit_with(&mut self, sends: &mut StagedSends, commit: impl FnOnce() -> bool) -> bool {
+        if sends.0.is_empty() {
+            return commit();
+        }
+        let mut links: Vec<Arc<Link>> = Vec::new();
+        for (l, _) in &sends.0 {
+            if !links.iter().any(|x| Arc::ptr_eq(x, l)) {
+                links.push(l.clone());
+            }
+        }
+        // Taken in the outbound list's order, as the cpu loop takes them.
+        links.sort_by_key(|l| l.id);
+        let mut held: Vec<_> = links.iter().map(|l| l.lock_tx()).collect();
+        if !commit() {
+            self.home.count_fenced(sends.0.len() as u64);
+            sends.0.clear();
+            return false;
+        }
+        for (link, tx) in links.iter().zip(held.iter_mut()) {
+            let mine = sends
+                .0
+                .iter()
+                .filter(|(l, _)| Arc::ptr_eq(l, link))
+                .map(|(_, s)| *s);
+            let at = self
+                .outbound
+                .iter()
+                .position(|o| Arc::ptr_eq(&o.link, link));
+            let mut spare = CachedWake::default();
+            let wake = match at {
+                Some(i) => &mut self.outbound[i].wake,
+                None => &mut spare,
+            };
+            match link.push(tx, mine, wake) {
+                Ok(left) => {
+                    if let Some(i) = at {
+                        self.outbound[i].outbox = left;
+                    }
+                }
+                Err(lost) => {
+                    // The link closed meanwhile.
+                    for s in lost {
+                        self.poller.dead_letter(crate::home::DeadLetter {
+                            actor: s.header.dst,
+                            src: s.header.src,
+                            seq: 0,
+                            payload: crate::kernel::Payload::from_parts(
+                                s.header.type_id,
+                                s.payload(),
+                            ),
+                            reason: crate::home::DeadLetterReason::Terminated,
+                        });
+                    }
+                }
+            }
+        }
+        drop(held);
+        sends.0.clear();
+        true
     }
 }
 

@@ -776,8 +776,13 @@ impl Runtime {
                 return Err(ConnectError::NotLinkable(id));
             }
         }
-        if self.inner.backend != BackendKind::Cpu {
-            // Links are served by the cpu backend's device loop only, so far.
+        if self
+            .inner
+            .device
+            .as_ref()
+            .is_some_and(|d| !d.serves_links())
+        {
+            // The backend's loop does not serve links.
             return Err(ConnectError::Unsupported(self.inner.backend));
         }
         if from.index() == to.index() {
@@ -1019,6 +1024,12 @@ impl Runtime {
             home.core().recovered(&control);
             LaunchError::Spawn(e)
         };
+        // The device side reads the incarnation it serves from the control
+        // block (its acknowledgements carry it; a link's commit word is
+        // keyed by it).
+        control
+            .begin_incarnation(u32::from(incarnation))
+            .map_err(|e| abort(e.to_string()))?;
         let waiters = WaiterSlab::new(options.max_in_flight, incarnation)
             .map_err(|e| abort(e.to_string()))?;
         let shared = Arc::new(SlotShared {
@@ -1091,6 +1102,12 @@ impl Runtime {
                         code,
                         wake_host: Box::new(move || poller.wake()),
                         wake_senders: Box::new(move || space.wake_if_wanted()),
+                        links: crate::link::LinkPort::new(
+                            home.core().clone(),
+                            self.inner.poller.clone(),
+                            id,
+                            served.clone(),
+                        ),
                     })
                     .map_err(|message| {
                         let _ = abort(String::new());

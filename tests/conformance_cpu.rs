@@ -27,11 +27,13 @@ checks!(
     unknown_type_is_refused,
     sends_from_a_kernel_arrive_in_order,
     faults_and_restarts_lose_nothing,
+    linked_sends_arrive_in_order,
+    a_restarted_receiver_carries_on_over_its_link,
 );
 
 /// The list the suite exports matches the tests above (a new check must get
 /// a test here too).
 #[test]
 fn every_check_has_a_test() {
-    assert_eq!(conformance::ALL.len(), 13);
+    assert_eq!(conformance::ALL.len(), 15);
 }

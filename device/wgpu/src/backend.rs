@@ -96,6 +96,12 @@ impl ringkernel::backend::DeviceBackend for WgpuBackend {
         crate::MAX_WIDTH
     }
 
+    /// K2K links are host-mediated here: the dispatch loop moves their
+    /// messages between dispatches.
+    fn serves_links(&self) -> bool {
+        true
+    }
+
     fn launch(&self, slot: ringkernel::backend::DeviceSlot) -> Result<std::thread::Thread, String> {
         let Some(wgsl) = slot.code.wgsl else {
             return Err(format!("kernel {} has no WGSL handler", slot.kernel));
@@ -139,6 +145,7 @@ impl ringkernel::backend::DeviceBackend for WgpuBackend {
             program,
             wake_host: slot.wake_host,
             wake_senders: slot.wake_senders,
+            links: Some(slot.links),
         });
         Ok(self.dispatch.thread().clone())
     }

@@ -19,6 +19,13 @@
 //! raised it. A state change, a fence or a departure first completes what
 //! is in flight. With nothing to do, the thread parks on every slot's
 //! doorbell at once.
+//!
+//! K2K links are host-mediated (see [`LinkPort`]): a slot's batch comes
+//! from H2K or from one link into it, in turns, and a link batch commits
+//! message by message on the link's commit word (routed sends made serving
+//! it carry its origin); a completed run's sends to a linked actor join the
+//! link after the run's message commits. A slot whose waiting link's outbox
+//! is full takes nothing new, and beats its heartbeat while it waits.
 
 use crate::{Program, SLOT_BYTES, SlotCell, WgpuDevice, WgpuError};
 use ringkernel::control::{ControlRef, FaultCode, LifecycleState};
@@ -27,6 +34,7 @@ use ringkernel::envelope::{EnvelopeHeader, Flags, HeaderCheck};
 use ringkernel::hlc::{PhysicalClock, TscClock};
 use ringkernel::id::ActorId;
 use ringkernel::kernel::MAX_INLINE;
+use ringkernel::link::{InboundLink, LinkId, LinkPort, StagedSends};
 use ringkernel::ring::{Consumer, Producer};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -40,8 +48,16 @@ pub const DEVICE_FAILED: u64 = 0xD15_0000;
 /// them (a bug of the loop, reported rather than lost).
 pub const K2H_OVERRUN: u64 = 0xD15_0001;
 
+/// The fault detail of a commit refused while the incarnation was not
+/// fenced (a bug of the loop, reported rather than left hanging).
+pub const COMMIT_REFUSED: u64 = 0xD15_0002;
+
 /// How long the loop spins, idle, before it parks.
 const SPIN: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// How long the loop sleeps while committed K2K sends wait in an outbox
+/// for room in their ring (a receiver does not wake its senders).
+const OUTBOX_RETRY: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// One actor slot, handed to the loop: its protocol ends and its kernel.
 pub struct LoopSlot {
@@ -63,6 +79,9 @@ pub struct LoopSlot {
     pub wake_host: Box<dyn Fn() + Send>,
     /// Wakes senders waiting for H2K room.
     pub wake_senders: Box<dyn Fn() + Send>,
+    /// Its K2K links (host-mediated: the loop moves their messages between
+    /// dispatches); `None` for a slot outside a runtime.
+    pub links: Option<LinkPort>,
 }
 
 /// What a dispatch loop has done.
@@ -165,14 +184,40 @@ impl Drop for DispatchLoop {
 struct Served {
     slot: LoopSlot,
     acked: LifecycleState,
-    /// Messages taken into dispatches in flight (still in H2K, first).
-    in_flight: usize,
-    /// K2H slots reserved for them.
+    /// H2K messages taken into dispatches in flight (still in H2K, first).
+    h2k_in_flight: usize,
+    /// Link messages taken into dispatches in flight, per link (still in
+    /// the link's ring, first).
+    link_in_flight: Vec<(LinkId, usize)>,
+    /// K2H slots reserved for what is in flight.
     in_flight_outs: usize,
-    /// Messages committed by this incarnation (its heartbeat).
+    /// Messages committed by this incarnation.
     processed: u64,
-    /// `seq` of the last message committed.
+    /// Its heartbeat: per commit, and per round held by a full K2K link.
+    beats: u64,
+    /// `seq` of the last H2K message committed.
     committed: u64,
+    /// Whether the next batch looks at the links before H2K (they take
+    /// turns, so neither starves the other).
+    links_first: bool,
+}
+
+impl Served {
+    /// Counts `n` messages of link `id` into (or, negative, out of) flight.
+    fn add_link_in_flight(&mut self, id: LinkId, n: isize) {
+        match self.link_in_flight.iter().position(|(l, _)| *l == id) {
+            Some(i) => {
+                let left = self.link_in_flight[i].1.saturating_add_signed(n);
+                if left == 0 {
+                    self.link_in_flight.swap_remove(i);
+                } else {
+                    self.link_in_flight[i].1 = left;
+                }
+            }
+            None if n > 0 => self.link_in_flight.push((id, n as usize)),
+            None => {}
+        }
+    }
 }
 
 /// A dispatch in flight, and what the host needs to complete it.
@@ -202,6 +247,16 @@ struct Batch {
     headers: Vec<EnvelopeHeader>,
     /// K2H slots reserved for what its messages may make.
     outs: usize,
+    /// Where its messages came from.
+    source: Source,
+}
+
+/// Where a batch's messages came from: H2K, or a K2K link (and the
+/// position of the first there). A batch never mixes them: each source
+/// commits on its own word.
+enum Source {
+    H2k,
+    Link(InboundLink, u64),
 }
 
 impl Runner {
@@ -233,10 +288,13 @@ impl Runner {
                 self.slots.push(Served {
                     slot,
                     acked: LifecycleState::Launched,
-                    in_flight: 0,
+                    h2k_in_flight: 0,
+                    link_in_flight: Vec::new(),
                     in_flight_outs: 0,
                     processed: 0,
+                    beats: 0,
                     committed: 0,
+                    links_first: false,
                 });
             }
             if !self.round() && !self.spin() {
@@ -252,7 +310,12 @@ impl Runner {
                 let c = &s.slot.control;
                 c.is_fenced()
                     || c.requested_state() != Ok(s.acked)
-                    || (s.acked == LifecycleState::Active && !s.slot.h2k.observer().is_empty())
+                    || (s.acked == LifecycleState::Active
+                        && (!s.slot.h2k.observer().is_empty()
+                            || s.slot
+                                .links
+                                .as_ref()
+                                .is_some_and(|l| !l.blocked() && l.has_work())))
             })
     }
 
@@ -281,8 +344,16 @@ impl Runner {
         let slots = &self.slots;
         let stop = &self.stop;
         let has_work = || Self::has_work(slots, stop);
+        let outbox_waiting = slots
+            .iter()
+            .any(|s| s.slot.links.as_ref().is_some_and(|l| l.outbox_waiting()));
+        let timeout = if outbox_waiting {
+            OUTBOX_RETRY
+        } else {
+            std::time::Duration::from_millis(50)
+        };
         park_all(&doorbells, &has_work, &|| {
-            std::thread::park_timeout(std::time::Duration::from_millis(50))
+            std::thread::park_timeout(timeout)
         });
     }
 
@@ -350,12 +421,29 @@ impl Runner {
                 worked = true;
             }
             if next == LifecycleState::Active {
+                let blocked = match s.slot.links.as_mut() {
+                    Some(links) => {
+                        links.refresh();
+                        worked |= links.flush() > 0;
+                        links.blocked()
+                    }
+                    None => false,
+                };
+                if blocked {
+                    // Waiting for a receiver to take what this one sent is
+                    // backpressure, not a hang: the watchdog sees a
+                    // heartbeat.
+                    s.beats += 1;
+                    c.record_progress(s.beats, s.processed);
+                    continue;
+                }
                 match take_batch(s, self.pipelined) {
-                    Ok(Some((messages, headers, outs))) => batches.push(Batch {
+                    Ok(Some(taken)) => batches.push(Batch {
                         slot: i,
-                        messages,
-                        headers,
-                        outs,
+                        messages: taken.messages,
+                        headers: taken.headers,
+                        outs: taken.outs,
+                        source: taken.source,
                     }),
                     Ok(None) => {}
                     Err(code) => {
@@ -411,7 +499,8 @@ impl Runner {
                 continue;
             }
             let s = &mut self.slots[b.slot];
-            s.in_flight = 0;
+            s.h2k_in_flight = 0;
+            s.link_in_flight.clear();
             s.in_flight_outs = 0;
             let c = &s.slot.control;
             c.report_fault(FaultCode::DeviceError, DEVICE_FAILED, c.incarnation());
@@ -460,7 +549,12 @@ impl Runner {
                 }
                 for b in &batches {
                     let s = &mut self.slots[b.slot];
-                    s.in_flight += b.messages.len();
+                    match &b.source {
+                        Source::H2k => s.h2k_in_flight += b.messages.len(),
+                        Source::Link(l, _) => {
+                            s.add_link_in_flight(l.id(), b.messages.len() as isize)
+                        }
+                    }
                     s.in_flight_outs += b.outs;
                 }
                 Some(Flight {
@@ -502,7 +596,10 @@ impl Runner {
                 continue;
             }
             let s = &mut self.slots[b.slot];
-            s.in_flight -= b.messages.len();
+            match &b.source {
+                Source::H2k => s.h2k_in_flight -= b.messages.len(),
+                Source::Link(l, _) => s.add_link_in_flight(l.id(), -(b.messages.len() as isize)),
+            }
             s.in_flight_outs -= b.outs;
             let c = s.slot.control.clone();
             let incarnation = c.incarnation();
@@ -514,18 +611,32 @@ impl Runner {
             }
             // Replies in message order (the shader answers an ask its
             // handler did not with NoReply); replies to deferred asks and
-            // sends follow their run's own.
+            // sends follow their run's own. Sends to linked actors are
+            // staged for their links; routed sends made serving a link
+            // message carry its origin (the poller holds them until the
+            // link's commit passes it).
+            let mut staged: Vec<StagedSends> = Vec::new();
             let mut all_published = true;
-            for made in &out.messages {
+            for (j, made) in out.messages.iter().enumerate() {
+                let mut sends = StagedSends::default();
                 let published = made
                     .reply
                     .as_ref()
                     .is_none_or(|env| s.slot.k2h.try_push(env).is_ok());
-                let later = made
-                    .later
-                    .iter()
-                    .all(|env| s.slot.k2h.try_push(env).is_ok());
+                let mut later = true;
+                for env in &made.later {
+                    let origin = match &b.source {
+                        Source::H2k => None,
+                        Source::Link(l, first) => Some(l.origin(first + j as u64)),
+                    };
+                    later &= match route_send(env, origin, s.slot.links.as_ref(), &mut sends) {
+                        Routed::Staged => true,
+                        Routed::K2h(env) => s.slot.k2h.try_push(&env).is_ok(),
+                        Routed::AsIs => s.slot.k2h.try_push(env).is_ok(),
+                    };
+                }
                 all_published &= published && later;
+                staged.push(sends);
             }
             if !all_published {
                 // Room was reserved before the batch was taken: a reply that
@@ -538,25 +649,68 @@ impl Runner {
             }
             let committed_now = out.processed;
             if committed_now > 0 {
-                let last = b.headers[committed_now - 1].seq;
-                if !c.commit(s.committed, last) {
-                    c.ack(LifecycleState::Terminated, incarnation);
+                let ok = match &b.source {
+                    Source::H2k => {
+                        // One commit for the batch; its K2K sends join their
+                        // links after it, in message order.
+                        let last = b.headers[committed_now - 1].seq;
+                        let mut sends = StagedSends::default();
+                        for m in staged.iter_mut() {
+                            sends.append(m);
+                        }
+                        let prev = s.committed;
+                        let ok = match s.slot.links.as_mut() {
+                            Some(links) => links.commit_with(&mut sends, || c.commit(prev, last)),
+                            None => c.commit(prev, last),
+                        };
+                        if ok {
+                            s.committed = last;
+                            s.slot.h2k.release_next(committed_now);
+                            (s.slot.wake_senders)();
+                        }
+                        ok
+                    }
+                    Source::Link(l, first) => {
+                        // A link's word commits one message at a time, each
+                        // message's sends joining their links after it.
+                        let links = s.slot.links.as_mut().expect("a link batch has its port");
+                        let epoch = s.slot.id.incarnation();
+                        let ok = staged.iter_mut().enumerate().all(|(j, sends)| {
+                            links.commit_with(sends, || l.commit(epoch, first + j as u64))
+                        });
+                        l.release_committed();
+                        ok
+                    }
+                };
+                if !ok {
+                    if c.is_fenced() {
+                        // The host fenced the incarnation: it hands back
+                        // what was not committed.
+                        c.ack(LifecycleState::Terminated, incarnation);
+                    } else {
+                        // Refused without a fence: a bug here, reported as
+                        // a fault so nothing waits on a loop that left.
+                        c.report_fault(FaultCode::DeviceError, COMMIT_REFUSED, incarnation);
+                        (s.slot.wake_host)();
+                    }
                     leaving.push(b.slot);
                     continue;
                 }
-                s.committed = last;
-                s.slot.h2k.release_next(committed_now);
-                (s.slot.wake_senders)();
                 s.processed += committed_now as u64;
-                c.record_progress(s.processed, s.processed);
+                s.beats += committed_now as u64;
+                c.record_progress(s.beats, s.processed);
             }
             let fault = cell.fault;
             s.slot.cell = cell;
             if fault != 0 {
                 // The message after the last committed one raised it.
                 let poison = &b.headers[committed_now];
+                let serving = match &b.source {
+                    Source::H2k => poison.seq,
+                    Source::Link(l, first) => l.origin(first + committed_now as u64),
+                };
                 c.begin_serving(
-                    poison.seq,
+                    serving,
                     if poison.flags.contains(Flags::ASK) {
                         poison.correlation.to_bits()
                     } else {
@@ -581,24 +735,127 @@ impl Runner {
     }
 }
 
-/// Copies out what the slot may serve now: its pending H2K envelopes, as
-/// many as K2H has room to answer. `Err`: a fault (code, detail).
-#[allow(clippy::type_complexity)]
-fn take_batch(
-    s: &mut Served,
-    pipelined: bool,
-) -> Result<Option<(Vec<[u8; SLOT_BYTES]>, Vec<EnvelopeHeader>, usize)>, (FaultCode, u64)> {
-    // Each message may make its reply (an ask) and `max_later` replies to
-    // deferred asks or sends: K2H must have room for all of them, and for
-    // those of the messages in flight, which (first in H2K) are skipped.
-    let later = s.slot.program.kernel().max_later as usize;
-    let mut free = s.slot.k2h.free_slots().saturating_sub(s.in_flight_outs);
-    let mut reserved = 0;
-    let skip = s.in_flight;
+/// How a completed run's later envelope leaves.
+enum Routed {
+    /// Staged for its K2K link (it joins the link once its message commits).
+    Staged,
+    /// Into K2H, rewritten (its origin, or marked undelivered).
+    K2h([u8; SLOT_BYTES]),
+    /// Into K2H as the shader made it.
+    AsIs,
+}
+
+/// Routes one envelope a run made after its reply: a reply to a deferred
+/// ask goes to K2H as is; a send goes to its link if the slot has one to its
+/// destination, else to K2H (with `origin` as its `seq` if given).
+fn route_send(
+    env: &[u8; SLOT_BYTES],
+    origin: Option<u64>,
+    links: Option<&LinkPort>,
+    sends: &mut StagedSends,
+) -> Routed {
+    if origin.is_none() && links.is_none_or(|l| !l.has_outbound()) {
+        return Routed::AsIs;
+    }
+    let check = HeaderCheck::any_type(MAX_INLINE as u32);
+    let Ok(envelope) = ringkernel::envelope::Envelope::decode(env, &check) else {
+        // Malformed: the poller finds it so and faults the slot.
+        return Routed::AsIs;
+    };
+    let mut header = envelope.header;
+    if header.flags.contains(Flags::REPLY) {
+        return Routed::AsIs;
+    }
+    if let Some(links) = links {
+        match links.stage(header, envelope.payload, sends) {
+            None => return Routed::Staged,
+            Some(h) => header = h,
+        }
+    }
+    if let Some(origin) = origin {
+        header.seq = origin;
+    }
+    let mut out = *env;
+    match header.encode_into(&mut out) {
+        Ok(()) => Routed::K2h(out),
+        Err(_) => Routed::AsIs,
+    }
+}
+
+/// K2H room for a batch: each message may make its reply (an ask) and
+/// `max_later` replies to deferred asks or sends.
+struct Room {
+    free: usize,
+    reserved: usize,
+    later: usize,
+}
+
+impl Room {
+    /// Reserves room for one message; `false` if there is none.
+    fn take(&mut self, ask: bool) -> bool {
+        let need = usize::from(ask) + self.later;
+        if need > self.free {
+            return false;
+        }
+        self.free -= need;
+        self.reserved += need;
+        true
+    }
+}
+
+/// A batch taken from one source.
+struct Taken {
+    messages: Vec<[u8; SLOT_BYTES]>,
+    headers: Vec<EnvelopeHeader>,
+    outs: usize,
+    source: Source,
+}
+
+/// Copies out what the slot may serve now — its pending H2K envelopes or
+/// those of one K2K link into it, taking turns — as many as K2H has room
+/// to answer. `Err`: a fault (code, detail).
+fn take_batch(s: &mut Served, pipelined: bool) -> Result<Option<Taken>, (FaultCode, u64)> {
+    // K2H must have room for all a message may make, and for what the
+    // messages in flight may.
+    let mut room = Room {
+        free: s.slot.k2h.free_slots().saturating_sub(s.in_flight_outs),
+        reserved: 0,
+        later: s.slot.program.kernel().max_later as usize,
+    };
     // Pipelined, at most half the ring per dispatch, so that under load the
     // next batch is there to take while this one is in flight.
     let ring = s.slot.h2k.capacity();
     let most = if pipelined { ring / 2 } else { ring }.clamp(1, crate::MAX_BATCH);
+    let links_first = s.links_first;
+    let mut taken = None;
+    for from_links in [links_first, !links_first] {
+        taken = if from_links {
+            take_link(s, &mut room, most)?
+        } else {
+            take_h2k(s, &mut room, most)?
+        };
+        if taken.is_some() {
+            s.links_first = !from_links;
+            break;
+        }
+    }
+    Ok(taken.map(|(messages, headers, source)| Taken {
+        messages,
+        headers,
+        outs: room.reserved,
+        source,
+    }))
+}
+
+type Messages = (Vec<[u8; SLOT_BYTES]>, Vec<EnvelopeHeader>, Source);
+
+/// Copies out pending H2K envelopes, after those in flight.
+fn take_h2k(
+    s: &mut Served,
+    room: &mut Room,
+    most: usize,
+) -> Result<Option<Messages>, (FaultCode, u64)> {
+    let skip = s.h2k_in_flight;
     let check = HeaderCheck::only(MAX_INLINE as u32, &s.slot.served);
     let mut messages = Vec::new();
     let mut headers = Vec::new();
@@ -622,12 +879,9 @@ fn take_batch(
             });
             match got {
                 Some((slot, Ok(h))) => {
-                    let need = usize::from(h.flags.contains(Flags::ASK)) + later;
-                    if need > free {
+                    if !room.take(h.flags.contains(Flags::ASK)) {
                         break;
                     }
-                    free -= need;
-                    reserved += need;
                     messages.push(slot);
                     headers.push(h);
                 }
@@ -655,7 +909,60 @@ fn take_batch(
         };
     }
     // A bad envelope after good ones is met again next round, first.
-    Ok(Some((messages, headers, reserved)))
+    Ok(Some((messages, headers, Source::H2k)))
+}
+
+/// Copies out the messages waiting in one K2K link into the slot, after
+/// those in flight, each addressed to this incarnation.
+fn take_link(
+    s: &mut Served,
+    room: &mut Room,
+    most: usize,
+) -> Result<Option<Messages>, (FaultCode, u64)> {
+    let id = s.slot.id;
+    let Served {
+        slot,
+        link_in_flight,
+        ..
+    } = s;
+    let Some(links) = slot.links.as_mut() else {
+        return Ok(None);
+    };
+    let in_flight = |l: LinkId| {
+        link_in_flight
+            .iter()
+            .find(|(x, _)| *x == l)
+            .map_or(0, |(_, n)| *n)
+    };
+    let mut messages = Vec::new();
+    let mut headers = Vec::new();
+    let taken = links.take(most, in_flight, |h, payload| {
+        if !room.take(h.flags.contains(Flags::ASK)) {
+            return false;
+        }
+        // The link delivers to whichever incarnation serves it.
+        let h = EnvelopeHeader { dst: id, ..*h };
+        let mut slot = [0u8; SLOT_BYTES];
+        match ringkernel::envelope::encode_bytes(&mut slot, &h, payload) {
+            Ok(h) => {
+                messages.push(slot);
+                headers.push(h);
+                true
+            }
+            Err(_) => false,
+        }
+    });
+    match taken {
+        None => Ok(None),
+        Some(b) if b.count == 0 => {
+            if b.bad.is_some() && in_flight(b.link.id()) == 0 {
+                Err((FaultCode::BadEnvelope, 1))
+            } else {
+                Ok(None)
+            }
+        }
+        Some(b) => Ok(Some((messages, headers, Source::Link(b.link, b.first)))),
+    }
 }
 
 /// Marks every doorbell parked (each with its fence), re-checks once, and

@@ -26,7 +26,9 @@
 mod backend;
 mod host_loop;
 pub use backend::WgpuBackend;
-pub use host_loop::{DEVICE_FAILED, DispatchLoop, DispatchStats, K2H_OVERRUN, LoopSlot};
+pub use host_loop::{
+    COMMIT_REFUSED, DEVICE_FAILED, DispatchLoop, DispatchStats, K2H_OVERRUN, LoopSlot,
+};
 
 use ringkernel::envelope::HEADER_SIZE;
 use ringkernel::kernel::MAX_INLINE;

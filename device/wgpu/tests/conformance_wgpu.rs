@@ -51,10 +51,23 @@ fn what_the_wgpu_backend_cannot_do_is_a_typed_error() {
     let b = rt
         .launch::<Probe, ChannelWaiter>(Default::default(), &LaunchOptions::default(), |_| {})
         .unwrap();
+    // K2K links are served (host-mediated); bad links are typed errors.
+    assert!(rt.connect(a.id(), b.id(), LinkOptions::default()).is_ok());
     assert_eq!(
         rt.connect(a.id(), b.id(), LinkOptions::default()),
-        Err(ConnectError::Unsupported(BackendKind::Wgpu))
+        Err(ConnectError::AlreadyLinked {
+            from: a.id(),
+            to: b.id()
+        })
     );
+    assert!(matches!(
+        rt.connect(b.id(), a.id(), LinkOptions::default()),
+        Err(ConnectError::Cycle { .. })
+    ));
+    assert!(matches!(
+        rt.connect(a.id(), a.id(), LinkOptions::default()),
+        Err(ConnectError::NotLinkable(_))
+    ));
 }
 
 /// A kernel with cpu handlers only.

@@ -114,6 +114,7 @@ fn start(dev: &Arc<WgpuDevice>, kernel: &WgslKernel) -> (DispatchLoop, Host) {
         program,
         wake_host: Box::new(|| {}),
         wake_senders: Box::new(|| {}),
+        links: None,
     });
     let wake = lp.thread().clone();
     (
