@@ -795,6 +795,8 @@ pub struct LinkPort {
     outbound: Vec<PortOut>,
     /// Where the next [`LinkPort::take`] starts looking (round robin).
     cursor: usize,
+    /// See [`LinkPort::take_refused`].
+    refused: u64,
 }
 
 /// A link out of the slot, as the port sees it.
@@ -876,9 +878,11 @@ impl StagedSends {
         self.0.len()
     }
 
-    /// Moves `other`'s sends after these (a batch committed at once).
-    pub fn append(&mut self, other: &mut StagedSends) {
-        self.0.append(&mut other.0);
+    /// Takes the first `n` (the sends of the first messages of a batch,
+    /// committed one message at a time).
+    pub fn split_front(&mut self, n: usize) -> StagedSends {
+        let rest = self.0.split_off(n.min(self.0.len()));
+        StagedSends(std::mem::replace(&mut self.0, rest))
     }
 }
 
@@ -905,6 +909,7 @@ impl LinkPort {
             inbound: Vec::new(),
             outbound: Vec::new(),
             cursor: 0,
+            refused: 0,
         };
         port.refresh();
         port
@@ -1006,6 +1011,7 @@ impl LinkPort {
                 if self.served.binary_search(&s.header.type_id).is_err() {
                     if count == 0 && skip == 0 && link.control.commit(self.incarnation, first) {
                         first += 1;
+                        self.refused += 1;
                         link.release_committed();
                         self.poller.dead_letter(crate::home::DeadLetter {
                             actor: self.id,
@@ -1073,6 +1079,22 @@ impl LinkPort {
         let mut header = header;
         header.flags = header.flags.with(crate::envelope::Flags::UNDELIVERED);
         Some(header)
+    }
+
+    /// Drops sends whose message will never commit (the incarnation was
+    /// fenced), counted as fenced writes.
+    pub fn drop_fenced(&self, sends: &mut StagedSends) {
+        if !sends.0.is_empty() {
+            self.home.count_fenced(sends.0.len() as u64);
+            sends.0.clear();
+        }
+    }
+
+    /// Messages of types the slot does not serve that [`LinkPort::take`]
+    /// committed and reported since the last call: the loop counts them as
+    /// processed (as the cpu backend does).
+    pub fn take_refused(&mut self) -> u64 {
+        std::mem::take(&mut self.refused)
     }
 
     /// Runs `commit` (the message's commit CAS) holding the producer ends

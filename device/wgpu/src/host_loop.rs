@@ -25,7 +25,9 @@
 //! message by message on the link's commit word (routed sends made serving
 //! it carry its origin); a completed run's sends to a linked actor join the
 //! link after the run's message commits. A slot whose waiting link's outbox
-//! is full takes nothing new, and beats its heartbeat while it waits.
+//! is full takes nothing new, and beats its heartbeat while it waits (held
+//! per batch, an outbox may pass its capacity by one batch's sends).
+//! Outboxes are flushed every round, whatever the slot's state.
 
 use crate::{Program, SLOT_BYTES, SlotCell, WgpuDevice, WgpuError};
 use ringkernel::control::{ControlRef, FaultCode, LifecycleState};
@@ -311,11 +313,9 @@ impl Runner {
                 c.is_fenced()
                     || c.requested_state() != Ok(s.acked)
                     || (s.acked == LifecycleState::Active
+                        && !s.slot.links.as_ref().is_some_and(LinkPort::blocked)
                         && (!s.slot.h2k.observer().is_empty()
-                            || s.slot
-                                .links
-                                .as_ref()
-                                .is_some_and(|l| !l.blocked() && l.has_work())))
+                            || s.slot.links.as_ref().is_some_and(LinkPort::has_work)))
             })
     }
 
@@ -395,6 +395,16 @@ impl Runner {
                 worked = true;
                 continue;
             }
+            // Committed K2K sends move on whatever the state (a deactivated
+            // or departing sender still delivers what it committed).
+            let blocked = match s.slot.links.as_mut() {
+                Some(links) => {
+                    links.refresh();
+                    worked |= links.flush() > 0;
+                    links.blocked()
+                }
+                None => false,
+            };
             let requested = match c.requested_state() {
                 Ok(r) => r,
                 Err(_) => {
@@ -421,14 +431,6 @@ impl Runner {
                 worked = true;
             }
             if next == LifecycleState::Active {
-                let blocked = match s.slot.links.as_mut() {
-                    Some(links) => {
-                        links.refresh();
-                        worked |= links.flush() > 0;
-                        links.blocked()
-                    }
-                    None => false,
-                };
                 if blocked {
                     // Waiting for a receiver to take what this one sent is
                     // backpressure, not a hang: the watchdog sees a
@@ -437,7 +439,16 @@ impl Runner {
                     c.record_progress(s.beats, s.processed);
                     continue;
                 }
-                match take_batch(s, self.pipelined) {
+                let taken = take_batch(s, self.pipelined);
+                if let Some(refused) = s.slot.links.as_mut().map(LinkPort::take_refused)
+                    && refused > 0
+                {
+                    // Committed and reported by the port, as processed.
+                    s.processed += refused;
+                    s.beats += refused;
+                    c.record_progress(s.beats, s.processed);
+                }
+                match taken {
                     Ok(Some(taken)) => batches.push(Batch {
                         slot: i,
                         messages: taken.messages,
@@ -615,10 +626,13 @@ impl Runner {
             // staged for their links; routed sends made serving a link
             // message carry its origin (the poller holds them until the
             // link's commit passes it).
-            let mut staged: Vec<StagedSends> = Vec::new();
+            // One list for the batch (a link's room counts what earlier
+            // messages staged), cut per message where a link batch commits
+            // message by message.
+            let mut sends = StagedSends::default();
+            let mut marks = Vec::with_capacity(out.messages.len());
             let mut all_published = true;
             for (j, made) in out.messages.iter().enumerate() {
-                let mut sends = StagedSends::default();
                 let published = made
                     .reply
                     .as_ref()
@@ -636,7 +650,7 @@ impl Runner {
                     };
                 }
                 all_published &= published && later;
-                staged.push(sends);
+                marks.push(sends.len());
             }
             if !all_published {
                 // Room was reserved before the batch was taken: a reply that
@@ -654,10 +668,6 @@ impl Runner {
                         // One commit for the batch; its K2K sends join their
                         // links after it, in message order.
                         let last = b.headers[committed_now - 1].seq;
-                        let mut sends = StagedSends::default();
-                        for m in staged.iter_mut() {
-                            sends.append(m);
-                        }
                         let prev = s.committed;
                         let ok = match s.slot.links.as_mut() {
                             Some(links) => links.commit_with(&mut sends, || c.commit(prev, last)),
@@ -675,9 +685,20 @@ impl Runner {
                         // message's sends joining their links after it.
                         let links = s.slot.links.as_mut().expect("a link batch has its port");
                         let epoch = s.slot.id.incarnation();
-                        let ok = staged.iter_mut().enumerate().all(|(j, sends)| {
-                            links.commit_with(sends, || l.commit(epoch, first + j as u64))
-                        });
+                        let mut ok = true;
+                        let mut taken = 0;
+                        for (j, &mark) in marks.iter().enumerate() {
+                            let mut mine = sends.split_front(mark - taken);
+                            taken = mark;
+                            if !links.commit_with(&mut mine, || l.commit(epoch, first + j as u64)) {
+                                ok = false;
+                                break;
+                            }
+                        }
+                        if !ok {
+                            // The rest will never commit either.
+                            links.drop_fenced(&mut sends);
+                        }
                         l.release_committed();
                         ok
                     }
@@ -895,9 +916,10 @@ fn take_h2k(
         batch.release_first(0);
     }
     if messages.is_empty() {
-        if skip > 0 {
-            // A bad envelope after messages in flight: met again once they
-            // have completed (a fault must not overtake their commit).
+        if skip > 0 || !s.link_in_flight.is_empty() {
+            // A bad envelope after messages in flight (from any source):
+            // met again once they have completed (a fault must not overtake
+            // their commit).
             return Ok(None);
         }
         return match bad {
@@ -923,8 +945,10 @@ fn take_link(
     let Served {
         slot,
         link_in_flight,
+        h2k_in_flight,
         ..
     } = s;
+    let nothing_in_flight = *h2k_in_flight == 0 && link_in_flight.is_empty();
     let Some(links) = slot.links.as_mut() else {
         return Ok(None);
     };
@@ -955,7 +979,8 @@ fn take_link(
     match taken {
         None => Ok(None),
         Some(b) if b.count == 0 => {
-            if b.bad.is_some() && in_flight(b.link.id()) == 0 {
+            // A fault waits for everything in flight to commit first.
+            if b.bad.is_some() && nothing_in_flight {
                 Err((FaultCode::BadEnvelope, 1))
             } else {
                 Ok(None)
