@@ -151,6 +151,13 @@ pub trait DeviceBackend: Send + Sync + 'static {
         1
     }
 
+    /// Whether the backend runs handlers of declared width `threads`
+    /// (checked at launch; a width it cannot run is a typed error).
+    /// Default: any up to [`DeviceBackend::max_width`].
+    fn supports_width(&self, threads: u32) -> bool {
+        threads <= self.max_width()
+    }
+
     /// Whether the backend's loop serves K2K links through
     /// [`DeviceSlot::links`] (else [`Runtime::connect`](crate::runtime::Runtime::connect)
     /// refuses links on it). Default: no.

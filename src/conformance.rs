@@ -529,6 +529,139 @@ RK_DEVICE uint32_t rk_handle(void* state, const rk_envelope_header* msg, const u
 }
 "#;
 
+message!(
+    /// Ask to [`Wide`]: the sum of `i * i` for `i` in `0..n` (wrapping
+    /// `u32` arithmetic), and how many such asks the actor has answered.
+    Squares(u32) = 1 => [u32; 2]
+);
+
+/// A kernel of declared width 32 ([`Width::Warp`](crate::kernel::Width)):
+/// each message's work is split over the threads of its run — thread `t`
+/// sums the squares of `t, t + 32, …` into shared memory, a barrier, and
+/// thread 0 adds the 32 partial sums and counts the message. A run on fewer
+/// threads than declared misses terms and answers wrong; the cpu backend
+/// runs the same sum on one thread.
+#[derive(Debug)]
+pub struct Wide;
+
+impl Kernel for Wide {
+    type State = u32;
+    const NAME: &'static str = "wide";
+    const WIDTH: crate::kernel::Width = crate::kernel::Width::Warp;
+
+    fn cpu_handlers() -> Option<CpuHandlers<Self>> {
+        Some(
+            CpuHandlers::<Self>::new().on::<Squares>(|count, Squares(n), ctx| {
+                *count += 1;
+                ctx.reply([squares(n), *count]);
+                Ok(())
+            }),
+        )
+    }
+
+    fn wgsl() -> Option<crate::backend::WgslHandler> {
+        Some(crate::backend::WgslHandler {
+            source: WIDE_WGSL,
+            types: &[Squares::TYPE_ID],
+            max_later: 0,
+        })
+    }
+
+    fn cuda() -> Option<crate::backend::CudaHandler> {
+        Some(crate::backend::CudaHandler {
+            source: WIDE_CUDA,
+            types: &[Squares::TYPE_ID],
+            max_later: 0,
+        })
+    }
+}
+
+/// The sum of `i * i` for `i` in `0..n`, wrapping.
+fn squares(n: u32) -> u32 {
+    (0..n).fold(0u32, |s, i| s.wrapping_add(i.wrapping_mul(i)))
+}
+
+/// [`Wide`] in WGSL (the workgroup-wide signature: `lid`, state in
+/// `rk_state`).
+pub const WIDE_WGSL: &str = r#"
+var<workgroup> wide_partial: array<u32, 32>;
+
+fn rk_handle(lid: u32, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 {
+    var sum = 0u;
+    for (var i = lid; i < msg.payload[0]; i = i + 32u) {
+        sum = sum + i * i;
+    }
+    wide_partial[lid] = sum;
+    workgroupBarrier();
+    var status = RK_DONE;
+    if lid == 0u {
+        var total = 0u;
+        for (var k = 0u; k < 32u; k = k + 1u) {
+            total = total + wide_partial[k];
+        }
+        rk_state[0] = rk_state[0] + 1u;
+        (*reply).len = 8u;
+        (*reply).payload[0] = total;
+        (*reply).payload[1] = rk_state[0];
+        status = RK_REPLIED;
+    }
+    workgroupBarrier();
+    return status;
+}
+"#;
+
+/// [`Wide`] in CUDA C++ (`rk_thread`, `rk_threads`, `rk_sync`,
+/// `rk_scratch`).
+pub const WIDE_CUDA: &str = r#"
+RK_DEVICE uint32_t rk_handle(void* state, const rk_envelope_header* msg, const uint8_t* payload,
+                             rk_reply* reply, rk_later* later) {
+    uint32_t n = rk_get_u32(payload, 0);
+    uint32_t t = rk_thread(), w = rk_threads();
+    uint32_t* partial = (uint32_t*)rk_scratch();
+    uint32_t sum = 0;
+    for (uint32_t i = t; i < n; i += w) sum += i * i;
+    partial[t] = sum;
+    rk_sync();
+    uint32_t status = RK_DONE;
+    if (t == 0) {
+        uint32_t out[2] = {0, 0};
+        for (uint32_t k = 0; k < w; ++k) out[0] += partial[k];
+        uint32_t* count = (uint32_t*)state;
+        *count += 1;
+        out[1] = *count;
+        status = rk_reply_bytes(reply, out, 8);
+    }
+    rk_sync();
+    return status;
+}
+"#;
+
+/// A handler of declared width 32 runs each message on 32 threads of its
+/// backend (one on the cpu backend): every term of a sum split over them
+/// is there, for single asks and for a batch sent at once, in order.
+pub fn wide_handlers_share_each_message(rt: &Runtime) {
+    let (mut slot, _) = launch::<Wide>(rt, &LaunchOptions::default());
+    let mut count = 0;
+    for n in [0, 1, 31, 32, 33, 1000, 4099] {
+        count += 1;
+        let got: [u32; 2] = ask(&mut slot, Squares(n))
+            .wait()
+            .expect("reply")
+            .decode()
+            .expect("[u32; 2]");
+        assert_eq!(got, [squares(n), count], "Squares({n})");
+    }
+    let pending: Vec<_> = (0..200u32)
+        .map(|k| (k, ask(&mut slot, Squares(40 + 7 * k))))
+        .collect();
+    for (k, p) in pending {
+        count += 1;
+        let got: [u32; 2] = p.wait().expect("reply").decode().expect("[u32; 2]");
+        assert_eq!(got, [squares(40 + 7 * k), count], "batched Squares #{k}");
+    }
+    slot.terminate(DEADLINE);
+}
+
 /// A [`Waiter`] over a std channel, for blocking callers.
 #[derive(Debug)]
 pub struct ChannelWaiter(pub mpsc::SyncSender<Result<Reply, AskError>>);
@@ -1091,5 +1224,9 @@ pub const ALL: &[(&str, Check)] = &[
     (
         "a_restarted_receiver_carries_on_over_its_link",
         a_restarted_receiver_carries_on_over_its_link,
+    ),
+    (
+        "wide_handlers_share_each_message",
+        wide_handlers_share_each_message,
     ),
 ];

@@ -938,7 +938,7 @@ impl Runtime {
                     return Err(no_handler);
                 };
                 // No option is accepted and ignored.
-                if K::WIDTH.threads() > device.max_width() {
+                if !device.supports_width(K::WIDTH.threads()) {
                     return Err(LaunchError::Unsupported {
                         backend: self.inner.backend,
                         what: "an execution width wider than its handlers can run",

@@ -29,11 +29,12 @@ checks!(
     faults_and_restarts_lose_nothing,
     linked_sends_arrive_in_order,
     a_restarted_receiver_carries_on_over_its_link,
+    wide_handlers_share_each_message,
 );
 
 /// The list the suite exports matches the tests above (a new check must get
 /// a test here too).
 #[test]
 fn every_check_has_a_test() {
-    assert_eq!(conformance::ALL.len(), 15);
+    assert_eq!(conformance::ALL.len(), 16);
 }

@@ -6,7 +6,7 @@
 //! `cargo run -p ringkernel-cuda --example prebuild -- <dir>`; nvcc is
 //! `$RINGKERNEL_NVCC` or `nvcc` on `PATH`.
 
-use ringkernel::conformance::{Probe, Relay, Reverse};
+use ringkernel::conformance::{Probe, Relay, Reverse, Wide};
 use ringkernel::kernel::Kernel;
 use ringkernel_cuda::{Arch, KernelSource, module_name, translation_unit};
 use std::process::{Command, ExitCode};
@@ -28,7 +28,12 @@ fn main() -> ExitCode {
     let nvcc = std::env::var("RINGKERNEL_NVCC").unwrap_or_else(|_| "nvcc".into());
     // The kernel sets registered by tests/gpu.rs and the bench report.
     let sets = [
-        vec![source::<Probe>(), source::<Reverse>(), source::<Relay>()],
+        vec![
+            source::<Probe>(),
+            source::<Reverse>(),
+            source::<Relay>(),
+            source::<Wide>(),
+        ],
         vec![source::<Probe>()],
     ];
     for kernels in &sets {

@@ -1,13 +1,19 @@
 // ringkernel — the entry points of the actor-host loop. CUDA: one
-// cooperative launch of `rk_actor_host`, one block per actor slot, thread
-// 0 running the slot (handlers declare width Thread; wider widths are
-// refused at launch). c-host: `rk_host_block_run`, one OS thread per block.
+// cooperative launch of `rk_actor_host`, one block per actor slot: thread
+// 0 runs the slot's loop, the others follow it into wide handlers. c-host:
+// `rk_host_block_run`, one OS thread per device thread of a block.
 #pragma once
 
 #ifdef RK_ARCH_CUDA
 extern "C" __global__ void rk_actor_host(rk_slot_desc* slots, uint32_t n) {
     uint32_t b = blockIdx.x;
-    if (b < n && threadIdx.x == 0) rk_block_run(&slots[b]);
+    if (b >= n) return;  // the whole block
+    if (threadIdx.x == 0) {
+        rk_block_run(&slots[b]);
+        rk_block_exit();
+    } else {
+        rk_follow();
+    }
 }
 
 // Calibration: the device's clock, for the host to compare with its own
@@ -16,5 +22,31 @@ extern "C" __global__ void rk_clock_probe(uint64_t* out) {
     if (blockIdx.x == 0 && threadIdx.x == 0) rk_st_release_u64(out, rk_device_time_ns());
 }
 #else
-extern "C" void rk_host_block_run(rk_slot_desc* slot) { rk_block_run(slot); }
+// Runs one block of `threads` threads: the calling thread is thread 0 (it
+// runs the loop; the host hooks park and wake it); the others are started
+// here and join when it leaves.
+extern "C" void rk_host_block_run(rk_slot_desc* slot, uint32_t threads) {
+    rk_host_block block;
+    block.threads = threads ? threads : 1u;
+    rk_block_shared shared;
+    memset(&shared, 0, sizeof shared);
+    shared.width = 1;
+    std::vector<std::thread> others;
+    for (uint32_t t = 1; t < block.threads; ++t) {
+        others.emplace_back([&block, &shared, t] {
+            rk_tls_block = &block;
+            rk_tls_shared = &shared;
+            rk_tls_thread = t;
+            rk_follow();
+        });
+    }
+    rk_tls_block = &block;
+    rk_tls_shared = &shared;
+    rk_tls_thread = 0;
+    rk_block_run(slot);
+    rk_block_exit();
+    for (std::thread& t : others) t.join();
+    rk_tls_block = nullptr;
+    rk_tls_shared = nullptr;
+}
 #endif

@@ -72,6 +72,21 @@ RK_DEVICE uint64_t rk_device_time_ns(void) {
     return t;
 }
 
+// The block's threads. Thread 0 runs the slot's loop; with a wide kernel
+// every thread of the run also runs its handler. The barriers are
+// `barrier.sync`, not __syncthreads() (which is `.aligned`: every thread of
+// a warp at the same instruction): thread 0 and the others wait for each
+// other at different places in the code. A barrier orders the shared and
+// global memory accesses of the threads taking part.
+RK_DEVICE uint32_t rk_arch_thread(void) { return threadIdx.x; }
+RK_DEVICE uint32_t rk_arch_block_threads(void) { return blockDim.x; }
+// Every thread of the block (barrier 0).
+RK_DEVICE void rk_arch_sync_all(void) { asm volatile("barrier.sync 0;" : : : "memory"); }
+// The first `n` threads (barrier 1; `n` a multiple of the warp size).
+RK_DEVICE void rk_arch_sync(uint32_t n) {
+    asm volatile("barrier.sync 1, %0;" : : "r"(n) : "memory");
+}
+
 // Host hooks do not exist on a GPU: the poller polls K2H, senders poll H2K
 // room, and idling is a back-off sleep.
 RK_DEVICE void rk_hook_wake_host(void* hooks) { (void)hooks; }

@@ -6,8 +6,12 @@
 // atomics Rust's AtomicU64 are, on the same addresses.
 #pragma once
 
-#include <ctime>
+#include <condition_variable>
 #include <cstring>
+#include <ctime>
+#include <mutex>
+#include <thread>
+#include <vector>
 
 #define RK_ARCH_HOST 1
 #define RK_DEVICE static inline
@@ -31,6 +35,43 @@ RK_DEVICE uint64_t rk_device_time_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+// The block's threads: one OS thread per device thread of the block
+// (rk_host_block_run starts them). A barrier is a mutex and a condition
+// variable, which ThreadSanitizer sees as the synchronisation it is.
+struct rk_host_barrier {
+    std::mutex m;
+    std::condition_variable cv;
+    uint32_t arrived = 0;
+    uint64_t generation = 0;
+    // Waits until `count` threads (the same count for all) have arrived.
+    void wait(uint32_t count) {
+        std::unique_lock<std::mutex> lock(m);
+        uint64_t g = generation;
+        if (++arrived >= count) {
+            arrived = 0;
+            generation += 1;
+            cv.notify_all();
+            return;
+        }
+        cv.wait(lock, [&] { return generation != g; });
+    }
+};
+struct rk_host_block {
+    uint32_t threads = 1;
+    rk_host_barrier all;      // every thread of the block
+    rk_host_barrier handler;  // the threads running a wide handler
+};
+static thread_local rk_host_block* rk_tls_block = nullptr;
+static thread_local uint32_t rk_tls_thread = 0;
+RK_DEVICE uint32_t rk_arch_thread(void) { return rk_tls_thread; }
+RK_DEVICE uint32_t rk_arch_block_threads(void) { return rk_tls_block ? rk_tls_block->threads : 1u; }
+RK_DEVICE void rk_arch_sync_all(void) {
+    if (rk_tls_block && rk_tls_block->threads > 1) rk_tls_block->all.wait(rk_tls_block->threads);
+}
+RK_DEVICE void rk_arch_sync(uint32_t n) {
+    if (rk_tls_block && n > 1) rk_tls_block->handler.wait(n);
 }
 
 // The hooks the host gives the loop (c-host only): wake the poller after a

@@ -14,8 +14,19 @@
 // RK_FAULT + code, or RK_PANIC. Any run may also answer asks deferred
 // earlier, and send tells to other actors: up to `later->cap` envelopes in
 // all, through rk_later_push (addressed by the correlation id and sender
-// the handler kept) and rk_send. Messages of one actor
-// are handled one at a time, in order, on the slot's thread.
+// the handler kept) and rk_send. Messages of one actor are handled one at
+// a time, in order.
+//
+// Width: a kernel of declared width 1 runs on the slot's thread 0. A wider
+// one (Width::Warp, Width::Block(w): w a multiple of 32, at most the
+// block's threads) runs each message on the block's first w threads: all
+// of them call rk_handle with the same message and state, and thread 0's
+// return value, reply and later entries are the run's (the others' are
+// dropped). Inside, rk_thread() and rk_threads() give the thread's index
+// and w, rk_sync() is a barrier among the w (every one of them must reach
+// it equally often), and rk_scratch() is RK_SCRATCH_BYTES the block's
+// threads share (CUDA shared memory). The state is shared too: write
+// disjoint parts of it, or write it from one thread, with rk_sync() between.
 #pragma once
 
 #define RK_DONE 0u
@@ -31,6 +42,8 @@
 // BadEnvelope details the loop reports for its own inputs.
 #define RK_DETAIL_BAD_RING 0xB0000001ull
 #define RK_DETAIL_BAD_STATE_WORD 0xFFFFFFFFFFFFFFFFull
+// A slot width the block cannot run (more than its threads).
+#define RK_DETAIL_BAD_WIDTH 0xB0000002ull
 
 typedef struct rk_reply {
     uint32_t len;
@@ -51,6 +64,54 @@ typedef struct rk_later {
     uint32_t cap;
     rk_later_reply* replies;
 } rk_later;
+
+// ---- the block's shared memory (wide handlers) ----
+
+#define RK_SCRATCH_BYTES 4096u
+// What thread 0 tells the block's other threads.
+#define RK_CMD_HANDLE 1u
+#define RK_CMD_EXIT 2u
+
+// Written by thread 0, read by the others after a barrier.
+typedef struct rk_block_shared {
+    uint32_t cmd;
+    uint32_t kernel;
+    uint32_t width;  // threads running the slot's handler
+    uint32_t _pad;
+    void* state;
+    rk_envelope_header msg;
+    RK_ALIGNAS(16) uint8_t payload[RK_MAX_INLINE];
+    RK_ALIGNAS(16) uint8_t scratch[RK_SCRATCH_BYTES];
+} rk_block_shared;
+
+#ifdef RK_ARCH_CUDA
+__shared__ rk_block_shared rk_shared_block;
+RK_DEVICE rk_block_shared* rk_block(void) { return &rk_shared_block; }
+#else
+// Set per block thread by rk_host_block_run; a loop run without it (one
+// thread) gets its own.
+static thread_local rk_block_shared* rk_tls_shared = nullptr;
+RK_DEVICE rk_block_shared* rk_block(void) {
+    if (!rk_tls_shared) {
+        static thread_local rk_block_shared own;
+        own.width = 1;
+        rk_tls_shared = &own;
+    }
+    return rk_tls_shared;
+}
+#endif
+
+// The calling thread's index in its run (0 .. rk_threads()).
+RK_DEVICE uint32_t rk_thread(void) { return rk_arch_thread(); }
+// The threads running this handler (the kernel's declared width).
+RK_DEVICE uint32_t rk_threads(void) { return rk_block()->width; }
+// A barrier among the threads running this handler.
+RK_DEVICE void rk_sync(void) {
+    uint32_t w = rk_block()->width;
+    if (w > 1) rk_arch_sync(w);
+}
+// RK_SCRATCH_BYTES the block's threads share (16-byte aligned).
+RK_DEVICE uint8_t* rk_scratch(void) { return rk_block()->scratch; }
 
 // One actor slot of the actor-host kernel, in memory both sides see. The
 // host fills the fields, then store-releases `assigned` (a new generation);
@@ -73,7 +134,8 @@ typedef struct rk_slot_desc {
     uint64_t assigned;                /* host: generation, store-release */
     uint64_t finished;                /* device: generation, store-release */
     uint64_t exit;                    /* host: nonzero = the block returns */
-    uint8_t _pad[24];
+    uint32_t width;                   /* threads per message (the kernel's) */
+    uint8_t _pad[20];
 } rk_slot_desc;
 RK_STATIC_ASSERT(sizeof(rk_slot_desc) == 128, "sizeof rk_slot_desc");
 RK_ASSERT_OFFSET(rk_slot_desc, n_served, 48);
@@ -82,6 +144,7 @@ RK_ASSERT_OFFSET(rk_slot_desc, hlc, 72);
 RK_ASSERT_OFFSET(rk_slot_desc, assigned, 80);
 RK_ASSERT_OFFSET(rk_slot_desc, finished, 88);
 RK_ASSERT_OFFSET(rk_slot_desc, exit, 96);
+RK_ASSERT_OFFSET(rk_slot_desc, width, 104);
 
 // ---- helpers for handlers ----
 

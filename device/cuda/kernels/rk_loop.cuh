@@ -193,6 +193,54 @@ typedef struct rk_run {
     uint64_t hlc;
 } rk_run;
 
+// Runs the slot's handler on one message: on thread 0 alone (width 1), or
+// on the block's first `width` threads — thread 0 hands the message to the
+// others through shared memory, and its outputs are the run's.
+RK_DEVICE uint32_t rk_run_handler(rk_run* r, const rk_envelope_header* msg,
+                                  const uint8_t* payload, rk_reply* reply, rk_later* later) {
+    rk_block_shared* sh = rk_block();
+    if (sh->width <= 1) {
+        return rk_dispatch(r->d->kernel, (void*)r->d->state, msg, payload, reply, later);
+    }
+    rk_copy(&sh->msg, msg, (uint32_t)RK_HEADER_SIZE);
+    if (msg->payload_len) rk_copy(sh->payload, payload, msg->payload_len);
+    sh->cmd = RK_CMD_HANDLE;
+    rk_arch_sync_all();  // the others see the command and the message
+    uint32_t status = rk_dispatch(sh->kernel, sh->state, &sh->msg, sh->payload, reply, later);
+    rk_arch_sync_all();  // every thread's run is over (its writes visible)
+    return status;
+}
+
+// The block's threads other than 0: run the handler of each message thread
+// 0 hands them (if among the slot's width), until it says exit.
+RK_DEVICE void rk_follow(void) {
+    rk_block_shared* sh = rk_block();
+    uint32_t t = rk_arch_thread();
+    for (;;) {
+        rk_arch_sync_all();
+        if (sh->cmd != RK_CMD_HANDLE) return;
+        if (t < sh->width) {
+            rk_reply reply;
+            reply.len = 0;
+            rk_later_reply buf[RK_LATER_CAP];
+            rk_later later;
+            later.n = 0;
+            later.cap = rk_max_later(sh->kernel);
+            later.replies = buf;
+            (void)rk_dispatch(sh->kernel, sh->state, &sh->msg, sh->payload, &reply, &later);
+        }
+        rk_arch_sync_all();
+    }
+}
+
+// Thread 0, leaving the kernel: the block's other threads leave too.
+RK_DEVICE void rk_block_exit(void) {
+    if (rk_arch_block_threads() > 1) {
+        rk_block()->cmd = RK_CMD_EXIT;
+        rk_arch_sync_all();
+    }
+}
+
 // Serves one batch. Returns the messages committed, or -1 when the slot's
 // run ends (fenced or faulted; acknowledged).
 RK_DEVICE int64_t rk_serve_batch(rk_run* r) {
@@ -238,7 +286,7 @@ RK_DEVICE int64_t rk_serve_batch(rk_run* r) {
         later.n = 0;
         later.cap = rk_max_later(d->kernel);
         later.replies = later_buf;
-        uint32_t status = rk_dispatch(d->kernel, (void*)d->state, &msg, payload, &reply, &later);
+        uint32_t status = rk_run_handler(r, &msg, payload, &reply, &later);
         if (status >= RK_FAULT) {
             if (status == RK_PANIC) {
                 fault = (uint32_t)RK_FAULT_HANDLER_PANIC;
@@ -357,6 +405,18 @@ RK_DEVICE void rk_slot_run(rk_slot_desc* d) {
         rk_hook_wake_host(r.hooks);
         return;
     }
+    // What the block's other threads need to run a wide handler (read by
+    // them after the barrier of each message).
+    uint32_t width = d->width ? d->width : 1u;
+    if (width > rk_arch_block_threads()) {
+        rk_report_fault(c, (uint32_t)RK_FAULT_BAD_ENVELOPE, RK_DETAIL_BAD_WIDTH, r.incarnation);
+        rk_hook_wake_host(r.hooks);
+        return;
+    }
+    rk_block_shared* sh = rk_block();
+    sh->width = width;
+    sh->kernel = d->kernel;
+    sh->state = (void*)d->state;
     r.committed = rk_ld_acquire_u64(&c->commit) >> 1;
     r.processed = 0;
     r.hlc = d->hlc;

@@ -72,7 +72,7 @@ extern "C" fn hook_idle(_ctx: *const c_void, ns: u32) {
 
 /// One compiled kernel.
 struct Module {
-    run: unsafe extern "C" fn(*mut SlotDesc),
+    run: unsafe extern "C" fn(*mut SlotDesc, u32),
     // Kept loaded while any block runs its code (blocks hold the Arc).
     _lib: libloading::Library,
 }
@@ -180,6 +180,8 @@ pub struct CHostBackend {
     /// Fences stop the loop first, as the cuda backend's do on a device
     /// without host-native atomics ([`CHostBackend::quiescing`]).
     quiesce: bool,
+    /// Threads per block (one OS thread each; thread 0 runs the loop).
+    block_threads: u32,
     compiler: String,
     flags: Vec<String>,
     dir: PathBuf,
@@ -201,6 +203,11 @@ impl std::fmt::Debug for CHostBackend {
 
 static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
 
+/// Threads per c-host block by default: as many as a CUDA block has by
+/// default ([`CudaOptions::threads_per_block`](crate::CudaOptions)), so a
+/// kernel of width up to a warp runs on both.
+pub const DEFAULT_BLOCK_THREADS: u32 = 32;
+
 impl CHostBackend {
     /// A backend compiling with `$CXX` (else `c++`), extra flags from
     /// `$RINGKERNEL_CHOST_CXXFLAGS`.
@@ -216,6 +223,7 @@ impl CHostBackend {
         ));
         Arc::new(CHostBackend {
             quiesce: false,
+            block_threads: DEFAULT_BLOCK_THREADS,
             compiler,
             flags,
             dir,
@@ -233,6 +241,23 @@ impl CHostBackend {
             b.quiesce = true;
         }
         b
+    }
+
+    /// As [`CHostBackend::new`], with `threads` threads per block (1..=1024;
+    /// default [`DEFAULT_BLOCK_THREADS`]): handlers of declared width up to
+    /// it run, each message on that many OS threads.
+    ///
+    /// # Errors
+    /// [`CudaError::Unsupported`] for 0 or more than 1024.
+    pub fn with_block_threads(threads: u32) -> Result<Arc<Self>, CudaError> {
+        if !(1..=1024).contains(&threads) {
+            return Err(CudaError::Unsupported("c-host blocks of 1..=1024 threads"));
+        }
+        let mut b = Self::new();
+        if let Some(b) = Arc::get_mut(&mut b) {
+            b.block_threads = threads;
+        }
+        Ok(b)
     }
 
     /// How many blocks (threads) the backend has started: a terminated
@@ -295,9 +320,11 @@ impl CHostBackend {
         let lib = unsafe { libloading::Library::new(&lib) }
             .map_err(|e| CudaError::Load(e.to_string()))?;
         // SAFETY: `rk_host_block_run` is defined by rk_actor_host.cuh with
-        // exactly this signature (extern "C", one `rk_slot_desc*`).
-        let run = unsafe { lib.get::<unsafe extern "C" fn(*mut SlotDesc)>(b"rk_host_block_run\0") }
-            .map_err(|e| CudaError::Load(e.to_string()))?;
+        // exactly this signature (extern "C", an `rk_slot_desc*` and the
+        // block's thread count).
+        let run =
+            unsafe { lib.get::<unsafe extern "C" fn(*mut SlotDesc, u32)>(b"rk_host_block_run\0") }
+                .map_err(|e| CudaError::Load(e.to_string()))?;
         let module = Arc::new(Module {
             run: *run,
             _lib: lib,
@@ -338,13 +365,14 @@ impl CHostBackend {
         // SAFETY: no thread runs this block yet.
         unsafe { (*block.desc()).hooks = std::ptr::from_ref(&*block.hooks) as u64 };
         let b = block.clone();
+        let threads = self.block_threads;
         let join = std::thread::Builder::new()
             .name("ringkernel-c-host".into())
             .spawn(move || {
                 // SAFETY: the descriptor lives in `b`, which this thread
                 // owns a reference to; the module's code stays loaded
                 // (`b.module`); the loop follows the assignment protocol.
-                unsafe { (b.module.run)(b.desc()) };
+                unsafe { (b.module.run)(b.desc(), threads) };
                 b.returned.store(true, Ordering::Release);
             })?;
         *block.handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(join.thread().clone());
@@ -389,6 +417,7 @@ impl CHostBackend {
             (*d).domain = slot.domain.to_bits();
             (*d).clock_offset = 0;
             (*d).hlc = 0;
+            (*d).width = slot.width;
             (*d).assigned.load(Ordering::Relaxed) + 1
         };
         *block.wakers.lock().unwrap_or_else(|p| p.into_inner()) = Some(Wakers {
@@ -423,6 +452,15 @@ impl DeviceBackend for CHostBackend {
 
     fn launch(&self, slot: DeviceSlot) -> Result<Thread, String> {
         self.launch_slot(slot).map_err(|e| e.to_string())
+    }
+
+    fn max_width(&self) -> u32 {
+        self.block_threads
+    }
+
+    /// As on a GPU: one thread, or whole warps up to the block's threads.
+    fn supports_width(&self, threads: u32) -> bool {
+        crate::runs_width(threads, self.block_threads)
     }
 
     fn quiesce(&self, control: &ringkernel::control::ControlBlock) {

@@ -661,6 +661,7 @@ impl CudaBackend {
             (*d).served = served_dev;
             (*d).n_served = slot.served.len() as u32;
             (*d).kernel = kernel as u32;
+            (*d).width = slot.width;
             (*d).domain = slot.domain.to_bits();
 
             (*d).hlc = 0;
@@ -860,6 +861,16 @@ impl DeviceBackend for CudaBackend {
 
     fn launch(&self, slot: DeviceSlot) -> Result<Thread, String> {
         self.launch_slot(slot).map_err(|e| e.to_string())
+    }
+
+    fn max_width(&self) -> u32 {
+        self.gpu.options.threads_per_block
+    }
+
+    /// One thread, or whole warps up to the block's threads (a barrier
+    /// among a handler's threads counts warps).
+    fn supports_width(&self, threads: u32) -> bool {
+        crate::runs_width(threads, self.gpu.options.threads_per_block)
     }
 
     /// Without host-native atomics the host's fence (`fetch_or` on the

@@ -39,7 +39,7 @@ mod gpu;
 mod nvrtc;
 mod source;
 
-pub use chost::CHostBackend;
+pub use chost::{CHostBackend, DEFAULT_BLOCK_THREADS};
 pub use gpu::{CudaBackend, CudaBackendBuilder, CudaOptions, QUIESCE_WAIT};
 pub use nvrtc::{DriverInfo, compile_cubin, compile_ptx, nvrtc_version, probe};
 pub use source::{Arch, KernelSource, kernels, module_name, translation_unit};
@@ -166,7 +166,9 @@ pub struct SlotDesc {
     pub finished: AtomicU64,
     /// Nonzero: the block returns (host).
     pub exit: AtomicU64,
-    _pad: [u8; 24],
+    /// Threads per message: the kernel's declared width.
+    pub width: u32,
+    _pad: [u8; 20],
 }
 
 const _: () = {
@@ -178,7 +180,15 @@ const _: () = {
     assert!(std::mem::offset_of!(SlotDesc, assigned) == 80);
     assert!(std::mem::offset_of!(SlotDesc, finished) == 88);
     assert!(std::mem::offset_of!(SlotDesc, exit) == 96);
+    assert!(std::mem::offset_of!(SlotDesc, width) == 104);
 };
+
+/// Whether a block of `block_threads` threads runs a handler of declared
+/// width `width`: one thread, or whole warps (a barrier among the handler's
+/// threads counts warps) up to the block's size.
+pub fn runs_width(width: u32, block_threads: u32) -> bool {
+    width == 1 || (width.is_multiple_of(32) && width <= block_threads)
+}
 
 /// A runtime on the backend called `name` — `cpu`, `cuda` or `c-host` —
 /// for programs that take a backend option (the adapters' examples). For

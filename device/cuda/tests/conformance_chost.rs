@@ -171,3 +171,52 @@ fn concurrent_launches_each_get_their_own_block() {
     });
     assert_eq!(backend.blocks(), 16);
 }
+
+/// The `Wide` conformance kernel at another declared width.
+struct WideAt<const W: u32>;
+impl<const W: u32> ringkernel::kernel::Kernel for WideAt<W> {
+    type State = u32;
+    const NAME: &'static str = "wide-at";
+    const WIDTH: ringkernel::kernel::Width = ringkernel::kernel::Width::Block(W);
+    fn cuda() -> Option<ringkernel::backend::CudaHandler> {
+        conformance::Wide::cuda()
+    }
+}
+
+/// Widths follow the GPU's rule (one thread, or whole warps up to the
+/// block's threads) and are refused with a typed error otherwise; a block
+/// of 64 threads runs a handler of width 64 with every thread.
+#[test]
+fn widths_are_whole_warps_up_to_the_block() {
+    let rt = runtime();
+    for refused in [
+        rt.launch::<WideAt<48>, ChannelWaiter>(0, &LaunchOptions::default(), |_| {}),
+        rt.launch::<WideAt<64>, ChannelWaiter>(0, &LaunchOptions::default(), |_| {}),
+    ] {
+        assert!(matches!(
+            refused,
+            Err(LaunchError::Unsupported {
+                backend: BackendKind::Cuda,
+                ..
+            })
+        ));
+    }
+    assert!(CHostBackend::with_block_threads(0).is_err());
+    let rt = Runtime::builder()
+        .device(CHostBackend::with_block_threads(64).unwrap())
+        .build()
+        .unwrap();
+    let mut slot = rt
+        .launch::<WideAt<64>, ChannelWaiter>(0, &LaunchOptions::default(), |_| {})
+        .unwrap();
+    for (k, n) in [5000u32, 63, 64, 65].into_iter().enumerate() {
+        let got: [u32; 2] = conformance::ask(&mut slot, conformance::Squares(n))
+            .wait()
+            .unwrap()
+            .decode()
+            .unwrap();
+        let want = (0..n).fold(0u32, |s, i| s.wrapping_add(i.wrapping_mul(i)));
+        assert_eq!(got, [want, k as u32 + 1], "Squares({n}) on 64 threads");
+    }
+    slot.terminate(conformance::DEADLINE);
+}

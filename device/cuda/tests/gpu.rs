@@ -4,7 +4,7 @@
 //! (the GPU check: `docs/BENCHMARKS.md`, *GPU check*). Without a driver, the
 //! backend's refusal is itself checked: a typed error, no panic.
 
-use ringkernel::conformance::{self, Probe, Relay, Reverse};
+use ringkernel::conformance::{self, Probe, Relay, Reverse, Wide};
 use ringkernel::runtime::Runtime;
 use ringkernel_cuda::{CudaBackend, CudaError};
 
@@ -45,6 +45,8 @@ fn the_conformance_suite_on_the_gpu() {
         .kernel::<Reverse>()
         .unwrap()
         .kernel::<Relay>()
+        .unwrap()
+        .kernel::<Wide>()
         .unwrap()
         .build()
         .unwrap_or_else(|e| panic!("the cuda backend does not start: {e}"));

@@ -9,7 +9,7 @@
 //! reason — or fail, under `RINGKERNEL_REQUIRE_NVCC=1` (as in CI).
 
 use ringkernel::backend::DeviceCode;
-use ringkernel::conformance::{Probe, Relay, Reverse};
+use ringkernel::conformance::{Probe, Relay, Reverse, Wide};
 use ringkernel_cuda::{Arch, CudaError, KernelSource, kernels, translation_unit};
 use std::path::PathBuf;
 use std::process::Command;
@@ -58,6 +58,10 @@ fn conformance_tu() -> String {
                 name: "relay",
                 handler: cuda(DeviceCode::of::<Relay>()),
             },
+            KernelSource {
+                name: "wide",
+                handler: cuda(DeviceCode::of::<Wide>()),
+            },
         ],
     )
 }
@@ -77,6 +81,10 @@ const MUST_CONTAIN: &[&str] = &[
     "%globaltimer",
     "nanosleep",
     ".entry rk_actor_host",
+    // The block's barriers (not the `.aligned` form of __syncthreads():
+    // thread 0 and the others wait at different places).
+    "barrier.sync 0;",
+    "barrier.sync 1,",
 ];
 
 #[test]

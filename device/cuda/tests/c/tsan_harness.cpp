@@ -10,7 +10,12 @@
 // checks every reply against the fold computed here. Phase 2: the host
 // fences the incarnation while messages flow and checks the loop stops
 // without publishing past its commit. Phase 3: the block is reassigned a
-// new incarnation (dormant block reuse) and serves again.
+// new incarnation (dormant block reuse) and serves again. The block has 4
+// threads: in phases 1-3 (width 1) the other three wait at the barrier;
+// phase 4 assigns a kernel of width 4 — thread 0 hands each message to the
+// others through the block's shared memory, each adds its part to the
+// scratch, a barrier, thread 0 folds them into the state — so the
+// sanitizer checks the hand-over, the scratch and the state.
 
 #include "ringkernel_protocol.h"
 #include "rk_arch_host.h"
@@ -30,11 +35,33 @@ RK_DEVICE uint32_t rk_handle(void* state, const rk_envelope_header* msg, const u
 }
 }  // namespace rk_k0
 
+namespace rk_k1 {
+// Thread t adds m * (t + 1); thread 0 folds the sum: s = s * 31 + 10 m.
+RK_DEVICE uint32_t rk_handle(void* state, const rk_envelope_header* msg, const uint8_t* payload,
+                             rk_reply* reply, rk_later* later) {
+    uint64_t* part = (uint64_t*)rk_scratch();
+    uint32_t t = rk_thread();
+    part[t] = rk_get_u64(payload, 0) * (t + 1);
+    rk_sync();
+    uint32_t status = RK_DONE;
+    if (t == 0) {
+        uint64_t sum = 0;
+        for (uint32_t k = 0; k < rk_threads(); ++k) sum += part[k];
+        rk_k0::Fold* f = (rk_k0::Fold*)state;
+        f->s = f->s * 31 + sum;
+        f->count += 1;
+        if (msg->flags & RK_FLAG_ASK) status = rk_reply_bytes(reply, f, 16);
+    }
+    rk_sync();
+    return status;
+}
+}  // namespace rk_k1
+
 #define RK_LATER_CAP 1u
 RK_DEVICE uint32_t rk_max_later(uint32_t) { return 0; }
-RK_DEVICE uint32_t rk_dispatch(uint32_t, void* s, const rk_envelope_header* m, const uint8_t* p,
-                               rk_reply* r, rk_later* l) {
-    return rk_k0::rk_handle(s, m, p, r, l);
+RK_DEVICE uint32_t rk_dispatch(uint32_t kernel, void* s, const rk_envelope_header* m,
+                               const uint8_t* p, rk_reply* r, rk_later* l) {
+    return kernel == 1 ? rk_k1::rk_handle(s, m, p, r, l) : rk_k0::rk_handle(s, m, p, r, l);
 }
 
 #include "rk_loop.cuh"
@@ -88,7 +115,7 @@ struct Slot {
         c->version = RK_CONTROL_VERSION;
     }
     ~Slot() { free(c); }
-    void assign(rk_slot_desc* d, uint32_t incarnation) {
+    void assign(rk_slot_desc* d, uint32_t incarnation, uint32_t kernel = 0, uint32_t width = 1) {
         // The block is dormant: acquire its last `finished`.
         CHECK(__atomic_load_n(&d->finished, __ATOMIC_ACQUIRE) == __atomic_load_n(&d->assigned, __ATOMIC_RELAXED));
         __atomic_store_n(&c->incarnation, incarnation, __ATOMIC_RELAXED);
@@ -101,7 +128,8 @@ struct Slot {
         d->state_bytes = sizeof(state);
         d->served = (uint64_t)served;
         d->n_served = 1;
-        d->kernel = 0;
+        d->kernel = kernel;
+        d->width = width;
         d->domain = 7;
         d->hlc = 0;
         __atomic_store_n(&d->assigned, __atomic_load_n(&d->assigned, __ATOMIC_RELAXED) + 1,
@@ -149,7 +177,7 @@ int main() {
     alignas(128) static rk_slot_desc desc;
     rk_host_hooks hooks = {nullptr, nullptr, nullptr, idle};
     desc.hooks = (uint64_t)&hooks;
-    std::thread block([] { rk_host_block_run(&desc); });
+    std::thread block([] { rk_host_block_run(&desc, 4); });
 
     const uint64_t N = 200000;
     Slot a;
@@ -234,11 +262,35 @@ int main() {
     CHECK(p[0] == 5 && p[1] == 1 && e.correlation == 1);
     __atomic_store_n(&c.c->requested_state, (uint32_t)RK_STATE_TERMINATED, __ATOMIC_RELEASE);
     while (c.acked() != RK_STATE_TERMINATED) std::this_thread::yield();
+    while (__atomic_load_n(&desc.finished, __ATOMIC_ACQUIRE) != 3) std::this_thread::yield();
+
+    // Phase 4: a kernel of width 4 on the block's four threads.
+    Slot w;
+    w.assign(&desc, 4, 1, 4);
+    const uint64_t W = 3000;
+    std::thread wide_producer([&] {
+        for (uint64_t i = 1; i <= W;) {
+            if (w.send(i, value(i), i % 3 == 0)) ++i;
+            else std::this_thread::yield();
+        }
+    });
+    uint64_t ws = 0, wcount = 0, wreplies = 0;
+    for (uint64_t next = 3; next <= W; next += 3) {
+        while (!w.recv(&e, (uint8_t*)p)) std::this_thread::yield();
+        CHECK(e.correlation == next && e.flags == RK_FLAG_REPLY);
+        while (wcount < next) ws = ws * 31 + 10 * value(++wcount);
+        CHECK(p[0] == ws && p[1] == wcount);
+        wreplies += 1;
+    }
+    wide_producer.join();
+    __atomic_store_n(&w.c->requested_state, (uint32_t)RK_STATE_TERMINATED, __ATOMIC_RELEASE);
+    while (w.acked() != RK_STATE_TERMINATED) std::this_thread::yield();
 
     __atomic_store_n(&desc.exit, 1, __ATOMIC_RELEASE);
     block.join();
-    std::printf("ok: %llu messages, %llu replies checked; fenced at %llu, last reply %llu\n",
+    std::printf("ok: %llu messages, %llu replies checked; fenced at %llu, last reply %llu; "
+                "width 4: %llu replies checked\n",
                 (unsigned long long)N, (unsigned long long)replies, (unsigned long long)fenced,
-                (unsigned long long)last);
+                (unsigned long long)last, (unsigned long long)wreplies);
     return 0;
 }
