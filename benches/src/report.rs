@@ -322,6 +322,13 @@ fn main() {
                 base: Box::new(|n| w.borrow_mut().serial_tells(n)),
             },
             Comparison {
+                name: "wgpu_k2k_forward",
+                config: "n tells to a Relay on the wgpu backend, each forwarded as a Seq to a Probe over their K2K link (host-mediated: the dispatch loop moves it between dispatches), in chunks of 1024 (each waited for: asks until the Probe has seen it); base the same sends routed by the poller through the Probe's mailbox (beyond its overflow bound the routed path dead-letters, where the link holds the sender back); time per message".into(),
+                ops: 5_000 * scale,
+                ours: Box::new(|n| w.borrow_mut().linked_forwards(n)),
+                base: Box::new(|n| w.borrow_mut().routed_forwards(n)),
+            },
+            Comparison {
                 name: "wgpu_batch_1024",
                 config: "per-message time of dispatches of 1024 Echo messages vs dispatches of 1 (bare device, readback included)".into(),
                 ops: 1024,

@@ -1,9 +1,12 @@
 //! The wgpu backend (a real adapter: lavapipe in CI, or a GPU): an ask
 //! through the runtime against the bare floor of one dispatch with its
 //! readback; tells' throughput against the cpu backend's; per-message time
-//! of a 1024-message dispatch against a 1-message one.
+//! of a 1024-message dispatch against a 1-message one; a relay's sends over
+//! a (host-mediated) K2K link against the same sends routed by the poller.
 
-use ringkernel::conformance::{self, Add, ChannelWaiter, Echo, Probe, ProbeState, Total};
+use ringkernel::conformance::{
+    self, Add, ChannelWaiter, Echo, Forward, Probe, ProbeState, Relay, SeqReport, Total,
+};
 use ringkernel::envelope::{EnvelopeHeader, Flags, encode_pod};
 use ringkernel::id::{ActorId, ClockDomain, CorrelationId};
 use ringkernel::runtime::{GpuSlot, LaunchOptions, Runtime};
@@ -19,6 +22,9 @@ pub struct WgpuBench {
     /// A Probe actor on a second backend that keeps one dispatch in flight.
     serial_slot: GpuSlot<ChannelWaiter>,
     total: u64,
+    /// Relays and their receivers: linked, and not.
+    linked: Forwarding,
+    routed: Forwarding,
     _rt: Runtime,
     _cpu: Runtime,
     _serial: Runtime,
@@ -77,6 +83,8 @@ impl WgpuBench {
         let serial_slot = serial
             .launch::<Probe, ChannelWaiter>(Default::default(), &opts, |_| {})
             .expect("launch");
+        let linked = Forwarding::new(&rt, true);
+        let routed = Forwarding::new(&rt, false);
         Some(WgpuBench {
             backend,
             program,
@@ -84,6 +92,8 @@ impl WgpuBench {
             cpu_slot,
             serial_slot,
             total: 0,
+            linked,
+            routed,
             _rt: rt,
             _cpu: cpu,
             _serial: serial,
@@ -101,6 +111,17 @@ impl WgpuBench {
                 .expect("u64");
             debug_assert_eq!(v, i);
         }
+    }
+
+    /// `n` values through a relay to its receiver over their K2K link.
+    pub fn linked_forwards(&mut self, n: u64) {
+        self.linked.forward(n);
+    }
+
+    /// The same through a relay not linked to its receiver: the poller
+    /// routes each send to the receiver's mailbox.
+    pub fn routed_forwards(&mut self, n: u64) {
+        self.routed.forward(n);
     }
 
     /// `n` bare dispatches of one message, each with its readback.
@@ -161,5 +182,94 @@ impl WgpuBench {
             .expect("u64");
         assert_eq!(after - before, n);
         *total = after;
+    }
+}
+
+/// Values sent before waiting for the receiver: the routed path parks at
+/// most [`ROUTE_OVERFLOW`](ringkernel::runtime::ROUTE_OVERFLOW) deliveries
+/// per destination beyond its mailbox and dead-letters the rest, where a
+/// link holds the sender back instead; a chunk stays within both.
+const CHUNK: u64 = 1024;
+
+/// A relay forwarding `Seq`s to a Probe, over a link or routed.
+struct Forwarding {
+    linked: bool,
+    relay: GpuSlot<ChannelWaiter>,
+    sink: Arc<SinkMailbox>,
+    sent: u64,
+}
+
+/// The receiver's mailbox in the registry (routed sends go through it into
+/// its H2K ring, as an adapter's mailbox puts them); the bench's own asks
+/// take the same lock.
+struct SinkMailbox(std::sync::Mutex<GpuSlot<ChannelWaiter>>);
+
+impl SinkMailbox {
+    fn slot(&self) -> std::sync::MutexGuard<'_, GpuSlot<ChannelWaiter>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl ringkernel::registry::Mailbox for SinkMailbox {
+    fn try_deliver(
+        &self,
+        d: ringkernel::registry::Delivery,
+    ) -> Result<(), ringkernel::registry::DeliveryError> {
+        match self.slot().tell(d.payload, d.src) {
+            Ok(()) => Ok(()),
+            // The poller parks it and retries.
+            Err(_) => Err(ringkernel::registry::DeliveryError::Full(d)),
+        }
+    }
+}
+
+impl Forwarding {
+    fn new(rt: &Runtime, link: bool) -> Self {
+        let opts = LaunchOptions::default();
+        let relay = rt
+            .launch::<Relay, ChannelWaiter>(0, &opts, |_| {})
+            .expect("launch");
+        let sink = rt
+            .launch::<Probe, ChannelWaiter>(Default::default(), &opts, |_| {})
+            .expect("launch");
+        let id = sink.id();
+        let sink = Arc::new(SinkMailbox(std::sync::Mutex::new(sink)));
+        if link {
+            rt.connect(relay.id(), id, ringkernel::link::LinkOptions::default())
+                .expect("connect");
+        } else {
+            rt.registry().register(id, sink.clone());
+        }
+        Forwarding {
+            linked: link,
+            relay,
+            sink,
+            sent: 0,
+        }
+    }
+
+    /// `n` values through the relay, in chunks of [`CHUNK`], each waited
+    /// for until the receiver has seen it all.
+    fn forward(&mut self, n: u64) {
+        let to = self.sink.slot().id().to_bits();
+        let mut left = n;
+        while left > 0 {
+            let chunk = left.min(CHUNK);
+            left -= chunk;
+            for _ in 0..chunk {
+                conformance::tell(&mut self.relay, Forward(to, self.sent));
+                self.sent += 1;
+            }
+            loop {
+                let pending = conformance::ask(&mut self.sink.slot(), SeqReport());
+                let [seen, disorder]: [u64; 2] =
+                    pending.wait().expect("report").decode().expect("[u64; 2]");
+                assert_eq!(disorder, 0, "in order (linked: {})", self.linked);
+                if seen >= self.sent {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
+        }
     }
 }
