@@ -135,7 +135,10 @@ typedef struct rk_slot_desc {
     uint64_t finished;                /* device: generation, store-release */
     uint64_t exit;                    /* host: nonzero = the block returns */
     uint32_t width;                   /* threads per message (the kernel's) */
-    uint8_t _pad[20];
+    uint32_t clock_request;           /* host: a sample wanted (store-release) */
+    uint64_t clock_sample;            /* device: its clock, in answer (relaxed) */
+    uint32_t clock_answer;            /* device: the request answered (store-release) */
+    uint8_t _pad[4];
 } rk_slot_desc;
 RK_STATIC_ASSERT(sizeof(rk_slot_desc) == 128, "sizeof rk_slot_desc");
 RK_ASSERT_OFFSET(rk_slot_desc, n_served, 48);
@@ -145,6 +148,9 @@ RK_ASSERT_OFFSET(rk_slot_desc, assigned, 80);
 RK_ASSERT_OFFSET(rk_slot_desc, finished, 88);
 RK_ASSERT_OFFSET(rk_slot_desc, exit, 96);
 RK_ASSERT_OFFSET(rk_slot_desc, width, 104);
+RK_ASSERT_OFFSET(rk_slot_desc, clock_request, 108);
+RK_ASSERT_OFFSET(rk_slot_desc, clock_sample, 112);
+RK_ASSERT_OFFSET(rk_slot_desc, clock_answer, 120);
 
 // ---- helpers for handlers ----
 

@@ -380,6 +380,20 @@ RK_DEVICE int64_t rk_serve_batch(rk_run* r) {
     return (int64_t)n;
 }
 
+// Answers the host's request for a reading of the device clock, if one is
+// pending: the host brackets the answer with two reads of its own clock and
+// recalibrates `clock_offset` from it (at launch the probe kernel does; the
+// clock drifts). Checked when idle, dormant, and every 256 busy rounds.
+RK_DEVICE void rk_clock_answer(rk_slot_desc* d) {
+    // Pairs with the host's store-release of the request.
+    uint32_t request = rk_ld_acquire_u32(&d->clock_request);
+    if (request != rk_ld_relaxed_u32(&d->clock_answer)) {
+        rk_st_relaxed_u64(&d->clock_sample, rk_device_time_ns());
+        // Publishes the sample; pairs with the host's load-acquire.
+        rk_st_release_u32(&d->clock_answer, request);
+    }
+}
+
 // Whether the slot has something to do (acquire loads throughout).
 RK_DEVICE bool rk_has_work(rk_run* r) {
     rk_control_block* c = r->c;
@@ -427,6 +441,7 @@ RK_DEVICE void rk_slot_run(rk_slot_desc* d) {
     uint64_t idle_since = 0;
 #endif
     uint32_t backoff = RK_IDLE_MIN_NS;
+    uint32_t rounds = 0;
     for (;;) {
         if (rk_ld_acquire_u64(&c->commit) & RK_COMMIT_FENCED) {
             rk_ack(c, RK_STATE_TERMINATED, r.incarnation);
@@ -463,8 +478,10 @@ RK_DEVICE void rk_slot_run(rk_slot_desc* d) {
             idle_since = 0;
 #endif
             backoff = RK_IDLE_MIN_NS;
+            if ((++rounds & 255u) == 0) rk_clock_answer(d);
             continue;
         }
+        rk_clock_answer(d);
 #if RK_SPIN_NS > 0
         uint64_t now = rk_device_time_ns();
         if (idle_since == 0) idle_since = now;
@@ -508,6 +525,7 @@ RK_DEVICE void rk_block_run(rk_slot_desc* d) {
             backoff = RK_IDLE_MIN_NS;
             continue;
         }
+        rk_clock_answer(d);
         rk_hook_idle((void*)d->hooks, backoff);
         backoff = backoff * 2 > RK_DORMANT_MAX_NS ? RK_DORMANT_MAX_NS : backoff * 2;
     }

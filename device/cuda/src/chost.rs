@@ -187,6 +187,8 @@ pub struct CHostBackend {
     dir: PathBuf,
     modules: Mutex<HashMap<ModuleKey, Arc<Module>>>,
     blocks: Mutex<Vec<(ModuleKey, Arc<Block>)>>,
+    /// One clock exchange at a time (the host writes the request word).
+    clock: Mutex<()>,
 }
 
 /// A kernel's identity: name, handler source (address, length), later cap.
@@ -229,6 +231,7 @@ impl CHostBackend {
             dir,
             modules: Mutex::new(HashMap::new()),
             blocks: Mutex::new(Vec::new()),
+            clock: Mutex::new(()),
         })
     }
 
@@ -264,6 +267,34 @@ impl CHostBackend {
     /// actor's block serves the next launch of its kernel.
     pub fn blocks(&self) -> usize {
         self.blocks.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Reads the clock of block `i` through its running loop (serving an
+    /// actor or dormant) against the host's — the exchange the cuda backend
+    /// recalibrates `clock_offset` with, here between two readings of the
+    /// same clock. `None` without such a block, or if it does not answer
+    /// within 100 ms.
+    pub fn sample_clock(&self, i: usize) -> Option<crate::ClockSample> {
+        let _one = self.clock.lock().unwrap_or_else(|p| p.into_inner());
+        let block = self
+            .blocks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(i)?
+            .1
+            .clone();
+        if block.returned.load(Ordering::Acquire) {
+            return None;
+        }
+        let thread = block
+            .handle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        // SAFETY: the descriptor lives in `block` (held here), whose thread
+        // runs the loop (it has not returned, checked above; one that has
+        // since does not answer and this times out).
+        unsafe { crate::sample_clock(block.desc(), || thread.unpark(), Duration::from_millis(100)) }
     }
 
     /// How many of them are dormant (serving no actor).

@@ -24,7 +24,7 @@
 //! a sticky device error faults every assigned slot (`DeviceError`).
 
 use crate::source::{Arch, KernelSource, translation_unit};
-use crate::{CudaError, DriverInfo, SlotDesc};
+use crate::{ClockSample, CudaError, DriverInfo, SlotDesc};
 use cudarc::driver::sys::{self, CUdevice_attribute as Attr};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
@@ -298,6 +298,8 @@ struct Gpu {
     /// The kernel has returned (set by the backend's Drop).
     returned: AtomicBool,
     info: DriverInfo,
+    /// One clock exchange at a time (the host writes the request word).
+    clock: Mutex<()>,
 }
 
 impl Drop for Gpu {
@@ -371,6 +373,15 @@ impl CudaBackend {
     /// How many blocks (actor slots at once) the kernel hosts.
     pub fn blocks(&self) -> usize {
         self.gpu.blocks.lock().map_or(0, |b| b.len())
+    }
+
+    /// Reads the device clock through the running kernel (block 0 answers,
+    /// serving or dormant) against the host's; a tight enough reading
+    /// (bracket at most [`RECALIBRATE_BRACKET`]) becomes every slot's
+    /// `clock_offset`. The monitor does this every [`RECALIBRATE_EVERY`];
+    /// `None` if the kernel did not answer within 5 ms.
+    pub fn recalibrate(&self) -> Option<ClockSample> {
+        recalibrate(&self.gpu)
     }
 
     fn start(kernels: Vec<KernelSource>, options: CudaOptions) -> Result<Arc<Self>, CudaError> {
@@ -500,6 +511,7 @@ impl CudaBackend {
             stop: AtomicBool::new(false),
             returned: AtomicBool::new(false),
             info,
+            clock: Mutex::new(()),
         });
         let g = gpu.clone();
         let join = match std::thread::Builder::new()
@@ -770,6 +782,34 @@ fn calibrate(
     Ok(best.map_or(0, |(_, offset)| offset))
 }
 
+/// How often the monitor reads the device clock through the running kernel
+/// to recalibrate `clock_offset`.
+pub const RECALIBRATE_EVERY: Duration = Duration::from_secs(10);
+
+/// The widest host bracket of a clock reading that is used (the offset is
+/// then right to within half of it).
+pub const RECALIBRATE_BRACKET: Duration = Duration::from_micros(200);
+
+fn recalibrate(g: &Gpu) -> Option<ClockSample> {
+    let _one = g.clock.lock().unwrap_or_else(|p| p.into_inner());
+    if g.failed.load(Ordering::Acquire) || g.returned.load(Ordering::Acquire) {
+        return None;
+    }
+    // SAFETY: descriptor 0 is alive as long as `g`, and its block runs the
+    // loop (the kernel has not returned, checked above; a block that has
+    // does not answer and this times out).
+    let sample = unsafe { crate::sample_clock(g.desc(0), || {}, Duration::from_millis(5)) }?;
+    if sample.bracket_ns <= RECALIBRATE_BRACKET.as_nanos() as u64 {
+        let blocks = g.blocks.lock().map_or(0, |b| b.len());
+        for i in 0..blocks {
+            // SAFETY: `i < blocks`: a live descriptor.
+            unsafe { crate::set_clock_offset(g.desc(i), sample.offset_ns) };
+        }
+        tracing::debug!(?sample, "clock recalibrated");
+    }
+    Some(sample)
+}
+
 /// The host side of the cuda backend's wake-ups and failure detection.
 fn monitor(g: &Gpu) {
     if let Err(e) = g.ctx.bind_to_thread() {
@@ -777,7 +817,12 @@ fn monitor(g: &Gpu) {
     }
     let mut last_activity = Instant::now();
     let mut last_query = Instant::now();
+    let mut last_calibration = Instant::now();
     while !g.stop.load(Ordering::Acquire) {
+        if last_calibration.elapsed() >= RECALIBRATE_EVERY {
+            last_calibration = Instant::now();
+            let _ = recalibrate(g);
+        }
         let mut moved = false;
         {
             let mut blocks = g.blocks.lock().unwrap_or_else(|p| p.into_inner());

@@ -40,11 +40,15 @@ mod nvrtc;
 mod source;
 
 pub use chost::{CHostBackend, DEFAULT_BLOCK_THREADS};
-pub use gpu::{CudaBackend, CudaBackendBuilder, CudaOptions, QUIESCE_WAIT};
+pub use gpu::{
+    CudaBackend, CudaBackendBuilder, CudaOptions, QUIESCE_WAIT, RECALIBRATE_BRACKET,
+    RECALIBRATE_EVERY,
+};
 pub use nvrtc::{DriverInfo, compile_cubin, compile_ptx, nvrtc_version, probe};
 pub use source::{Arch, KernelSource, kernels, module_name, translation_unit};
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// Why the CUDA backend could not do what was asked.
 #[non_exhaustive]
@@ -168,7 +172,13 @@ pub struct SlotDesc {
     pub exit: AtomicU64,
     /// Threads per message: the kernel's declared width.
     pub width: u32,
-    _pad: [u8; 20],
+    /// A clock reading wanted (host: a new number, store-release).
+    pub clock_request: AtomicU32,
+    /// The device clock, read in answer (device, relaxed).
+    pub clock_sample: AtomicU64,
+    /// The request answered (device, store-release).
+    pub clock_answer: AtomicU32,
+    _pad: [u8; 4],
 }
 
 const _: () = {
@@ -181,7 +191,91 @@ const _: () = {
     assert!(std::mem::offset_of!(SlotDesc, finished) == 88);
     assert!(std::mem::offset_of!(SlotDesc, exit) == 96);
     assert!(std::mem::offset_of!(SlotDesc, width) == 104);
+    assert!(std::mem::offset_of!(SlotDesc, clock_request) == 108);
+    assert!(std::mem::offset_of!(SlotDesc, clock_sample) == 112);
+    assert!(std::mem::offset_of!(SlotDesc, clock_answer) == 120);
 };
+
+/// A reading of a block's clock against the host's, taken while the
+/// actor-host kernel runs: what recalibrates a device's `clock_offset`
+/// (the probe launch calibrates it once, before the kernel owns the device;
+/// the two clocks drift).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClockSample {
+    /// Host wall-clock ns minus device ns, at the middle of the bracket.
+    pub offset_ns: i64,
+    /// Host ns from the request to the answer: the offset is right to
+    /// within half of it.
+    pub bracket_ns: u64,
+}
+
+/// Host wall-clock time, ns since the Unix epoch (the clock HLC stamps use).
+pub(crate) fn host_now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// Asks the block serving descriptor `d` for a reading of its clock
+/// (`rk_clock_answer`: answered when its loop is idle or dormant, or every
+/// 256 busy rounds), bracketed by two host clock reads; `wake` rouses the
+/// block. `None` if it does not answer within `wait`. One caller per
+/// descriptor at a time (the host is the request word's only writer).
+///
+/// # Safety
+/// `d` points at a live descriptor whose block runs `rk_block_run`.
+pub(crate) unsafe fn sample_clock(
+    d: *mut SlotDesc,
+    wake: impl Fn(),
+    wait: Duration,
+) -> Option<ClockSample> {
+    // SAFETY: the three words are atomics inside the live descriptor (the
+    // caller's promise), accessed only atomically by both sides.
+    let (request, sample, answer) = unsafe {
+        (
+            &*std::ptr::addr_of!((*d).clock_request),
+            &*std::ptr::addr_of!((*d).clock_sample),
+            &*std::ptr::addr_of!((*d).clock_answer),
+        )
+    };
+    // Relaxed: the host is the only writer of the request word.
+    let want = request.load(Ordering::Relaxed).wrapping_add(1);
+    let start = host_now_ns();
+    // Release: pairs with the block's load-acquire of the request.
+    request.store(want, Ordering::Release);
+    wake();
+    let deadline = Instant::now() + wait;
+    loop {
+        // Acquire: pairs with the block's store-release of the answer, so
+        // the sample it wrote before is read below.
+        if answer.load(Ordering::Acquire) == want {
+            let end = host_now_ns();
+            let device = sample.load(Ordering::Relaxed) as i64;
+            return Some(ClockSample {
+                offset_ns: start + (end - start) / 2 - device,
+                bracket_ns: (end - start).max(0) as u64,
+            });
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// Stores a new clock offset into descriptor `d` (the loop reads it per
+/// batch).
+///
+/// # Safety
+/// `d` points at a live descriptor.
+pub(crate) unsafe fn set_clock_offset(d: *mut SlotDesc, offset_ns: i64) {
+    // SAFETY: the field is 8-byte aligned inside the live descriptor, and
+    // both sides access it atomically once the kernel runs (the device
+    // with a relaxed load).
+    let word = unsafe { AtomicI64::from_ptr(std::ptr::addr_of_mut!((*d).clock_offset)) };
+    // Relaxed: a lone value; nothing else is published with it.
+    word.store(offset_ns, Ordering::Relaxed);
+}
 
 /// Whether a block of `block_threads` threads runs a handler of declared
 /// width `width`: one thread, or whole warps (a barrier among the handler's

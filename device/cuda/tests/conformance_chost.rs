@@ -220,3 +220,39 @@ fn widths_are_whole_warps_up_to_the_block() {
     }
     slot.terminate(conformance::DEADLINE);
 }
+
+/// The clock exchange the cuda backend recalibrates `clock_offset` with,
+/// through the running loop: a block answers serving an actor (idle and
+/// busy) and dormant. On the host both clocks are one, so every reading
+/// must lie inside the host's bracket.
+#[test]
+fn a_block_answers_clock_readings_serving_and_dormant() {
+    let backend = CHostBackend::new();
+    let rt = Runtime::builder().device(backend.clone()).build().unwrap();
+    assert_eq!(backend.sample_clock(0), None, "no block yet");
+    let check = |what: &str, s: Option<ringkernel_cuda::ClockSample>| {
+        let s = s.unwrap_or_else(|| panic!("{what}: no answer"));
+        assert!(
+            s.offset_ns.unsigned_abs() <= s.bracket_ns / 2 + 1,
+            "{what}: the reading lies outside the bracket: {s:?}"
+        );
+    };
+    let mut slot = rt
+        .launch::<Probe, ChannelWaiter>(Default::default(), &LaunchOptions::default(), |_| {})
+        .unwrap();
+    assert_eq!(echo(&mut slot, 1), 1);
+    check("serving, idle", backend.sample_clock(0));
+    for _ in 0..5 {
+        for _ in 0..2000 {
+            conformance::tell(&mut slot, conformance::Add(1));
+        }
+        check("serving, busy", backend.sample_clock(0));
+    }
+    assert_eq!(echo(&mut slot, 2), 2);
+    slot.terminate(conformance::DEADLINE);
+    while backend.dormant_blocks() == 0 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    check("dormant", backend.sample_clock(0));
+    assert_eq!(backend.sample_clock(1), None, "no such block");
+}

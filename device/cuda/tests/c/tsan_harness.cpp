@@ -173,6 +173,17 @@ struct Slot {
 
 static uint64_t value(uint64_t i) { return i * 2654435761u; }
 
+// The host's side of a clock reading (what the cuda backend recalibrates
+// `clock_offset` with): a new request, then the answer and its sample.
+static void clock_exchange(rk_slot_desc* d) {
+    uint32_t want = __atomic_load_n(&d->clock_request, __ATOMIC_RELAXED) + 1;
+    uint64_t before = rk_device_time_ns();
+    __atomic_store_n(&d->clock_request, want, __ATOMIC_RELEASE);
+    while (__atomic_load_n(&d->clock_answer, __ATOMIC_ACQUIRE) != want) std::this_thread::yield();
+    uint64_t sample = __atomic_load_n(&d->clock_sample, __ATOMIC_RELAXED);
+    CHECK(sample >= before && sample <= rk_device_time_ns());
+}
+
 int main() {
     alignas(128) static rk_slot_desc desc;
     rk_host_hooks hooks = {nullptr, nullptr, nullptr, idle};
@@ -204,6 +215,8 @@ int main() {
         CHECK(p[0] == s && p[1] == count);
         replies += 1;
         next_ask += 3;
+        // A clock reading while the slot is busy.
+        if (replies == N / 6) clock_exchange(&desc);
     }
     producer.join();
     // Every message committed and released, progress recorded.
@@ -214,6 +227,8 @@ int main() {
     __atomic_store_n(&a.c->requested_state, (uint32_t)RK_STATE_TERMINATED, __ATOMIC_RELEASE);
     while (a.acked() != RK_STATE_TERMINATED) std::this_thread::yield();
     while (__atomic_load_n(&desc.finished, __ATOMIC_ACQUIRE) != 1) std::this_thread::yield();
+    // And one while the block is dormant.
+    clock_exchange(&desc);
 
     // Phase 2: a fence while messages flow.
     Slot b;
