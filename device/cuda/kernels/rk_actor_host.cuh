@@ -23,30 +23,39 @@ extern "C" __global__ void rk_clock_probe(uint64_t* out) {
 }
 #else
 // Runs one block of `threads` threads: the calling thread is thread 0 (it
-// runs the loop; the host hooks park and wake it); the others are started
-// here and join when it leaves.
+// runs the loop; the host hooks park and wake it); the others start when a
+// wide kernel is first assigned (rk_arch_start_threads) and join when
+// thread 0 leaves.
 extern "C" void rk_host_block_run(rk_slot_desc* slot, uint32_t threads) {
-    rk_host_block block;
-    block.threads = threads ? threads : 1u;
-    rk_block_shared shared;
-    memset(&shared, 0, sizeof shared);
-    shared.width = 1;
-    std::vector<std::thread> others;
-    for (uint32_t t = 1; t < block.threads; ++t) {
-        others.emplace_back([&block, &shared, t] {
-            rk_tls_block = &block;
-            rk_tls_shared = &shared;
-            rk_tls_thread = t;
-            rk_follow();
-        });
+    rk_host_block* block = new (std::nothrow) rk_host_block();
+    rk_block_shared* shared = new (std::nothrow) rk_block_shared();
+    if (!block || !shared) {
+        delete block;
+        delete shared;
+        return;
     }
-    rk_tls_block = &block;
-    rk_tls_shared = &shared;
+    block->threads = threads ? threads : 1u;
+    block->shared = shared;
+    shared->width = 1;
+    block->follow = [](rk_host_block* b, uint32_t t) {
+        rk_tls_block = b;
+        rk_tls_shared = (rk_block_shared*)b->shared;
+        rk_tls_thread = t;
+        rk_follow();
+    };
+    block->stop = [](rk_host_block* b) {
+        ((rk_block_shared*)b->shared)->cmd = RK_CMD_EXIT;
+        b->all.wait_expected();
+    };
+    rk_tls_block = block;
+    rk_tls_shared = shared;
     rk_tls_thread = 0;
     rk_block_run(slot);
     rk_block_exit();
-    for (std::thread& t : others) t.join();
+    for (std::thread& t : block->others) t.join();
     rk_tls_block = nullptr;
     rk_tls_shared = nullptr;
+    delete block;
+    delete shared;
 }
 #endif

@@ -86,6 +86,14 @@ RK_DEVICE void rk_arch_sync_all(void) { asm volatile("barrier.sync 0;" : : : "me
 RK_DEVICE void rk_arch_sync(uint32_t n) {
     asm volatile("barrier.sync 1, %0;" : : "r"(n) : "memory");
 }
+// A wide handler's threads enter it from two call sites (thread 0 from the
+// loop, the others from rk_follow): one out-of-line function, whose first
+// step reconverges each warp, so a warp runs the handler once, not lane 0
+// and lanes 1-31 one after the other.
+#define RK_WIDE_FN __device__ __noinline__
+RK_DEVICE void rk_arch_converge(void) { __syncwarp(); }
+// Blocks start all their threads at launch.
+RK_DEVICE bool rk_arch_start_threads(void) { return true; }
 
 // Host hooks do not exist on a GPU: the poller polls K2H, senders poll H2K
 // room, and idling is a back-off sleep.

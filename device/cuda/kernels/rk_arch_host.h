@@ -38,16 +38,17 @@ RK_DEVICE uint64_t rk_device_time_ns(void) {
 }
 
 // The block's threads: one OS thread per device thread of the block
-// (rk_host_block_run starts them). A barrier is a mutex and a condition
-// variable, which ThreadSanitizer sees as the synchronisation it is.
+// (rk_host_block_run runs thread 0; the others start when the block is
+// first assigned a wide kernel, so a block serving width-1 kernels stays
+// one thread). A barrier is a mutex and a condition variable, which
+// ThreadSanitizer sees as the synchronisation it is.
 struct rk_host_barrier {
     std::mutex m;
     std::condition_variable cv;
     uint32_t arrived = 0;
     uint64_t generation = 0;
-    // Waits until `count` threads (the same count for all) have arrived.
-    void wait(uint32_t count) {
-        std::unique_lock<std::mutex> lock(m);
+    uint32_t expected = 0;
+    void arrive(std::unique_lock<std::mutex>& lock, uint32_t count) {
         uint64_t g = generation;
         if (++arrived >= count) {
             arrived = 0;
@@ -57,22 +58,69 @@ struct rk_host_barrier {
         }
         cv.wait(lock, [&] { return generation != g; });
     }
+    // Waits until `count` threads (the same count for all) have arrived.
+    void wait(uint32_t count) {
+        std::unique_lock<std::mutex> lock(m);
+        arrive(lock, count);
+    }
+    // Waits until `expected` threads have arrived.
+    void wait_expected() {
+        std::unique_lock<std::mutex> lock(m);
+        arrive(lock, expected);
+    }
+    void expect(uint32_t n) {
+        std::lock_guard<std::mutex> lock(m);
+        expected = n;
+    }
 };
 struct rk_host_block {
     uint32_t threads = 1;
-    rk_host_barrier all;      // every thread of the block
+    rk_host_barrier all;      // every started thread of the block
     rk_host_barrier handler;  // the threads running a wide handler
+    std::vector<std::thread> others;
+    bool started = false;
+    // The block's rk_block_shared (rk_device.cuh defines it).
+    void* shared = nullptr;
+    // Set by rk_actor_host.cuh: runs rk_follow on thread t; tells the
+    // started threads to leave (through the barrier).
+    void (*follow)(rk_host_block* block, uint32_t t) = nullptr;
+    void (*stop)(rk_host_block* block) = nullptr;
 };
 static thread_local rk_host_block* rk_tls_block = nullptr;
 static thread_local uint32_t rk_tls_thread = 0;
 RK_DEVICE uint32_t rk_arch_thread(void) { return rk_tls_thread; }
 RK_DEVICE uint32_t rk_arch_block_threads(void) { return rk_tls_block ? rk_tls_block->threads : 1u; }
 RK_DEVICE void rk_arch_sync_all(void) {
-    if (rk_tls_block && rk_tls_block->threads > 1) rk_tls_block->all.wait(rk_tls_block->threads);
+    if (rk_tls_block && rk_tls_block->started) rk_tls_block->all.wait_expected();
 }
 RK_DEVICE void rk_arch_sync(uint32_t n) {
     if (rk_tls_block && n > 1) rk_tls_block->handler.wait(n);
 }
+// Thread 0: starts the block's other threads if they are not yet; false
+// if the system refuses one (those started are then stopped again).
+RK_DEVICE bool rk_arch_start_threads(void) {
+    rk_host_block* b = rk_tls_block;
+    if (!b) return false;
+    if (b->started || b->threads <= 1) return true;
+    // Set before any starts (a thread's start orders them for it).
+    b->all.expect(b->threads);
+    b->started = true;
+    try {
+        for (uint32_t t = 1; t < b->threads; ++t) {
+            b->others.emplace_back([b, t] { b->follow(b, t); });
+        }
+    } catch (...) {
+        b->all.expect((uint32_t)b->others.size() + 1);
+        b->stop(b);
+        for (std::thread& t : b->others) t.join();
+        b->others.clear();
+        b->started = false;
+        return false;
+    }
+    return true;
+}
+#define RK_WIDE_FN static
+RK_DEVICE void rk_arch_converge(void) {}
 
 // The hooks the host gives the loop (c-host only): wake the poller after a
 // K2H publish or an acknowledgement, wake senders after H2K room is made,

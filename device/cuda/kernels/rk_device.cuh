@@ -27,6 +27,11 @@
 // it equally often), and rk_scratch() is RK_SCRATCH_BYTES the block's
 // threads share (CUDA shared memory). The state is shared too: write
 // disjoint parts of it, or write it from one thread, with rk_sync() between.
+// Every one of the w threads must call rk_sync() equally often and return
+// (a thread that returns early while others wait in rk_sync() hangs the
+// slot: the watchdog then faults it); __syncthreads() and barriers 0 and 1
+// are the loop's, not the handler's. Only thread 0's status counts: a
+// fault must be returned by thread 0.
 #pragma once
 
 #define RK_DONE 0u
@@ -44,6 +49,9 @@
 #define RK_DETAIL_BAD_STATE_WORD 0xFFFFFFFFFFFFFFFFull
 // A slot width the block cannot run (more than its threads).
 #define RK_DETAIL_BAD_WIDTH 0xB0000002ull
+// The block's other threads could not be started (c-host: the system
+// refused a thread).
+#define RK_DETAIL_NO_THREADS 0xB0000003ull
 
 typedef struct rk_reply {
     uint32_t len;

@@ -193,6 +193,13 @@ typedef struct rk_run {
     uint64_t hlc;
 } rk_run;
 
+// One thread's run of a wide handler on the message in shared memory (one
+// function for thread 0 and the others: see rk_arch_converge).
+RK_WIDE_FN uint32_t rk_wide_dispatch(rk_block_shared* sh, rk_reply* reply, rk_later* later) {
+    rk_arch_converge();
+    return rk_dispatch(sh->kernel, sh->state, &sh->msg, sh->payload, reply, later);
+}
+
 // Runs the slot's handler on one message: on thread 0 alone (width 1), or
 // on the block's first `width` threads — thread 0 hands the message to the
 // others through shared memory, and its outputs are the run's.
@@ -206,7 +213,7 @@ RK_DEVICE uint32_t rk_run_handler(rk_run* r, const rk_envelope_header* msg,
     if (msg->payload_len) rk_copy(sh->payload, payload, msg->payload_len);
     sh->cmd = RK_CMD_HANDLE;
     rk_arch_sync_all();  // the others see the command and the message
-    uint32_t status = rk_dispatch(sh->kernel, sh->state, &sh->msg, sh->payload, reply, later);
+    uint32_t status = rk_wide_dispatch(sh, reply, later);
     rk_arch_sync_all();  // every thread's run is over (its writes visible)
     return status;
 }
@@ -227,18 +234,17 @@ RK_DEVICE void rk_follow(void) {
             later.n = 0;
             later.cap = rk_max_later(sh->kernel);
             later.replies = buf;
-            (void)rk_dispatch(sh->kernel, sh->state, &sh->msg, sh->payload, &reply, &later);
+            (void)rk_wide_dispatch(sh, &reply, &later);
         }
         rk_arch_sync_all();
     }
 }
 
-// Thread 0, leaving the kernel: the block's other threads leave too.
+// Thread 0, leaving the kernel: the block's other threads leave too (a
+// no-op where they never started).
 RK_DEVICE void rk_block_exit(void) {
-    if (rk_arch_block_threads() > 1) {
-        rk_block()->cmd = RK_CMD_EXIT;
-        rk_arch_sync_all();
-    }
+    rk_block()->cmd = RK_CMD_EXIT;
+    rk_arch_sync_all();
 }
 
 // Serves one batch. Returns the messages committed, or -1 when the slot's
@@ -384,13 +390,16 @@ RK_DEVICE int64_t rk_serve_batch(rk_run* r) {
 // pending: the host brackets the answer with two reads of its own clock and
 // recalibrates `clock_offset` from it (at launch the probe kernel does; the
 // clock drifts). Checked when idle, dormant, and every 256 busy rounds.
-RK_DEVICE void rk_clock_answer(rk_slot_desc* d) {
+// `answered` caches the last answer (the device is its only writer), so
+// a check is one load.
+RK_DEVICE void rk_clock_answer(rk_slot_desc* d, uint32_t* answered) {
     // Pairs with the host's store-release of the request.
     uint32_t request = rk_ld_acquire_u32(&d->clock_request);
-    if (request != rk_ld_relaxed_u32(&d->clock_answer)) {
+    if (request != *answered) {
         rk_st_relaxed_u64(&d->clock_sample, rk_device_time_ns());
         // Publishes the sample; pairs with the host's load-acquire.
         rk_st_release_u32(&d->clock_answer, request);
+        *answered = request;
     }
 }
 
@@ -422,8 +431,14 @@ RK_DEVICE void rk_slot_run(rk_slot_desc* d) {
     // What the block's other threads need to run a wide handler (read by
     // them after the barrier of each message).
     uint32_t width = d->width ? d->width : 1u;
-    if (width > rk_arch_block_threads()) {
-        rk_report_fault(c, (uint32_t)RK_FAULT_BAD_ENVELOPE, RK_DETAIL_BAD_WIDTH, r.incarnation);
+    bool bad_width = width > rk_arch_block_threads();
+#ifdef RK_ARCH_CUDA
+    // Barrier 1 counts whole warps.
+    bad_width = bad_width || (width > 1 && width % 32u != 0);
+#endif
+    if (bad_width || (width > 1 && !rk_arch_start_threads())) {
+        rk_report_fault(c, (uint32_t)RK_FAULT_BAD_ENVELOPE,
+                        bad_width ? RK_DETAIL_BAD_WIDTH : RK_DETAIL_NO_THREADS, r.incarnation);
         rk_hook_wake_host(r.hooks);
         return;
     }
@@ -442,6 +457,7 @@ RK_DEVICE void rk_slot_run(rk_slot_desc* d) {
 #endif
     uint32_t backoff = RK_IDLE_MIN_NS;
     uint32_t rounds = 0;
+    uint32_t answered = rk_ld_relaxed_u32(&d->clock_answer);
     for (;;) {
         if (rk_ld_acquire_u64(&c->commit) & RK_COMMIT_FENCED) {
             rk_ack(c, RK_STATE_TERMINATED, r.incarnation);
@@ -478,10 +494,10 @@ RK_DEVICE void rk_slot_run(rk_slot_desc* d) {
             idle_since = 0;
 #endif
             backoff = RK_IDLE_MIN_NS;
-            if ((++rounds & 255u) == 0) rk_clock_answer(d);
+            if ((++rounds & 255u) == 0) rk_clock_answer(d, &answered);
             continue;
         }
-        rk_clock_answer(d);
+        rk_clock_answer(d, &answered);
 #if RK_SPIN_NS > 0
         uint64_t now = rk_device_time_ns();
         if (idle_since == 0) idle_since = now;
@@ -512,6 +528,7 @@ RK_DEVICE void rk_slot_run(rk_slot_desc* d) {
 RK_DEVICE void rk_block_run(rk_slot_desc* d) {
     uint64_t served = rk_ld_acquire_u64(&d->finished);
     uint32_t backoff = RK_IDLE_MIN_NS;
+    uint32_t answered = rk_ld_relaxed_u32(&d->clock_answer);
     for (;;) {
         if (rk_ld_acquire_u64(&d->exit)) return;
         // Pairs with the host's store-release of `assigned` after it filled
@@ -525,7 +542,7 @@ RK_DEVICE void rk_block_run(rk_slot_desc* d) {
             backoff = RK_IDLE_MIN_NS;
             continue;
         }
-        rk_clock_answer(d);
+        rk_clock_answer(d, &answered);
         rk_hook_idle((void*)d->hooks, backoff);
         backoff = backoff * 2 > RK_DORMANT_MAX_NS ? RK_DORMANT_MAX_NS : backoff * 2;
     }

@@ -259,7 +259,12 @@ pub(crate) unsafe fn sample_clock(
         if Instant::now() >= deadline {
             return None;
         }
-        std::hint::spin_loop();
+        // Spin for the usual quick answer; then leave the core to others.
+        if start + 50_000 < host_now_ns() {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
     }
 }
 
