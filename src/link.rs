@@ -52,6 +52,10 @@
 //! consumer end each sit behind a lock that a device loop takes per batch,
 //! never across a handler; the host takes them only to close or hand back.
 //! The two ends never contend with each other.
+//!
+//! A backend whose device loop runs on the host side of a dispatch (wgpu)
+//! serves links through a [`LinkPort`]: the same rings, outboxes and commit
+//! words, moved by its host loop between dispatches (host-mediated K2K).
 
 use crate::control::ControlRef;
 use crate::envelope::{EnvelopeHeader, HeaderCheck};

@@ -123,6 +123,13 @@ impl GpuBench {
         self.backend.launch_per_message(n).expect("launches");
     }
 
+    /// `n` messages, a CUDA-graph launch each.
+    pub fn graph_launches(&mut self, n: u64) {
+        self.backend
+            .graph_launch_per_message(n)
+            .expect("graph launches");
+    }
+
     /// One ask to the persistent kernel, after idling `idle`.
     pub fn ask_after(&mut self, idle: Duration) -> Duration {
         timed_ask(&mut self.slot, idle)

@@ -372,6 +372,14 @@ fn main() {
             base: Box::new(|n| g.borrow_mut().launches(n)),
         };
         run(&mut c, rounds);
+        let mut c = Comparison {
+            name: "cuda_ask_vs_graph",
+            config: "sequential asks (Echo) to the persistent actor-host kernel vs a CUDA-graph launch per message (captured once, uploaded), the host spinning on the mapped word it writes".into(),
+            ops: 20_000 * scale,
+            ours: Box::new(|n| g.borrow_mut().asks(n)),
+            base: Box::new(|n| g.borrow_mut().graph_launches(n)),
+        };
+        run(&mut c, rounds);
     }
 
     let wanted = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));

@@ -547,6 +547,20 @@ impl CudaBackend {
     /// # Errors
     /// [`CudaError::Driver`]; [`CudaError::PinnedBudget`].
     pub fn launch_per_message(&self, n: u64) -> Result<Duration, CudaError> {
+        self.per_message(n, false)
+    }
+
+    /// The same with each launch replayed from a CUDA graph (captured once,
+    /// uploaded before the first): the other baseline, a launch with the
+    /// driver's per-launch setup taken out.
+    ///
+    /// # Errors
+    /// As [`CudaBackend::launch_per_message`].
+    pub fn graph_launch_per_message(&self, n: u64) -> Result<Duration, CudaError> {
+        self.per_message(n, true)
+    }
+
+    fn per_message(&self, n: u64, graph: bool) -> Result<Duration, CudaError> {
         let g = &self.gpu;
         g.ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
         let word = g
@@ -559,24 +573,45 @@ impl CudaBackend {
             .dev_addr(word.base().as_ptr())
             .ok_or_else(|| CudaError::Driver("word outside the arena".into()))?;
         let flag = word.base().as_ptr().cast::<u64>();
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let graph = if graph {
+            g.copy
+                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .map_err(driver("cuStreamBeginCapture"))?;
+            // SAFETY: as in `calibrate`: a mapped pointer to the word, alive
+            // as long as the graph (dropped at the end of this function);
+            // captured, the launch runs only when the graph is launched.
+            let captured = unsafe { g.copy.launch_builder(&g.probe).arg(&dev).launch(cfg) };
+            let graph = g
+                .copy
+                .end_capture(sys::CUgraphInstantiate_flags(0))
+                .map_err(driver("cuStreamEndCapture"))?;
+            captured.map_err(driver("rk_clock_probe"))?;
+            let graph =
+                graph.ok_or_else(|| CudaError::Driver("the capture made no graph".into()))?;
+            graph.upload().map_err(driver("cuGraphUpload"))?;
+            Some(graph)
+        } else {
+            None
+        };
         let start = Instant::now();
         for _ in 0..n {
             // SAFETY: the word is ours, 8 bytes, aligned; the device's last
             // write to it was observed (or it is fresh).
             unsafe { std::ptr::write_volatile(flag, 0) };
-            // SAFETY: as in `calibrate`: a mapped pointer to the word, alive
-            // until the spin below has seen the write.
-            unsafe {
-                g.copy
-                    .launch_builder(&g.probe)
-                    .arg(&dev)
-                    .launch(LaunchConfig {
-                        grid_dim: (1, 1, 1),
-                        block_dim: (1, 1, 1),
-                        shared_mem_bytes: 0,
-                    })
+            match &graph {
+                Some(graph) => graph.launch().map_err(driver("cuGraphLaunch"))?,
+                None => {
+                    // SAFETY: as in `calibrate`: a mapped pointer to the
+                    // word, alive until the spin below has seen the write.
+                    unsafe { g.copy.launch_builder(&g.probe).arg(&dev).launch(cfg) }
+                        .map_err(driver("rk_clock_probe"))?;
+                }
             }
-            .map_err(driver("rk_clock_probe"))?;
             // SAFETY: the device writes the word with st.release.sys; this
             // volatile read sees it once it lands.
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -593,6 +628,7 @@ impl CudaBackend {
         g.copy
             .synchronize()
             .map_err(driver("cuStreamSynchronize"))?;
+        drop(graph);
         Ok(took)
     }
 
