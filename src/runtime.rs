@@ -2136,6 +2136,26 @@ impl<W: Waiter> PollSlot for PolledSlot<W> {
                         incarnation,
                     },
                 );
+            } else if status.state == LifecycleState::Terminated
+                && !self.shared.control.is_fenced()
+                && self
+                    .shared
+                    .control
+                    .requested_state()
+                    .is_ok_and(|r| !r.is_final())
+            {
+                // The device loop left without being asked (no request, no
+                // fence, no fault): nothing serves the slot any more, so it
+                // fails — every caller resolves — rather than hang.
+                self.fault(
+                    p,
+                    router,
+                    Fault {
+                        code: FaultCode::UnexpectedExit,
+                        detail: UNASKED_TERMINATED,
+                        incarnation,
+                    },
+                );
             } else if status.state == LifecycleState::Active && {
                 self.refresh_links();
                 let incarnation = self.shared.id.incarnation();
@@ -2177,6 +2197,10 @@ impl<W: Waiter> PollSlot for PolledSlot<W> {
         Arc::strong_count(&self.shared) == 1 && self.shared.closed.load(Ordering::Acquire)
     }
 }
+
+/// The [`FaultCode::UnexpectedExit`] detail of a device loop that
+/// acknowledged `Terminated` while nobody had asked it to.
+pub const UNASKED_TERMINATED: u64 = 2;
 
 /// How long the poller spins, idle, before it parks: a reply usually follows
 /// an ask within a few µs, and catching it awake saves a futex wake.

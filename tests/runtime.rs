@@ -284,3 +284,62 @@ fn replies_beyond_k2h_room_are_all_delivered() {
     assert_eq!(slot.status().processed, 5 * REVERSE_BATCH as u64);
     slot.terminate(Duration::from_secs(5));
 }
+
+/// A device backend whose loop acknowledges `Launched`, `Active`, and then
+/// `Terminated` — without anyone asking: a misbehaving device.
+struct LeavingBackend;
+
+impl ringkernel::backend::DeviceBackend for LeavingBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Wgpu
+    }
+
+    fn launch(&self, slot: ringkernel::backend::DeviceSlot) -> Result<std::thread::Thread, String> {
+        let t = std::thread::spawn(move || {
+            let c = &slot.control;
+            let incarnation = u32::from(slot.id.incarnation());
+            c.ack(LifecycleState::Launched, incarnation);
+            while c.requested_state() != Ok(LifecycleState::Active) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            c.ack(LifecycleState::Active, incarnation);
+            (slot.wake_host)();
+            // Leaves once an ask is waiting, without serving it.
+            while slot.h2k.observer().is_empty() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            c.ack(LifecycleState::Terminated, incarnation);
+            (slot.wake_host)();
+        });
+        Ok(t.thread().clone())
+    }
+}
+
+/// A device loop that leaves unasked fails its slot (`UnexpectedExit`):
+/// the ask waiting in H2K resolves, the owner hears of the fault — nothing
+/// hangs on a slot nobody serves (the watchdog watches only active slots).
+#[test]
+fn a_device_loop_that_leaves_unasked_faults_the_slot() {
+    let rt = Runtime::builder()
+        .device(Arc::new(LeavingBackend))
+        .build()
+        .unwrap();
+    let (tx, events) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let mut slot = rt
+        .launch::<Probe, ChannelWaiter>(Default::default(), &LaunchOptions::default(), move |e| {
+            let _ = tx.lock().map(|t| t.send(e));
+        })
+        .unwrap();
+    match conformance::ask(&mut slot, Echo(1)).wait() {
+        Err(AskError::Faulted(f)) => {
+            assert_eq!(f.code, FaultCode::UnexpectedExit);
+            assert_eq!(f.detail, ringkernel::runtime::UNASKED_TERMINATED);
+        }
+        other => panic!("an ask to a loop that left: {other:?}"),
+    }
+    assert!(matches!(
+        events.recv_timeout(conformance::DEADLINE),
+        Ok(SlotEvent::Faulted(_))
+    ));
+}
