@@ -1050,6 +1050,38 @@ fn restart<K: Kernel>(slot: &mut GpuSlot<ChannelWaiter>, rt: &Runtime, opts: &La
     }
 }
 
+/// Waits until `got` holds every value of `0..n` but the poisons,
+/// restarting the relay `slot` whenever it is closed, and checks them: each
+/// once, in order. Returns the restarts it made.
+fn every_value_but_the_poisons(
+    got: &Collect,
+    n: u64,
+    poison: impl Fn(u64) -> bool,
+    slot: &mut GpuSlot<ChannelWaiter>,
+    rt: &Runtime,
+    opts: &LaunchOptions,
+) -> usize {
+    let want: Vec<u64> = (0..n).filter(|&v| !poison(v)).collect();
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let len = || got.0.lock().map_or(0, |v| v.len());
+    let mut restarts = 0;
+    while len() < want.len() && std::time::Instant::now() < deadline {
+        if !slot.is_open() {
+            restart::<Relay>(slot, rt, opts);
+            restarts += 1;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let values = got.0.lock().map(|v| v.clone()).unwrap_or_default();
+    assert_eq!(
+        values.len(),
+        want.len(),
+        "every value but the poisons arrives"
+    );
+    assert!(values == want, "each once, in order");
+    restarts
+}
+
 /// Faults and restarts lose nothing: a stream of sends through a kernel
 /// that faults on every 97th message (a poison), restarted each time as
 /// the next incarnation with its pending messages replayed, delivers every
@@ -1085,23 +1117,7 @@ pub fn faults_and_restarts_lose_nothing(rt: &Runtime) {
             }
         }
     }
-    let want: Vec<u64> = (0..n).filter(|&v| !poison(v)).collect();
-    let deadline = std::time::Instant::now() + DEADLINE;
-    let len = || got.0.lock().map_or(0, |v| v.len());
-    while len() < want.len() && std::time::Instant::now() < deadline {
-        if !slot.is_open() {
-            restart::<Relay>(&mut slot, rt, &opts);
-            restarts += 1;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let values = got.0.lock().map(|v| v.clone()).unwrap_or_default();
-    assert_eq!(
-        values.len(),
-        want.len(),
-        "every message but the poisons arrives"
-    );
-    assert!(values == want, "each once, in order");
+    restarts += every_value_but_the_poisons(&got, n, poison, &mut slot, rt, &opts);
     assert!(restarts > 0, "the poisons faulted the actor");
     slot.terminate(DEADLINE);
     rt.registry().unregister(sink);
@@ -1170,23 +1186,7 @@ pub fn a_restarted_receiver_carries_on_over_its_link(rt: &Runtime) {
             }
         }
     }
-    let want: Vec<u64> = (0..n).filter(|&v| !poison(v)).collect();
-    let deadline = std::time::Instant::now() + DEADLINE;
-    let len = || got.0.lock().map_or(0, |v| v.len());
-    while len() < want.len() && std::time::Instant::now() < deadline {
-        if !b.is_open() {
-            restart::<Relay>(&mut b, rt, &opts);
-            restarts += 1;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let values = got.0.lock().map(|v| v.clone()).unwrap_or_default();
-    assert_eq!(
-        values.len(),
-        want.len(),
-        "every value but the poisons arrives"
-    );
-    assert!(values == want, "each once, in order");
+    restarts += every_value_but_the_poisons(&got, n, poison, &mut b, rt, &opts);
     assert!(restarts > 0, "the poisons faulted the receiver");
     a.terminate(DEADLINE);
     b.terminate(DEADLINE);

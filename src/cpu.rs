@@ -12,7 +12,7 @@ use crate::kernel::Payload;
 use crate::kernel::{
     CpuHandlers, Kernel, MAX_INLINE, MAX_SENDS, ReplySink, SYS_NO_REPLY, TOO_MANY_SENDS,
 };
-use crate::link::{CachedWake, Link, LinkTx, Staged};
+use crate::link::{Link, LinkTx, OutLink, Staged};
 use crate::ring::{Consumer, Producer};
 use crate::runtime::{Idle, PollerShared, device_spin_budget};
 use crate::space::SpaceWaker;
@@ -50,14 +50,6 @@ pub(crate) fn spawn<K: Kernel>(parts: SlotParts<K>) -> std::io::Result<JoinHandl
 
 /// A message made by a handler, waiting for K2H room.
 type Pending = Staged;
-
-/// A K2K link out of this actor, as the device loop sees it.
-struct OutLink {
-    link: Arc<Link>,
-    wake: CachedWake,
-    /// Committed sends left in its outbox, as of the last push or flush.
-    outbox: usize,
-}
 
 /// A handler's replies and sends are staged; the loop publishes them after
 /// the handler returns and, for K2H, before it commits the message (so a
@@ -435,34 +427,17 @@ impl<K: Kernel> DeviceLoop<K> {
         let (generation, inbound, outbound) = self.home.links();
         self.links_generation = generation;
         self.inbound = inbound;
-        self.outbound = outbound
-            .into_iter()
-            .map(|link| OutLink {
-                outbox: link.outbox_len(),
-                link,
-                wake: CachedWake::default(),
-            })
-            .collect();
+        self.outbound = OutLink::all(outbound);
     }
 
     /// Moves what K2K outboxes hold into their rings; returns how many.
     fn flush_links(&mut self) -> usize {
-        let mut moved = 0;
-        for o in &mut self.outbound {
-            if o.outbox > 0 {
-                let left = o.link.flush(&mut o.wake);
-                moved += o.outbox.saturating_sub(left);
-                o.outbox = left;
-            }
-        }
-        moved
+        OutLink::flush_all(&mut self.outbound)
     }
 
     /// Whether a waiting link's outbox is at capacity: take no new message.
     fn links_blocked(&self) -> bool {
-        self.outbound
-            .iter()
-            .any(|o| !o.link.report_failures && o.outbox >= o.link.capacity)
+        OutLink::any_blocked(&self.outbound)
     }
 
     /// Serves what waits in H2K (a batch); returns how many were taken.

@@ -796,19 +796,54 @@ pub struct LinkPort {
     served: Vec<u32>,
     generation: u64,
     inbound: Vec<Arc<Link>>,
-    outbound: Vec<PortOut>,
+    outbound: Vec<OutLink>,
     /// Where the next [`LinkPort::take`] starts looking (round robin).
     cursor: usize,
     /// See [`LinkPort::take_refused`].
     refused: u64,
 }
 
-/// A link out of the slot, as the port sees it.
-struct PortOut {
-    link: Arc<Link>,
-    wake: CachedWake,
+/// A K2K link out of an actor, as a device loop (or a [`LinkPort`]) sees
+/// it.
+pub(crate) struct OutLink {
+    pub(crate) link: Arc<Link>,
+    pub(crate) wake: CachedWake,
     /// Committed sends left in its outbox, as of the last push or flush.
-    outbox: usize,
+    pub(crate) outbox: usize,
+}
+
+impl OutLink {
+    /// The view of each of `links`.
+    pub(crate) fn all(links: Vec<Arc<Link>>) -> Vec<OutLink> {
+        links
+            .into_iter()
+            .map(|link| OutLink {
+                outbox: link.outbox_len(),
+                link,
+                wake: CachedWake::default(),
+            })
+            .collect()
+    }
+
+    /// Moves what the outboxes hold into their rings, waking receivers;
+    /// returns how many moved.
+    pub(crate) fn flush_all(out: &mut [OutLink]) -> usize {
+        let mut moved = 0;
+        for o in out {
+            if o.outbox > 0 {
+                let left = o.link.flush(&mut o.wake);
+                moved += o.outbox.saturating_sub(left);
+                o.outbox = left;
+            }
+        }
+        moved
+    }
+
+    /// Whether a waiting link's outbox is at capacity: take no new message.
+    pub(crate) fn any_blocked(out: &[OutLink]) -> bool {
+        out.iter()
+            .any(|o| !o.link.report_failures && o.outbox >= o.link.capacity)
+    }
 }
 
 impl fmt::Debug for LinkPort {
@@ -930,14 +965,7 @@ impl LinkPort {
         let (generation, inbound, outbound) = self.home.links();
         self.generation = generation;
         self.inbound = inbound;
-        self.outbound = outbound
-            .into_iter()
-            .map(|link| PortOut {
-                outbox: link.outbox_len(),
-                link,
-                wake: CachedWake::default(),
-            })
-            .collect();
+        self.outbound = OutLink::all(outbound);
         true
     }
 
@@ -963,24 +991,14 @@ impl LinkPort {
     /// Moves what the outboxes hold into their rings, waking receivers;
     /// returns how many moved.
     pub fn flush(&mut self) -> usize {
-        let mut moved = 0;
-        for o in &mut self.outbound {
-            if o.outbox > 0 {
-                let left = o.link.flush(&mut o.wake);
-                moved += o.outbox.saturating_sub(left);
-                o.outbox = left;
-            }
-        }
-        moved
+        OutLink::flush_all(&mut self.outbound)
     }
 
     /// Whether a waiting link's outbox is at capacity: the slot takes no
     /// new message (from H2K or a link) until it drains — backpressure
     /// along the graph. A loop held so should still beat its heartbeat.
     pub fn blocked(&self) -> bool {
-        self.outbound
-            .iter()
-            .any(|o| !o.link.report_failures && o.outbox >= o.link.capacity)
+        OutLink::any_blocked(&self.outbound)
     }
 
     /// Copies out the messages waiting in the next link into the slot that
