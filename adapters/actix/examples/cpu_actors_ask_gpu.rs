@@ -6,8 +6,9 @@
 //! messages and serves the clients' asks in mailbox order.
 //!
 //! `cargo run --release -p ringkernel-actix --example cpu_actors_ask_gpu`
-//! (`-- --backend cuda|c-host` for the CUDA handler; `cuda` falls back to
-//! the cpu backend, saying why, without a GPU).
+//! (`-- --backend cuda|c-host` for the CUDA handler, `-- --backend wgpu`
+//! for the WGSL one; `cuda` and `wgpu` fall back to the cpu backend, saying
+//! why, without a GPU or adapter).
 
 use actix::prelude::*;
 use bytemuck::{Pod, Zeroable};
@@ -45,6 +46,25 @@ RK_DEVICE uint32_t rk_handle(void* state, const rk_envelope_header* msg, const u
     uint64_t* total = (uint64_t*)state;
     *total += rk_get_u64(payload, 0);
     return rk_reply_u64(reply, *total);
+}
+"#,
+            types: &[AddAndGet::TYPE_ID],
+            max_later: 0,
+        })
+    }
+
+    /// The total as two `u32` words (low first), with the carry.
+    fn wgsl() -> Option<ringkernel::backend::WgslHandler> {
+        Some(ringkernel::backend::WgslHandler {
+            source: r#"
+fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 {
+    let lo = (*state)[0] + msg.payload[0];
+    (*state)[1] = (*state)[1] + msg.payload[1] + select(0u, 1u, lo < msg.payload[0]);
+    (*state)[0] = lo;
+    (*reply).len = 8u;
+    (*reply).payload[0] = (*state)[0];
+    (*reply).payload[1] = (*state)[1];
+    return RK_REPLIED;
 }
 "#,
             types: &[AddAndGet::TYPE_ID],
@@ -90,8 +110,10 @@ impl Handler<Work> for Client {
 
 #[actix_rt::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let rt =
-        ringkernel_cuda::runtime_named(&ringkernel_cuda::backend_arg(), |b| b.kernel::<Counter>())?;
+    let rt = match ringkernel_cuda::backend_arg().as_str() {
+        "wgpu" => ringkernel_wgpu::runtime_or_cpu()?,
+        other => ringkernel_cuda::runtime_named(other, |b| b.kernel::<Counter>())?,
+    };
     let backend = rt.backend();
     let gpu = GpuActor::<Counter>::new(rt, 0).start();
     let clients: Vec<_> = (1..=4)

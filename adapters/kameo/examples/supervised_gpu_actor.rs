@@ -6,8 +6,9 @@
 //! `on_link_died` sees it and spawns a new incarnation, which serves again.
 //!
 //! `cargo run --release -p ringkernel-kameo --example supervised_gpu_actor`
-//! (`-- --backend cuda|c-host` for the CUDA handler; `cuda` falls back to
-//! the cpu backend, saying why, without a GPU).
+//! (`-- --backend cuda|c-host` for the CUDA handler, `-- --backend wgpu`
+//! for the WGSL one; `cuda` and `wgpu` fall back to the cpu backend, saying
+//! why, without a GPU or adapter).
 
 use kameo::Actor;
 use kameo::actor::{ActorRef, Spawn, WeakActorRef};
@@ -52,8 +53,10 @@ impl Actor for Supervisor {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let runtime =
-        ringkernel_cuda::runtime_named(&ringkernel_cuda::backend_arg(), |b| b.kernel::<Probe>())?;
+    let runtime = match ringkernel_cuda::backend_arg().as_str() {
+        "wgpu" => ringkernel_wgpu::runtime_or_cpu()?,
+        other => ringkernel_cuda::runtime_named(other, |b| b.kernel::<Probe>())?,
+    };
     let (tx, mut restarted) = mpsc::unbounded_channel();
     let supervisor = Supervisor::spawn(Supervisor {
         runtime: runtime.clone(),

@@ -18,12 +18,14 @@
 //! `-- --backend cuda` runs the scorer in the persistent CUDA actor-host
 //! kernel (falling back to the cpu backend, saying why, without a GPU);
 //! `-- --backend c-host` runs the same CUDA C++ handler in the device loop
-//! compiled for the host. Kernel-state checkpoints are a cpu-backend
-//! feature: elsewhere the restarted scorer starts from a fresh state.
+//! compiled for the host; `-- --backend wgpu` runs its WGSL handler on
+//! WebGPU (falling back to the cpu backend without an adapter).
+//! Kernel-state checkpoints are a cpu-backend feature: elsewhere the
+//! restarted scorer starts from a fresh state.
 
 use bytemuck::{Pod, Zeroable};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent, call};
-use ringkernel::backend::CudaHandler;
+use ringkernel::backend::{CudaHandler, WgslHandler};
 use ringkernel::kernel::{BackendKind, CpuHandlers, HandlerError, Kernel, Message};
 use ringkernel::runtime::{LaunchOptions, Runtime};
 use ringkernel_ractor::{GpuActor, GpuActorRef, GpuMsg};
@@ -89,7 +91,48 @@ impl Kernel for Stats {
             max_later: 0,
         })
     }
+
+    fn wgsl() -> Option<WgslHandler> {
+        Some(WgslHandler {
+            source: STATS_WGSL,
+            types: &[Reading::TYPE_ID, Summary::TYPE_ID],
+            max_later: 0,
+        })
+    }
 }
+
+/// The same handlers in WGSL (the wgpu backend): the state's three `i64`s
+/// are six `u32` words, low word first; readings are never negative once
+/// accepted, so the sums carry into the high words and `max` stays in the
+/// low one.
+const STATS_WGSL: &str = r#"
+fn stats_add(state: ptr<function, array<u32, RK_STATE_WORDS>>, at: u32, v: u32) {
+    let lo = (*state)[at] + v;
+    (*state)[at + 1u] = (*state)[at + 1u] + select(0u, 1u, lo < v);
+    (*state)[at] = lo;
+}
+
+fn rk_handle(state: ptr<function, array<u32, RK_STATE_WORDS>>, msg: Envelope, reply: ptr<function, Reply>, later: ptr<function, Later>) -> u32 {
+    if msg.type_id == 1u {
+        let sensor = msg.payload[0];
+        let value = bitcast<i32>(msg.payload[1]);
+        if value < 0 {
+            return RK_FAULT + sensor;
+        }
+        stats_add(state, 0u, 1u);
+        stats_add(state, 2u, u32(value));
+        if u32(value) > (*state)[4] {
+            (*state)[4] = u32(value);
+        }
+        return RK_DONE;
+    }
+    (*reply).len = 24u;
+    for (var i = 0u; i < 6u; i = i + 1u) {
+        (*reply).payload[i] = (*state)[i];
+    }
+    return RK_REPLIED;
+}
+"#;
 
 /// The same handlers in CUDA C++ (the cuda and c-host backends).
 const STATS_CUDA: &str = r#"
@@ -227,8 +270,10 @@ impl Actor for Supervisor {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let rt =
-        ringkernel_cuda::runtime_named(&ringkernel_cuda::backend_arg(), |b| b.kernel::<Stats>())?;
+    let rt = match ringkernel_cuda::backend_arg().as_str() {
+        "wgpu" => ringkernel_wgpu::runtime_or_cpu()?,
+        other => ringkernel_cuda::runtime_named(other, |b| b.kernel::<Stats>())?,
+    };
     println!("runtime: {:?} backend, node {}", rt.backend(), rt.node());
     let (sup, sup_handle) = Actor::spawn(Some("supervisor".into()), Supervisor, rt.clone()).await?;
     let scorer = GpuActorRef::<Stats>::new(call!(sup, SupMsg::Scorer)?);

@@ -150,3 +150,28 @@ impl ringkernel::backend::DeviceBackend for WgpuBackend {
         Ok(self.dispatch.thread().clone())
     }
 }
+
+/// A runtime on the wgpu backend, for programs that take a backend option
+/// (the adapters' examples): without a WebGPU adapter it falls back to the
+/// cpu backend and says why — unless `RINGKERNEL_REQUIRE_WGPU=1`, when
+/// that is an error (CI, where Mesa's software driver must be found).
+///
+/// # Errors
+/// No adapter under `RINGKERNEL_REQUIRE_WGPU=1`; a runtime that does not
+/// start.
+pub fn runtime_or_cpu() -> Result<ringkernel::runtime::Runtime, Box<dyn std::error::Error>> {
+    use ringkernel::runtime::Runtime;
+    match WgpuBackend::new() {
+        Ok(backend) => {
+            println!("wgpu adapter: {}", backend.device().adapter());
+            Ok(Runtime::builder().device(backend).build()?)
+        }
+        Err(e) if std::env::var("RINGKERNEL_REQUIRE_WGPU").as_deref() == Ok("1") => {
+            Err(format!("RINGKERNEL_REQUIRE_WGPU=1 and {e}").into())
+        }
+        Err(e) => {
+            println!("the wgpu backend is not available here ({e}); using the cpu backend");
+            Ok(Runtime::new()?)
+        }
+    }
+}

@@ -25,7 +25,7 @@
 
 mod backend;
 mod host_loop;
-pub use backend::WgpuBackend;
+pub use backend::{WgpuBackend, runtime_or_cpu};
 pub use host_loop::{
     COMMIT_REFUSED, DEVICE_FAILED, DispatchLoop, DispatchStats, K2H_OVERRUN, LoopSlot,
 };
