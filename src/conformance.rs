@@ -13,8 +13,10 @@
 //! # Ok::<(), ringkernel::runtime::LaunchError>(())
 //! ```
 //!
-//! The kernels used here ([`Probe`], [`Reverse`]) are public so adapters can
-//! run framework-level versions of the same checks.
+//! The kernels used here ([`Probe`], [`Reverse`], [`Relay`], [`Wide`]) are
+//! public so adapters and backends can run framework-level versions of the
+//! same checks. Two checks need K2K links: on a backend that serves none
+//! they check the typed refusal instead (the cpu backend must serve them).
 
 use crate::control::LifecycleState;
 use crate::id::ActorId;
