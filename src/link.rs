@@ -801,6 +801,8 @@ pub struct LinkPort {
     cursor: usize,
     /// See [`LinkPort::take_refused`].
     refused: u64,
+    /// Reused by [`LinkPort::take`].
+    buf: Vec<Staged>,
 }
 
 /// A K2K link out of an actor, as a device loop (or a [`LinkPort`]) sees
@@ -949,6 +951,7 @@ impl LinkPort {
             outbound: Vec::new(),
             cursor: 0,
             refused: 0,
+            buf: Vec::new(),
         };
         port.refresh();
         port
@@ -1016,7 +1019,7 @@ impl LinkPort {
         mut each: impl FnMut(&EnvelopeHeader, &[u8]) -> bool,
     ) -> Option<LinkBatch> {
         let n = self.inbound.len();
-        let mut buf = Vec::new();
+        let mut buf = std::mem::take(&mut self.buf);
         for k in 0..n {
             let i = (self.cursor + k) % n;
             let link = self.inbound[i].clone();
@@ -1061,6 +1064,7 @@ impl LinkPort {
                 continue;
             }
             self.cursor = (i + 1) % n;
+            self.buf = buf;
             return Some(LinkBatch {
                 link: InboundLink(link),
                 first,
@@ -1068,6 +1072,7 @@ impl LinkPort {
                 bad,
             });
         }
+        self.buf = buf;
         None
     }
 
