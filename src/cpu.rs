@@ -14,7 +14,7 @@ use crate::kernel::{
 };
 use crate::link::{Link, LinkTx, OutLink, Staged};
 use crate::ring::{Consumer, Producer};
-use crate::runtime::{Idle, PollerShared, device_spin_budget};
+use crate::runtime::{Idle, PollerShared, ReplyDrain, device_spin_budget};
 use crate::space::SpaceWaker;
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -32,6 +32,8 @@ pub(crate) struct SlotParts<K: Kernel> {
     pub(crate) h2k: Consumer,
     pub(crate) k2h: Producer,
     pub(crate) poller: Arc<PollerShared>,
+    /// Delivers what the loop published to K2H, on this thread.
+    pub(crate) deliver: ReplyDrain,
     pub(crate) space: Arc<SpaceWaker>,
     pub(crate) max_in_flight: usize,
     pub(crate) home: Arc<HomeCore>,
@@ -155,6 +157,9 @@ struct DeviceLoop<K: Kernel> {
     h2k: Consumer,
     k2h: Producer,
     poller: Arc<PollerShared>,
+    deliver: ReplyDrain,
+    /// Replies were published to K2H since the last delivery.
+    published: bool,
     space: Arc<SpaceWaker>,
     home: Arc<HomeCore>,
     #[cfg(feature = "fault-injection")]
@@ -230,6 +235,8 @@ impl<K: Kernel> DeviceLoop<K> {
             h2k: p.h2k,
             k2h: p.k2h,
             poller: p.poller,
+            deliver: p.deliver,
+            published: false,
             space: p.space,
             home: p.home,
             #[cfg(feature = "fault-injection")]
@@ -344,7 +351,18 @@ impl<K: Kernel> DeviceLoop<K> {
         }
     }
 
+    /// One round, then the replies it published go to their callers: from
+    /// this thread if the poller is not reading K2H just now, else the
+    /// poller is rung.
     fn step(&mut self) -> Step {
+        let step = self.round();
+        if std::mem::take(&mut self.published) && !(self.deliver)() {
+            self.poller.wake();
+        }
+        step
+    }
+
+    fn round(&mut self) -> Step {
         if self.control.is_fenced() {
             self.leave_fenced();
             return Step::Exit;
@@ -556,7 +574,7 @@ impl<K: Kernel> DeviceLoop<K> {
                         self.leave_fenced();
                         return (taken, committed, Some(Step::Exit));
                     }
-                    flush(&mut self.k2h, &mut self.outbox, &self.poller);
+                    self.published |= flush(&mut self.k2h, &mut self.outbox) > 0;
                     if !self.outbox.is_empty() {
                         // More replies than K2H has room for: the message
                         // stays uncommitted (and unreleased) until they are
@@ -828,7 +846,7 @@ impl<K: Kernel> DeviceLoop<K> {
             self.leave_fenced();
             return Err(Step::Exit);
         }
-        flush(&mut self.k2h, &mut self.outbox, &self.poller);
+        self.published |= flush(&mut self.k2h, &mut self.outbox) > 0;
         if !self.outbox.is_empty() {
             return Ok(false);
         }
@@ -883,8 +901,9 @@ fn checkpoint<K: Kernel>(
     );
 }
 
-/// Moves queued replies into K2H; returns how many.
-fn flush(k2h: &mut Producer, outbox: &mut VecDeque<Pending>, poller: &PollerShared) -> usize {
+/// Moves queued replies into K2H; returns how many (the caller delivers
+/// them or rings the poller).
+fn flush(k2h: &mut Producer, outbox: &mut VecDeque<Pending>) -> usize {
     let mut moved = 0;
     while let Some(p) = outbox.front() {
         if k2h.try_send_bytes(&p.header, p.payload()).is_err() {
@@ -892,9 +911,6 @@ fn flush(k2h: &mut Producer, outbox: &mut VecDeque<Pending>, poller: &PollerShar
         }
         outbox.pop_front();
         moved += 1;
-    }
-    if moved > 0 {
-        poller.wake();
     }
     moved
 }

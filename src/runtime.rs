@@ -1053,6 +1053,7 @@ impl Runtime {
             events: Box::new(events),
             _count: guard,
         });
+        let reader = K2hReader::new(k2h);
         for target in [
             LifecycleState::Launched,
             if options.auto_activate {
@@ -1075,6 +1076,7 @@ impl Runtime {
                     h2k: h2k_rx,
                     k2h: k2h_tx,
                     poller: self.inner.poller.clone(),
+                    deliver: reply_drain(shared.clone(), reader.clone(), self.inner.poller.clone()),
                     space: shared.space.clone(),
                     max_in_flight: options.max_in_flight,
                     home: home.core().clone(),
@@ -1130,9 +1132,8 @@ impl Runtime {
         home.core().waker.wake();
         self.inner.poller.add(Box::new(PolledSlot {
             shared: shared.clone(),
-            k2h,
+            reader,
             watch: Watch::default(),
-            held: std::collections::VecDeque::new(),
             links: Vec::new(),
             links_generation: u64::MAX,
         }));
@@ -1927,14 +1928,113 @@ struct Watch {
     since_ns: u64,
 }
 
+/// A send the kernel made, held until the message that sent it is
+/// committed: the origin of that message, the delivery, and whether it is a
+/// dead letter rather than a delivery.
+type Held = (u64, Delivery, bool);
+
+/// The reading end of one slot's K2H ring: the poller's, and on the cpu
+/// backend also the slot's own device thread's, which drains what it just
+/// published when the lock is free (see [`ReplyDrain`]). One reader at a
+/// time, by the lock.
+pub(crate) struct K2hReader {
+    k2h: Consumer,
+    held: std::collections::VecDeque<Held>,
+    /// Corrupt envelopes a device-thread drain met, for the poller to fault
+    /// the slot on.
+    bad: usize,
+}
+
+impl K2hReader {
+    fn new(k2h: Consumer) -> Arc<Mutex<Self>> {
+        Arc::new(Mutex::new(K2hReader {
+            k2h,
+            held: std::collections::VecDeque::new(),
+            bad: 0,
+        }))
+    }
+
+    /// Drains K2H: completes waiters, holds sends; returns (envelopes,
+    /// corrupt ones).
+    fn drain<W: Waiter>(&mut self, shared: &SlotShared<W>, p: &PollerShared) -> (usize, usize) {
+        let check = HeaderCheck::any_type(MAX_INLINE as u32);
+        let (mut done, mut bad) = (0, 0);
+        let held = &mut self.held;
+        let mut batch = self.k2h.batch();
+        while let Some(env) = batch.try_recv_with(&check, |e| Reply::new(e.header, e.payload)) {
+            done += 1;
+            let Ok(reply) = env else {
+                shared.bad_replies.fetch_add(1, Ordering::Relaxed);
+                bad += 1;
+                continue;
+            };
+            let h = *reply.header();
+            // Merge at the domain boundary before completing the waiter or
+            // delivering.
+            let stamp = p.hlc.receive(h.hlc);
+            if !h.flags.contains(Flags::REPLY) {
+                // A message the kernel addressed to another actor: it leaves
+                // once the message that sent it (`h.seq`) is committed.
+                held.push_back((
+                    h.seq,
+                    Delivery {
+                        payload: Payload::from_parts(h.type_id, reply.bytes()),
+                        src: h.src,
+                        dst: h.dst,
+                        stamp,
+                    },
+                    h.flags.contains(Flags::UNDELIVERED),
+                ));
+                continue;
+            }
+            let _span = tracing::trace_span!("reply", actor = ?shared.id, correlation = ?h.correlation, trace_id = h.trace_id, hlc = h.hlc).entered();
+            match shared.waiters.take(h.correlation) {
+                Ok(w) if h.flags.contains(Flags::ERROR) && h.type_id == SYS_NO_REPLY => {
+                    complete(w, Err(AskError::NoReply))
+                }
+                Ok(w) => complete(w, Ok(reply)),
+                // Late, foreign or invalid: counted by the slab.
+                Err(_) => {}
+            }
+        }
+        (done, bad)
+    }
+}
+
+/// The cpu backend's device thread delivers the replies it just published
+/// itself, when the poller is not reading its K2H at that moment: the same
+/// drain under the same lock, minus routing (held sends and corrupt
+/// envelopes are left for the poller). Saves the reply a hop through the
+/// poller thread — on a machine with few cores, a wake-up per ask.
+/// Returns whether the poller has nothing left to do for it.
+pub(crate) type ReplyDrain = Box<dyn Fn() -> bool + Send>;
+
+fn reply_drain<W: Waiter>(
+    shared: Arc<SlotShared<W>>,
+    reader: Arc<Mutex<K2hReader>>,
+    p: Arc<PollerShared>,
+) -> ReplyDrain {
+    Box::new(move || {
+        let mut r = match reader.try_lock() {
+            Ok(r) => r,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            // The poller is reading it now.
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        let (done, bad) = r.drain(&shared, &p);
+        r.bad += bad;
+        if done > 0 {
+            // Senders waiting for a free waiter.
+            shared.space.wake_if_wanted();
+        }
+        r.held.is_empty() && r.bad == 0
+    })
+}
+
 struct PolledSlot<W> {
     shared: Arc<SlotShared<W>>,
-    k2h: Consumer,
+    reader: Arc<Mutex<K2hReader>>,
     watch: Watch,
-    /// Messages the kernel sent, held until the message that sent them is
-    /// committed (the origin of that message, the delivery, and whether it
-    /// is a dead letter rather than a delivery).
-    held: std::collections::VecDeque<(u64, Delivery, bool)>,
     /// Links into the actor (their commit words commit the sends of link
     /// messages), as of `links_generation`.
     links: Vec<Arc<Link>>,
@@ -1990,57 +2090,20 @@ impl<W: Waiter> PolledSlot<W> {
 }
 
 impl<W: Waiter> PolledSlot<W> {
-    /// Drains K2H: completes waiters; returns (envelopes, corrupt ones).
+    /// Drains K2H: completes waiters, routes the sends whose messages
+    /// committed; returns (envelopes, corrupt ones).
     fn drain(&mut self, p: &PollerShared, router: &mut Router) -> (usize, usize) {
-        let shared = &*self.shared;
-        let check = HeaderCheck::any_type(MAX_INLINE as u32);
-        let (mut done, mut bad) = (0, 0);
-        let held = &mut self.held;
-        let mut batch = self.k2h.batch();
-        while let Some(env) = batch.try_recv_with(&check, |e| Reply::new(e.header, e.payload)) {
-            done += 1;
-            let Ok(reply) = env else {
-                shared.bad_replies.fetch_add(1, Ordering::Relaxed);
-                bad += 1;
-                continue;
-            };
-            let h = *reply.header();
-            // Merge at the domain boundary before completing the waiter or
-            // delivering.
-            let stamp = p.hlc.receive(h.hlc);
-            if !h.flags.contains(Flags::REPLY) {
-                // A message the kernel addressed to another actor: it leaves
-                // once the message that sent it (`h.seq`) is committed.
-                held.push_back((
-                    h.seq,
-                    Delivery {
-                        payload: Payload::from_parts(h.type_id, reply.bytes()),
-                        src: h.src,
-                        dst: h.dst,
-                        stamp,
-                    },
-                    h.flags.contains(Flags::UNDELIVERED),
-                ));
-                continue;
-            }
-            let _span = tracing::trace_span!("reply", actor = ?shared.id, correlation = ?h.correlation, trace_id = h.trace_id, hlc = h.hlc).entered();
-            match shared.waiters.take(h.correlation) {
-                Ok(w) if h.flags.contains(Flags::ERROR) && h.type_id == SYS_NO_REPLY => {
-                    complete(w, Err(AskError::NoReply))
-                }
-                Ok(w) => complete(w, Ok(reply)),
-                // Late, foreign or invalid: counted by the slab.
-                Err(_) => {}
-            }
-        }
-        drop(batch);
+        let reader = self.reader.clone();
+        let mut r = crate::link::lock(&reader);
+        let (done, bad) = r.drain(&self.shared, p);
+        let bad = bad + std::mem::take(&mut r.bad);
         if done > 0 {
             // The device loop may be parked waiting for K2H room, and a
             // sender for a free waiter.
-            shared.wake_device();
-            shared.space.wake_if_wanted();
+            self.shared.wake_device();
+            self.shared.space.wake_if_wanted();
         }
-        self.release_held(p, router);
+        self.release_held(&mut r.held, p, router);
         (done, bad)
     }
 
@@ -2054,12 +2117,17 @@ impl<W: Waiter> PolledSlot<W> {
         }
     }
 
-    fn release_held(&mut self, p: &PollerShared, router: &mut Router) {
-        if self.held.is_empty() {
+    fn release_held(
+        &mut self,
+        held: &mut std::collections::VecDeque<Held>,
+        p: &PollerShared,
+        router: &mut Router,
+    ) {
+        if held.is_empty() {
             return;
         }
         let (committed, fenced) = self.shared.control.commit_state();
-        while let Some(&(origin, d, undelivered)) = self.held.front() {
+        while let Some(&(origin, d, undelivered)) = held.front() {
             let (done, fenced) = match crate::link::link_of_origin(origin) {
                 None => (origin <= committed, fenced),
                 Some((id, pos)) => match self.shared.link_fences.get() {
@@ -2088,10 +2156,10 @@ impl<W: Waiter> PolledSlot<W> {
                 } else {
                     router.route(p, d);
                 }
-                self.held.pop_front();
+                held.pop_front();
             } else if fenced {
-                self.shared.home.count_fenced(self.held.len() as u64);
-                self.held.clear();
+                self.shared.home.count_fenced(held.len() as u64);
+                held.clear();
             } else {
                 break;
             }
@@ -2186,8 +2254,10 @@ impl<W: Waiter> PollSlot for PolledSlot<W> {
     }
 
     fn has_replies(&mut self) -> bool {
-        !self.held.is_empty()
-            || !self.k2h.is_empty()
+        let mut r = crate::link::lock(&self.reader);
+        !r.held.is_empty()
+            || r.bad > 0
+            || !r.k2h.is_empty()
             || (self.shared.fault.get().is_none()
                 && self.shared.control.acked_state() == Ok(LifecycleState::Faulted))
     }
@@ -2206,17 +2276,22 @@ pub const UNASKED_TERMINATED: u64 = 2;
 /// an ask within a few µs, and catching it awake saves a futex wake.
 pub(crate) const POLLER_SPIN: Duration = Duration::from_micros(50);
 
-/// The most a device loop spins, idle, before it parks.
-pub(crate) const DEVICE_SPIN_CAP: Duration = Duration::from_micros(15);
+/// The most a device loop spins, idle, before it parks (and the widest gap
+/// between messages it spins for at all). Measured on two vCPUs: 15 µs made
+/// a ractor or kameo caller's next ask (about 20 µs after the last) find
+/// the loop parked; 50 µs covers a framework's round trip.
+pub(crate) const DEVICE_SPIN_CAP: Duration = Duration::from_micros(50);
 
 /// Decides when an idle loop parks: after spinning for its budget.
 ///
 /// The poller's budget is fixed. A device loop sets its own from the gap
-/// between the send stamps of the last two messages it served: a sender
-/// streaming tells (gaps far below the cap) keeps it spinning, so no tell
-/// pays a futex wake; a caller asking one at a time (each ask waits for the
-/// previous reply, so gaps exceed the cap) lets it park at once and leave
-/// the CPU to the threads that produce the next ask.
+/// between the send stamps of the last two messages it served (4× the gap,
+/// at most [`DEVICE_SPIN_CAP`]): a sender streaming tells, or a caller
+/// asking one at a time (its next ask follows the reply within a framework
+/// round trip, since the device thread delivers the reply itself), keeps
+/// it spinning, so neither pays a futex wake; a sender whose messages come
+/// further apart than the cap lets it park at once and leave the CPU to
+/// the threads that produce them.
 pub(crate) struct Idle {
     since: Option<Instant>,
     budget: Duration,
@@ -2461,12 +2536,17 @@ mod tests {
             Duration::ZERO,
             "sparse asks: park at once"
         );
-        assert_eq!(device_spin_budget(20_000), Duration::ZERO);
+        assert_eq!(device_spin_budget(60_000), Duration::ZERO);
         assert_eq!(
             device_spin_budget(300),
             Duration::from_micros(2),
             "a tell stream: spin"
         );
-        assert_eq!(device_spin_budget(10_000), DEVICE_SPIN_CAP);
+        assert_eq!(
+            device_spin_budget(10_000),
+            Duration::from_micros(40),
+            "sequential asks a few µs apart: spin through the gap"
+        );
+        assert_eq!(device_spin_budget(20_000), DEVICE_SPIN_CAP);
     }
 }
