@@ -14,7 +14,9 @@ use crate::kernel::{
 };
 use crate::link::{Link, LinkTx, OutLink, Staged};
 use crate::ring::{Consumer, Producer};
-use crate::runtime::{Idle, PollerShared, ReplyDrain, device_spin_budget};
+use crate::runtime::{
+    DEVICE_NAP, DEVICE_NAP_BELOW, Idle, PollerShared, ReplyDrain, device_spin_budget,
+};
 use crate::space::SpaceWaker;
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -304,16 +306,26 @@ impl<K: Kernel> DeviceLoop<K> {
     fn serve(&mut self) {
         self.ack(LifecycleState::Launched);
         let mut idle = Idle::new(std::time::Duration::ZERO);
+        let mut napped = false;
         loop {
             match self.step() {
                 Step::Exit => return,
                 Step::Worked => {
                     idle.reset();
                     idle.set_budget(device_spin_budget(self.send_gap_ns));
+                    napped = false;
                 }
                 Step::Idle => {
+                    // Between the batches of a stream (and not right after a
+                    // nap that brought nothing): nap, and leave the CPU to
+                    // the producers. The last round emptied every ring.
+                    let stream = !napped
+                        && self.acked == LifecycleState::Active
+                        && self.send_gap_ns < DEVICE_NAP_BELOW.as_nanos() as u64
+                        && self.outbox.is_empty()
+                        && !self.links_blocked();
                     // Held by a full link: nothing to spin for.
-                    if !self.links_blocked() && !idle.should_park() {
+                    if !stream && !self.links_blocked() && !idle.should_park() {
                         std::hint::spin_loop();
                         continue;
                     }
@@ -338,7 +350,14 @@ impl<K: Kernel> DeviceLoop<K> {
                                     || inbound.iter().any(|l| l.has_inbound(incarnation))))
                             || (outbox_blocked && k2h.free_slots() > 0)
                     };
-                    if self.outbound.iter().any(|o| o.outbox > 0) {
+                    if stream {
+                        // Tells published meanwhile (lazy rings) wait for
+                        // its end; anything else ends it.
+                        control
+                            .doorbell()
+                            .nap(has_work, || std::thread::park_timeout(DEVICE_NAP));
+                        napped = true;
+                    } else if self.outbound.iter().any(|o| o.outbox > 0) {
                         control
                             .doorbell()
                             .park(has_work, || std::thread::park_timeout(OUTBOX_RETRY));

@@ -24,6 +24,13 @@
 //!
 //! A parked slot has no pending work by construction, so a watchdog only
 //! needs to watch slots that are awake.
+//!
+//! The cpu backend's loop may also *nap* between the batches of a message
+//! stream ([`Doorbell::nap`]: the same handshake with [`NAPPING`] and a
+//! bounded sleep). A tell's producer rings lazily ([`Doorbell::ring_lazy`]:
+//! only a parked sleeper is woken), so the stream fills the ring while the
+//! loop naps and it takes the batch at the nap's end; every other producer
+//! (asks, state requests, K2K sends) wakes a napping loop at once.
 
 use crate::sync::{AtomicU32, Ordering, fence};
 use std::fmt;
@@ -32,6 +39,10 @@ use std::fmt;
 pub const AWAKE: u32 = 0;
 /// The sleeper has announced that it is going to sleep.
 pub const PARKED: u32 = 1;
+/// The sleeper naps: a bounded sleep between the batches of a message
+/// stream. [`Doorbell::ring`] wakes it, [`Doorbell::ring_lazy`] does not.
+/// Only the cpu backend's loop naps.
+pub const NAPPING: u32 = 2;
 
 /// The doorbell word of one actor slot (lives in its
 /// [`ControlBlock`](crate::control::ControlBlock), on its own line).
@@ -91,10 +102,44 @@ impl Doorbell {
     }
 
     /// Waker side, called after publishing work (or a state request): wakes
-    /// the sleeper through `wake` if it is parked. Returns whether it woke it.
+    /// the sleeper through `wake` if it is parked or napping. Returns whether
+    /// it woke it.
     #[inline]
     pub fn ring(&self, wake: impl FnOnce()) -> bool {
         self.ring_impl::<true>(wake)
+    }
+
+    /// As [`Doorbell::ring`], for work that can wait out a nap (a tell in a
+    /// stream): wakes the sleeper only if it is parked.
+    #[inline]
+    pub fn ring_lazy(&self, wake: impl FnOnce()) -> bool {
+        // Orders the caller's publication before the load of the word;
+        // pairs with the SeqCst fence in `park` (as `ring`).
+        fence(Ordering::SeqCst);
+        if self.word.load(Ordering::Relaxed) == PARKED {
+            wake();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Sleeper side: as [`Doorbell::park`], but `sleep` must be bounded (a
+    /// nap): lazy rings do not wake a napping sleeper, so what they publish
+    /// meanwhile waits for the nap's end. Returns whether it slept.
+    pub fn nap(&self, has_work: impl FnOnce() -> bool, sleep: impl FnOnce()) -> bool {
+        self.word.store(NAPPING, Ordering::Relaxed);
+        // As in `park`: orders the announcement before the re-check; pairs
+        // with the SeqCst fences of `ring` and `ring_lazy`.
+        fence(Ordering::SeqCst);
+        let slept = if has_work() {
+            false
+        } else {
+            sleep();
+            true
+        };
+        self.word.store(AWAKE, Ordering::Relaxed);
+        slept
     }
 
     #[inline(always)]
@@ -130,7 +175,7 @@ impl Doorbell {
             // pairs with the SeqCst fence in `park`.
             fence(Ordering::SeqCst);
         }
-        if self.word.load(Ordering::Relaxed) == PARKED {
+        if self.word.load(Ordering::Relaxed) != AWAKE {
             wake();
             true
         } else {
@@ -169,6 +214,27 @@ mod tests {
         assert!(!bell.park(|| true, || panic!("must not sleep")));
         assert!(!bell.is_parked());
         assert!(!bell.ring(|| panic!("nobody is parked")));
+    }
+
+    /// A nap is woken by `ring` and slept through by `ring_lazy`; a park is
+    /// woken by both.
+    #[test]
+    fn lazy_rings_leave_a_nap_alone_and_wake_a_park() {
+        let bell = Doorbell::new();
+        let (mut strong, mut lazy) = (0, 0);
+        bell.nap(
+            || false,
+            || {
+                assert!(!bell.ring_lazy(|| lazy += 1), "a lazy ring wakes no nap");
+                assert!(bell.ring(|| strong += 1), "a ring wakes a nap");
+            },
+        );
+        bell.park(
+            || false,
+            || assert!(bell.ring_lazy(|| lazy += 1), "a lazy ring wakes a park"),
+        );
+        assert_eq!((strong, lazy), (1, 1));
+        assert!(!bell.ring(|| panic!("nobody sleeps")) && !bell.ring_lazy(|| panic!()));
     }
 
     /// A producer publishes N items and rings after each; the sleeper parks

@@ -1199,6 +1199,12 @@ impl<W: Waiter> SlotShared<W> {
         }
     }
 
+    fn wake_device_lazy(&self) {
+        if let Some(t) = self.device.get() {
+            self.control.doorbell().ring_lazy(|| t.unpark());
+        }
+    }
+
     /// Fences the incarnation (no commit of its device loop succeeds from
     /// now on) and records how it ended; returns the last committed `seq`.
     fn fence(&self, ending: Ending) -> u64 {
@@ -1681,7 +1687,13 @@ impl<W: Waiter> GpuSlot<W> {
     fn publish(&mut self, header: &EnvelopeHeader, payload: &Payload) -> bool {
         let pushed = self.h2k.try_send_bytes(header, payload.bytes()).is_ok();
         if pushed {
-            self.shared.wake_device();
+            if header.flags.contains(Flags::ASK) {
+                self.shared.wake_device();
+            } else {
+                // A tell can wait out the nap of a loop between the batches
+                // of a stream (at most DEVICE_NAP).
+                self.shared.wake_device_lazy();
+            }
         }
         pushed
     }
@@ -2281,6 +2293,16 @@ pub(crate) const POLLER_SPIN: Duration = Duration::from_micros(50);
 /// a ractor or kameo caller's next ask (about 20 µs after the last) find
 /// the loop parked; 50 µs covers a framework's round trip.
 pub(crate) const DEVICE_SPIN_CAP: Duration = Duration::from_micros(50);
+
+/// The gap between messages below which a cpu device loop that finds H2K
+/// empty naps instead of spinning: a sender streaming tells keeps filling
+/// the ring meanwhile, and the loop's CPU goes to the threads producing
+/// them (on a machine with few cores, a spinning loop takes it from them).
+pub(crate) const DEVICE_NAP_BELOW: Duration = Duration::from_micros(4);
+
+/// How long a nap lasts at most (the timer's slack may add to it). Asks,
+/// state requests and K2K sends end it at once; tells wait it out.
+pub(crate) const DEVICE_NAP: Duration = Duration::from_micros(20);
 
 /// Decides when an idle loop parks: after spinning for its budget.
 ///

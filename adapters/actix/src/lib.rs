@@ -10,8 +10,9 @@
 //! | full H2K ring | an ordered overflow and `ctx.wait`: the actor takes no further mailbox message until the ring drains |
 //! | kernel fault | the actor stops; under `actix::Supervisor`, `Supervised::restarting` launches a new slot |
 //!
-//! Replies reach actix callers from the runtime's poller thread through the
-//! reply sender; nothing polls on the arbiter.
+//! Replies reach actix callers from the runtime's poller thread (on the cpu
+//! backend, usually the slot's device thread) through the reply sender;
+//! nothing polls on the arbiter.
 //!
 //! # Examples
 //!

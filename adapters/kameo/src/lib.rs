@@ -5,7 +5,7 @@
 //!
 //! | kameo | GPU actor |
 //! |---|---|
-//! | `actor_ref.ask(Ask(msg)).await` | the envelope is written into H2K in the handler; the reply sender (`ctx.reply_sender()`, a `DelegatedReply`) waits in the waiter slab and the runtime's poller answers it |
+//! | `actor_ref.ask(Ask(msg)).await` | the envelope is written into H2K in the handler; the reply sender (`ctx.reply_sender()`, a `DelegatedReply`) waits in the waiter slab and the runtime's poller (on the cpu backend, usually the slot's device thread) answers it |
 //! | `actor_ref.tell(Tell(msg))` | a tell |
 //! | full H2K ring | the handler awaits space; kameo's bounded mailbox then backs up (and `mailbox_timeout` applies to senders) |
 //! | kernel fault | the actor fails (kameo's panic path): `on_panic`, and linked actors see `on_link_died` |

@@ -4,7 +4,8 @@
 //! kernel `K`: spawning it launches `K` once (on the runtime's backend), and
 //! every message becomes an envelope written into the kernel's H2K ring
 //! *synchronously in the actor's handler*. Replies come back through the
-//! runtime's poller thread straight into the caller's [`RpcReplyPort`], so
+//! runtime's poller thread (on the cpu backend, usually the slot's device
+//! thread) straight into the caller's [`RpcReplyPort`], so
 //! `call!`/`call_t!` and `cast!` work as for any ractor actor:
 //!
 //! | ractor | GPU actor |
