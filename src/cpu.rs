@@ -191,6 +191,24 @@ struct DeviceLoop<K: Kernel> {
     now: u64,
 }
 
+/// One of the runtime's turns to spin idle ([`PollerShared::start_spinning`]),
+/// given back when dropped.
+struct SpinTurn(Arc<PollerShared>);
+
+impl SpinTurn {
+    fn take(poller: &Arc<PollerShared>) -> Option<Self> {
+        poller
+            .start_spinning()
+            .then(|| SpinTurn(Arc::clone(poller)))
+    }
+}
+
+impl Drop for SpinTurn {
+    fn drop(&mut self) {
+        self.0.stop_spinning();
+    }
+}
+
 /// Messages served between two looks at the control block.
 const BATCH: usize = 64;
 
@@ -307,10 +325,13 @@ impl<K: Kernel> DeviceLoop<K> {
         self.ack(LifecycleState::Launched);
         let mut idle = Idle::new(std::time::Duration::ZERO);
         let mut napped = false;
+        // Held while spinning idle (given back on any exit, unwinding too).
+        let mut turn: Option<SpinTurn> = None;
         loop {
             match self.step() {
                 Step::Exit => return,
                 Step::Worked => {
+                    turn = None;
                     idle.reset();
                     idle.set_budget(device_spin_budget(self.send_gap_ns));
                     napped = false;
@@ -324,11 +345,18 @@ impl<K: Kernel> DeviceLoop<K> {
                         && self.send_gap_ns < DEVICE_NAP_BELOW.as_nanos() as u64
                         && self.outbox.is_empty()
                         && !self.links_blocked();
-                    // Held by a full link: nothing to spin for.
+                    // Held by a full link: nothing to spin for. Spinning
+                    // takes one of the runtime's turns.
                     if !stream && !self.links_blocked() && !idle.should_park() {
-                        std::hint::spin_loop();
-                        continue;
+                        if turn.is_none() {
+                            turn = SpinTurn::take(&self.poller);
+                        }
+                        if turn.is_some() {
+                            std::hint::spin_loop();
+                            continue;
+                        }
                     }
+                    turn = None;
                     let acked = self.acked;
                     let incarnation = self.incarnation;
                     let blocked = self.links_blocked();

@@ -523,6 +523,10 @@ impl RuntimeBuilder {
             dead_letters: self.dead_letters,
             dead_letter_count: AtomicU64::new(0),
             routed: AtomicU64::new(0),
+            spinners: AtomicUsize::new(0),
+            max_spinners: std::thread::available_parallelism()
+                .map_or(1, |n| n.get() / 2)
+                .max(1),
         });
         let for_thread = shared.clone();
         let join = std::thread::Builder::new()
@@ -1905,11 +1909,32 @@ pub(crate) struct PollerShared {
     dead_letter_count: AtomicU64,
     /// Kernel sends routed by the poller.
     routed: AtomicU64,
+    /// cpu device loops of this runtime spinning idle now, and how many
+    /// may (half the cores, at least one): more would take the CPU from
+    /// the threads that give them work.
+    spinners: AtomicUsize,
+    max_spinners: usize,
 }
 
 impl PollerShared {
     /// Wakes the poller if it is parked (device loops call this after
     /// publishing to K2H or changing state).
+    /// Takes one of the runtime's spinning turns for an idle cpu device
+    /// loop; `false` when they are all taken (then it parks at once).
+    pub(crate) fn start_spinning(&self) -> bool {
+        // Relaxed: a count, ordering nothing else.
+        self.spinners
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max_spinners).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives back a turn taken by [`PollerShared::start_spinning`].
+    pub(crate) fn stop_spinning(&self) {
+        self.spinners.fetch_sub(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn wake(&self) {
         if let Some(t) = self.thread.get() {
             self.bell.ring(|| t.unpark());
@@ -2289,10 +2314,12 @@ pub const UNASKED_TERMINATED: u64 = 2;
 pub(crate) const POLLER_SPIN: Duration = Duration::from_micros(50);
 
 /// The most a device loop spins, idle, before it parks (and the widest gap
-/// between messages it spins for at all). Measured on two vCPUs: 15 µs made
-/// a ractor or kameo caller's next ask (about 20 µs after the last) find
-/// the loop parked; 50 µs covers a framework's round trip.
-pub(crate) const DEVICE_SPIN_CAP: Duration = Duration::from_micros(50);
+/// between messages it spins for at all). Measured on two vCPUs
+/// (docs/BENCHMARKS.md): 50 µs covers a ractor or kameo caller's round
+/// trip (its next ask then finds the loop awake) but costs a pipeline of
+/// GPU stages half again its latency, the stages' spinning taking the CPU
+/// from the threads between them; 25 µs keeps the pipeline as it was.
+pub(crate) const DEVICE_SPIN_CAP: Duration = Duration::from_micros(25);
 
 /// The gap between messages below which a cpu device loop that finds H2K
 /// empty naps instead of spinning: a sender streaming tells keeps filling
@@ -2565,8 +2592,8 @@ mod tests {
             "a tell stream: spin"
         );
         assert_eq!(
-            device_spin_budget(10_000),
-            Duration::from_micros(40),
+            device_spin_budget(5_000),
+            Duration::from_micros(20),
             "sequential asks a few µs apart: spin through the gap"
         );
         assert_eq!(device_spin_budget(20_000), DEVICE_SPIN_CAP);
