@@ -98,7 +98,7 @@ impl Doorbell {
     /// announcement and `sleep` must not be lost by `sleep` — thread
     /// park/unpark tokens and futexes have that property.
     pub fn park(&self, has_work: impl FnOnce() -> bool, sleep: impl FnOnce()) -> bool {
-        self.park_impl::<true>(has_work, sleep)
+        self.park_impl::<true>(PARKED, has_work, sleep)
     }
 
     /// Waker side, called after publishing work (or a state request): wakes
@@ -106,49 +106,31 @@ impl Doorbell {
     /// it woke it.
     #[inline]
     pub fn ring(&self, wake: impl FnOnce()) -> bool {
-        self.ring_impl::<true>(wake)
+        self.ring_impl::<true>(false, wake)
     }
 
     /// As [`Doorbell::ring`], for work that can wait out a nap (a tell in a
     /// stream): wakes the sleeper only if it is parked.
     #[inline]
     pub fn ring_lazy(&self, wake: impl FnOnce()) -> bool {
-        // Orders the caller's publication before the load of the word;
-        // pairs with the SeqCst fence in `park` (as `ring`).
-        fence(Ordering::SeqCst);
-        if self.word.load(Ordering::Relaxed) == PARKED {
-            wake();
-            true
-        } else {
-            false
-        }
+        self.ring_impl::<true>(true, wake)
     }
 
     /// Sleeper side: as [`Doorbell::park`], but `sleep` must be bounded (a
     /// nap): lazy rings do not wake a napping sleeper, so what they publish
     /// meanwhile waits for the nap's end. Returns whether it slept.
     pub fn nap(&self, has_work: impl FnOnce() -> bool, sleep: impl FnOnce()) -> bool {
-        self.word.store(NAPPING, Ordering::Relaxed);
-        // As in `park`: orders the announcement before the re-check; pairs
-        // with the SeqCst fences of `ring` and `ring_lazy`.
-        fence(Ordering::SeqCst);
-        let slept = if has_work() {
-            false
-        } else {
-            sleep();
-            true
-        };
-        self.word.store(AWAKE, Ordering::Relaxed);
-        slept
+        self.park_impl::<true>(NAPPING, has_work, sleep)
     }
 
     #[inline(always)]
     fn park_impl<const FENCED: bool>(
         &self,
+        announce: u32,
         has_work: impl FnOnce() -> bool,
         sleep: impl FnOnce(),
     ) -> bool {
-        self.word.store(PARKED, Ordering::Relaxed);
+        self.word.store(announce, Ordering::Relaxed);
         if FENCED {
             // Orders the PARKED store before the re-check's loads; pairs with
             // the SeqCst fence in `ring` (and with `fence.sc.sys` in the
@@ -169,13 +151,14 @@ impl Doorbell {
     }
 
     #[inline(always)]
-    fn ring_impl<const FENCED: bool>(&self, wake: impl FnOnce()) -> bool {
+    fn ring_impl<const FENCED: bool>(&self, lazy: bool, wake: impl FnOnce()) -> bool {
         if FENCED {
             // Orders the caller's publication before the load of the word;
             // pairs with the SeqCst fence in `park`.
             fence(Ordering::SeqCst);
         }
-        if self.word.load(Ordering::Relaxed) != AWAKE {
+        let word = self.word.load(Ordering::Relaxed);
+        if word == PARKED || (!lazy && word == NAPPING) {
             wake();
             true
         } else {
@@ -191,13 +174,13 @@ impl Doorbell {
         has_work: impl FnOnce() -> bool,
         sleep: impl FnOnce(),
     ) -> bool {
-        self.park_impl::<false>(has_work, sleep)
+        self.park_impl::<false>(PARKED, has_work, sleep)
     }
 
     /// See [`Doorbell::park_unfenced`].
     #[cfg(all(test, ringkernel_loom))]
     pub(crate) fn ring_unfenced(&self, wake: impl FnOnce()) -> bool {
-        self.ring_impl::<false>(wake)
+        self.ring_impl::<false>(false, wake)
     }
 }
 
