@@ -178,6 +178,9 @@ struct DeviceLoop<K: Kernel> {
     /// before.
     last_send: u64,
     send_gap_ns: u64,
+    /// Whether the last H2K message served was an ask (its caller's next
+    /// ask follows the reply: see `device_spin_budget`).
+    last_was_ask: bool,
     /// K2K links, as of `links_generation`.
     links_generation: u64,
     inbound: Vec<Arc<Link>>,
@@ -279,6 +282,7 @@ impl<K: Kernel> DeviceLoop<K> {
             pending: None,
             last_send: 0,
             send_gap_ns: u64::MAX,
+            last_was_ask: false,
             links_generation: u64::MAX,
             inbound: Vec::new(),
             outbound: Vec::new(),
@@ -333,7 +337,7 @@ impl<K: Kernel> DeviceLoop<K> {
                 Step::Worked => {
                     turn = None;
                     idle.reset();
-                    idle.set_budget(device_spin_budget(self.send_gap_ns));
+                    idle.set_budget(device_spin_budget(self.send_gap_ns, self.last_was_ask));
                     napped = false;
                 }
                 Step::Idle => {
@@ -681,6 +685,7 @@ impl<K: Kernel> DeviceLoop<K> {
                 // The sender's pace sizes the idle spin (see `Idle`).
                 self.send_gap_ns = header.hlc.saturating_sub(self.last_send);
                 self.last_send = header.hlc;
+                self.last_was_ask = header.flags.contains(Flags::ASK);
                 seq
             }
             Origin::Link(i, pos) => {

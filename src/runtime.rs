@@ -2314,11 +2314,10 @@ pub const UNASKED_TERMINATED: u64 = 2;
 pub(crate) const POLLER_SPIN: Duration = Duration::from_micros(50);
 
 /// The most a device loop spins, idle, before it parks (and the widest gap
-/// between messages it spins for at all). Measured on two vCPUs
-/// (docs/BENCHMARKS.md): 50 µs covers a ractor or kameo caller's round
-/// trip (its next ask then finds the loop awake) but costs a pipeline of
-/// GPU stages half again its latency, the stages' spinning taking the CPU
-/// from the threads between them; 25 µs keeps the pipeline as it was.
+/// between messages it spins for at all), after a tell. Measured on two
+/// vCPUs (docs/BENCHMARKS.md): 50 µs costs a pipeline of GPU stages passing
+/// readings one at a time half again its latency, the stages' spinning
+/// taking the CPU from the threads between them; 25 µs keeps it as it was.
 pub(crate) const DEVICE_SPIN_CAP: Duration = Duration::from_micros(25);
 
 /// The gap between messages below which a cpu device loop that finds H2K
@@ -2330,6 +2329,14 @@ pub(crate) const DEVICE_NAP_BELOW: Duration = Duration::from_micros(4);
 /// How long a nap lasts at most (the timer's slack may add to it). Asks,
 /// state requests and K2K sends end it at once; tells wait it out.
 pub(crate) const DEVICE_NAP: Duration = Duration::from_micros(20);
+
+/// As [`DEVICE_SPIN_CAP`], after an ask: a caller asking one at a time
+/// sends its next ask one framework round trip after the reply (15–20 µs
+/// through ractor or kameo on two vCPUs), and a loop still awake then saves
+/// that ask a futex wake — and keeps the round trip short, so the gap stays
+/// under the cap (a parked loop lengthens it past a smaller cap, and the
+/// loop then never spins again).
+pub(crate) const ASK_SPIN_CAP: Duration = Duration::from_micros(50);
 
 /// Decides when an idle loop parks: after spinning for its budget.
 ///
@@ -2388,13 +2395,18 @@ impl Idle {
 }
 
 /// The spin budget for a device loop whose last two messages were sent
-/// `gap_ns` apart (see [`Idle`]).
-pub(crate) fn device_spin_budget(gap_ns: u64) -> Duration {
+/// `gap_ns` apart, the last an ask or not (see [`Idle`]).
+pub(crate) fn device_spin_budget(gap_ns: u64, after_ask: bool) -> Duration {
+    let cap = if after_ask {
+        ASK_SPIN_CAP
+    } else {
+        DEVICE_SPIN_CAP
+    };
     let gap = Duration::from_nanos(gap_ns);
-    if gap > DEVICE_SPIN_CAP {
+    if gap > cap {
         Duration::ZERO
     } else {
-        (gap * 4).clamp(Duration::from_micros(2), DEVICE_SPIN_CAP)
+        (gap * 4).clamp(Duration::from_micros(2), cap)
     }
 }
 
@@ -2581,21 +2593,31 @@ mod tests {
         assert!(idle.should_park(), "a zero budget parks at once");
 
         assert_eq!(
-            device_spin_budget(u64::MAX),
+            device_spin_budget(u64::MAX, true),
             Duration::ZERO,
             "sparse asks: park at once"
         );
-        assert_eq!(device_spin_budget(60_000), Duration::ZERO);
+        assert_eq!(device_spin_budget(60_000, true), Duration::ZERO);
         assert_eq!(
-            device_spin_budget(300),
+            device_spin_budget(40_000, true),
+            ASK_SPIN_CAP,
+            "a caller asking one at a time through a framework"
+        );
+        assert_eq!(
+            device_spin_budget(40_000, false),
+            Duration::ZERO,
+            "tells that far apart: park"
+        );
+        assert_eq!(
+            device_spin_budget(300, false),
             Duration::from_micros(2),
             "a tell stream: spin"
         );
         assert_eq!(
-            device_spin_budget(5_000),
+            device_spin_budget(5_000, true),
             Duration::from_micros(20),
             "sequential asks a few µs apart: spin through the gap"
         );
-        assert_eq!(device_spin_budget(20_000), DEVICE_SPIN_CAP);
+        assert_eq!(device_spin_budget(20_000, false), DEVICE_SPIN_CAP);
     }
 }
