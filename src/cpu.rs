@@ -341,10 +341,14 @@ impl<K: Kernel> DeviceLoop<K> {
                     napped = false;
                 }
                 Step::Idle => {
-                    // Between the batches of a stream (and not right after a
-                    // nap that brought nothing): nap, and leave the CPU to
-                    // the producers. The last round emptied every ring.
+                    // Between the batches of a tell stream (and not right
+                    // after a nap that brought nothing): nap, and leave the
+                    // CPU to the producers. The last round emptied every
+                    // ring.
+                    // A caller asking one at a time wants the loop awake
+                    // (its ask would end the nap with a futex wake).
                     let stream = !napped
+                        && !self.last_was_ask
                         && self.acked == LifecycleState::Active
                         && self.send_gap_ns < DEVICE_NAP_BELOW.as_nanos() as u64
                         && self.outbox.is_empty()
