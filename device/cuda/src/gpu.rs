@@ -286,6 +286,12 @@ struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     copy: Arc<CudaStream>,
+    /// The launch-per-message baselines' own stream (a capture on `copy`
+    /// would record a spawn's state copy, or fail on its synchronise).
+    baseline: Arc<CudaStream>,
+    /// The graph baseline, captured before the persistent kernel started
+    /// (`None` if its capture failed: that baseline is then an error).
+    probe_graph: Mutex<Option<ProbeGraph>>,
     _module: Arc<CudaModule>,
     kernels: Vec<KernelSource>,
     states: u64,
@@ -412,23 +418,15 @@ impl CudaBackend {
         // Both streams are CU_STREAM_NON_BLOCKING (cudarc's new_stream).
         let stream = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
         let copy = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
+        let baseline = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
         let (major, minor) = info.compute_capability;
         let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
-        let images = module_image(
+        let module = load_module(
+            &ctx,
             &translation_unit(Arch::Cuda, &kernels),
             arch,
             options.module_cache.as_deref(),
         )?;
-        let mut loaded = Err(CudaError::Load("no module".into()));
-        for image in images {
-            loaded = ctx
-                .load_module(image)
-                .map_err(|e| CudaError::Load(format!("cuModuleLoadData: {e:?}")));
-            if loaded.is_ok() {
-                break;
-            }
-        }
-        let module = loaded?;
         let host_fn = module
             .load_function("rk_actor_host")
             .map_err(driver("rk_actor_host"))?;
@@ -465,6 +463,9 @@ impl CudaBackend {
                 return Err(e);
             }
         };
+        let probe_graph = capture_probe(&baseline, &probe_fn, &arena)
+            .inspect_err(|e| tracing::warn!(error = %e, "no CUDA-graph baseline"))
+            .ok();
         for i in 0..blocks as usize {
             // SAFETY: the descriptors are ours alone until the launch below.
             unsafe { (*descs.host.as_ptr().cast::<SlotDesc>().add(i)).clock_offset = offset };
@@ -479,19 +480,25 @@ impl CudaBackend {
         // are a device pointer to `blocks` descriptors (mapped, alive until
         // the kernel has returned: see Drop) and their count; the grid fits
         // the device's co-residency (checked), as a cooperative launch must.
-        unsafe {
+        let launched = unsafe {
             stream
                 .launch_builder(&host_fn)
                 .arg(&desc_arg)
                 .arg(&n_arg)
                 .launch_cooperative(cfg)
+        };
+        if let Err(e) = launched {
+            // SAFETY: allocated above; the kernel did not start.
+            let _ = unsafe { cudarc::driver::result::free_sync(states) };
+            return Err(driver("cuLaunchCooperativeKernel")(e));
         }
-        .map_err(driver("cuLaunchCooperativeKernel"))?;
         let gpu = Arc::new(Gpu {
             probe: probe_fn,
             ctx,
             stream,
             copy,
+            baseline,
+            probe_graph: Mutex::new(probe_graph),
             _module: module,
             kernels,
             descs,
@@ -563,53 +570,50 @@ impl CudaBackend {
     fn per_message(&self, n: u64, graph: bool) -> Result<Duration, CudaError> {
         let g = &self.gpu;
         g.ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
-        let word = g
-            .arena
-            .alloc(8)
-            .ok_or(CudaError::PinnedBudget(g.options.pinned_bytes))?;
+        // The graph and its word, held for the run (one run at a time).
+        let held = graph.then(|| g.probe_graph.lock().unwrap_or_else(|p| p.into_inner()));
+        let probe_graph = match held.as_deref() {
+            Some(Some(p)) => Some(p),
+            Some(None) => {
+                return Err(CudaError::Driver(
+                    "no CUDA-graph baseline: its capture failed at start".into(),
+                ));
+            }
+            None => None,
+        };
+        let own = match probe_graph {
+            Some(_) => None,
+            None => Some(
+                g.arena
+                    .alloc(8)
+                    .ok_or(CudaError::PinnedBudget(g.options.pinned_bytes))?,
+            ),
+        };
+        let word = probe_graph.map_or_else(|| own.as_ref(), |p| Some(&p.word));
+        let word = word.ok_or_else(|| CudaError::Driver("no baseline word".into()))?;
         let dev = g
             .arena
             .mem
             .dev_addr(word.base().as_ptr())
             .ok_or_else(|| CudaError::Driver("word outside the arena".into()))?;
         let flag = word.base().as_ptr().cast::<u64>();
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (1, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let graph = if graph {
-            g.copy
-                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                .map_err(driver("cuStreamBeginCapture"))?;
-            // SAFETY: as in `calibrate`: a mapped pointer to the word, alive
-            // as long as the graph (dropped at the end of this function);
-            // captured, the launch runs only when the graph is launched.
-            let captured = unsafe { g.copy.launch_builder(&g.probe).arg(&dev).launch(cfg) };
-            let graph = g
-                .copy
-                .end_capture(sys::CUgraphInstantiate_flags(0))
-                .map_err(driver("cuStreamEndCapture"))?;
-            captured.map_err(driver("rk_clock_probe"))?;
-            let graph =
-                graph.ok_or_else(|| CudaError::Driver("the capture made no graph".into()))?;
-            graph.upload().map_err(driver("cuGraphUpload"))?;
-            Some(graph)
-        } else {
-            None
-        };
         let start = Instant::now();
         for _ in 0..n {
             // SAFETY: the word is ours, 8 bytes, aligned; the device's last
             // write to it was observed (or it is fresh).
             unsafe { std::ptr::write_volatile(flag, 0) };
-            match &graph {
-                Some(graph) => graph.launch().map_err(driver("cuGraphLaunch"))?,
+            match probe_graph {
+                Some(p) => p.graph.launch().map_err(driver("cuGraphLaunch"))?,
                 None => {
                     // SAFETY: as in `calibrate`: a mapped pointer to the
                     // word, alive until the spin below has seen the write.
-                    unsafe { g.copy.launch_builder(&g.probe).arg(&dev).launch(cfg) }
-                        .map_err(driver("rk_clock_probe"))?;
+                    unsafe {
+                        g.baseline
+                            .launch_builder(&g.probe)
+                            .arg(&dev)
+                            .launch(PROBE_LAUNCH)
+                    }
+                    .map_err(driver("rk_clock_probe"))?;
                 }
             }
             // SAFETY: the device writes the word with st.release.sys; this
@@ -617,6 +621,11 @@ impl CudaBackend {
             let deadline = Instant::now() + Duration::from_secs(5);
             while unsafe { std::ptr::read_volatile(flag) } == 0 {
                 if Instant::now() > deadline || g.failed.load(Ordering::Acquire) {
+                    // The launch may still run and write the word: it is
+                    // never given back, so the write cannot land in a
+                    // reused span (the graph's word is the graph's for
+                    // good).
+                    std::mem::forget(own);
                     return Err(CudaError::Driver(
                         "the probe launch never ran (no room beside the persistent kernel?)".into(),
                     ));
@@ -625,10 +634,9 @@ impl CudaBackend {
             }
         }
         let took = start.elapsed();
-        g.copy
+        g.baseline
             .synchronize()
             .map_err(driver("cuStreamSynchronize"))?;
-        drop(graph);
         Ok(took)
     }
 
@@ -734,27 +742,38 @@ impl CudaBackend {
     }
 }
 
-/// The module for `tu` on `arch`: a cached cubin (or PTX) by its
+/// Loads the module for `tu` on `arch`: a cached cubin (or PTX) by its
 /// [`module_name`](crate::module_name), else NVRTC's cubin (then cached).
 /// A cubin is machine code: a driver of the CUDA major it was built for
-/// loads it whatever the NVRTC minor (PTX from a newer NVRTC would not).
-/// Several images in order of preference: one that does not load (stale,
-/// or for another driver) falls back to the next.
-fn module_image(
+/// loads it whatever the NVRTC minor (PTX from a newer NVRTC would not). A
+/// cached image that does not load (stale, or for another driver) falls
+/// back to the next; NVRTC runs only when none loads (it takes seconds).
+fn load_module(
+    ctx: &Arc<CudaContext>,
     tu: &str,
     arch: &'static str,
     cache: Option<&std::path::Path>,
-) -> Result<Vec<cudarc::nvrtc::Ptx>, CudaError> {
+) -> Result<Arc<CudaModule>, CudaError> {
     let name = crate::module_name(tu, arch);
-    let mut images = Vec::new();
+    let load = |image: cudarc::nvrtc::Ptx| {
+        ctx.load_module(image)
+            .map_err(|e| CudaError::Load(format!("cuModuleLoadData: {e:?}")))
+    };
+    let mut last = None;
     if let Some(dir) = cache {
         if let Ok(cubin) = std::fs::read(dir.join(format!("{name}.cubin"))) {
             tracing::info!(module = %name, "cached cubin");
-            images.push(cudarc::nvrtc::Ptx::from_binary(cubin));
+            match load(cudarc::nvrtc::Ptx::from_binary(cubin)) {
+                Ok(m) => return Ok(m),
+                Err(e) => last = Some(e),
+            }
         }
         if let Ok(ptx) = std::fs::read_to_string(dir.join(format!("{name}.ptx"))) {
             tracing::info!(module = %name, "cached PTX");
-            images.push(cudarc::nvrtc::Ptx::from_src(ptx));
+            match load(cudarc::nvrtc::Ptx::from_src(ptx)) {
+                Ok(m) => return Ok(m),
+                Err(e) => last = Some(e),
+            }
         }
     }
     match crate::compile_cubin(tu, arch) {
@@ -763,12 +782,13 @@ fn module_image(
                 let _ = std::fs::create_dir_all(dir)
                     .and_then(|()| std::fs::write(dir.join(format!("{name}.cubin")), &cubin));
             }
-            images.push(cudarc::nvrtc::Ptx::from_binary(cubin));
+            load(cudarc::nvrtc::Ptx::from_binary(cubin))
         }
-        Err(e) if images.is_empty() => return Err(e),
-        Err(e) => tracing::info!(error = %e, "no NVRTC here: the cached module must do"),
+        // A cached module that would not load says more than a missing
+        // compiler (a compile error, with its log, says most).
+        Err(e @ CudaError::NoCompiler { .. }) => Err(last.unwrap_or(e)),
+        Err(e) => Err(e),
     }
-    Ok(images)
 }
 
 /// Host minus device time (ns), from one probe launch bracketed by host
@@ -865,8 +885,66 @@ fn recalibrate(g: &Gpu) -> Option<ClockSample> {
     Some(sample)
 }
 
+/// One thread, one block: the probe's launch.
+const PROBE_LAUNCH: LaunchConfig = LaunchConfig {
+    grid_dim: (1, 1, 1),
+    block_dim: (1, 1, 1),
+    shared_mem_bytes: 0,
+};
+
+/// The graph baseline: one launch of `rk_clock_probe` writing `word`,
+/// captured, instantiated and uploaded before the persistent kernel starts
+/// (instantiation and upload may allocate on the device, and an allocation
+/// may wait for work the persistent kernel never finishes).
+struct ProbeGraph {
+    graph: cudarc::driver::CudaGraph,
+    word: ArenaRegion,
+}
+
+// SAFETY: the graph's handles are driver objects usable from any thread
+// with the context bound (every use binds it first); the region is Send
+// and Sync by itself. Held behind a Mutex: one launch sequence at a time.
+unsafe impl Send for ProbeGraph {}
+// SAFETY: as for Send; `&ProbeGraph` only launches (behind the Mutex).
+unsafe impl Sync for ProbeGraph {}
+
+fn capture_probe(
+    stream: &Arc<CudaStream>,
+    probe: &CudaFunction,
+    arena: &Arc<Arena>,
+) -> Result<ProbeGraph, CudaError> {
+    let word = arena
+        .alloc(8)
+        .ok_or_else(|| CudaError::Driver("no pinned word for the graph baseline".into()))?;
+    let dev = arena
+        .mem
+        .dev_addr(word.base().as_ptr())
+        .ok_or_else(|| CudaError::Driver("word outside the arena".into()))?;
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(driver("cuStreamBeginCapture"))?;
+    // SAFETY: `rk_clock_probe(uint64_t*)` gets a mapped pointer to the
+    // word, which lives as long as the graph (both in the ProbeGraph);
+    // captured, the launch runs only when the graph is launched.
+    let captured = unsafe { stream.launch_builder(probe).arg(&dev).launch(PROBE_LAUNCH) };
+    let graph = stream
+        .end_capture(sys::CUgraphInstantiate_flags(0))
+        .map_err(driver("cuStreamEndCapture"))?;
+    captured.map_err(driver("rk_clock_probe"))?;
+    let graph = graph.ok_or_else(|| CudaError::Driver("the capture made no graph".into()))?;
+    graph.upload().map_err(driver("cuGraphUpload"))?;
+    stream
+        .synchronize()
+        .map_err(driver("cuStreamSynchronize"))?;
+    Ok(ProbeGraph { graph, word })
+}
+
+/// How long the monitor sleeps with nothing in flight (a sender's doorbell
+/// ends it early).
+const MONITOR_NAP: Duration = Duration::from_micros(200);
+
 /// The host side of the cuda backend's wake-ups and failure detection.
-fn monitor(g: &Gpu) {
+fn monitor(g: &Arc<Gpu>) {
     if let Err(e) = g.ctx.bind_to_thread() {
         tracing::error!(error = ?e, "the CUDA monitor cannot bind the context");
     }
@@ -876,9 +954,21 @@ fn monitor(g: &Gpu) {
     while !g.stop.load(Ordering::Acquire) {
         if last_calibration.elapsed() >= RECALIBRATE_EVERY {
             last_calibration = Instant::now();
-            let _ = recalibrate(g);
+            // It waits for the device's answers (up to 3 × 2 ms): on a
+            // thread of its own, so no reply waits for it here.
+            let gpu = Arc::clone(g);
+            if std::thread::Builder::new()
+                .name("ringkernel-cuda-clock".into())
+                .spawn(move || {
+                    let _ = gpu.ctx.bind_to_thread();
+                    let _ = recalibrate(&gpu);
+                })
+                .is_err()
+            {
+                let _ = recalibrate(g);
+            }
         }
-        let mut moved = false;
+        let (mut moved, mut busy) = (false, false);
         {
             let mut blocks = g.blocks.lock().unwrap_or_else(|p| p.into_inner());
             for (i, b) in blocks.iter_mut().enumerate() {
@@ -893,7 +983,12 @@ fn monitor(g: &Gpu) {
                 }
                 let Some(s) = &mut b.slot else { continue };
                 let published = s.k2h.observer().published();
-                let released = s.h2k.observer().released();
+                let h2k = s.h2k.observer();
+                let released = h2k.released();
+                // Messages the device has not answered yet: their replies
+                // come soon, and a parked monitor would see them only
+                // after its nap.
+                busy |= h2k.published() > released;
                 let state = s.control.acked_state().ok();
                 if published != s.seen.0 || state != s.seen.2 {
                     (s.wake_host)();
@@ -917,10 +1012,16 @@ fn monitor(g: &Gpu) {
                 return;
             }
         }
-        if moved {
+        if moved || busy {
             last_activity = Instant::now();
         } else if last_activity.elapsed() > Duration::from_micros(50) {
-            std::thread::park_timeout(Duration::from_micros(200));
+            let napped = Instant::now();
+            std::thread::park_timeout(MONITOR_NAP);
+            if napped.elapsed() < MONITOR_NAP {
+                // Woken early: a sender rang a parked slot's doorbell, so
+                // its reply follows; watch for it awake.
+                last_activity = Instant::now();
+            }
         } else {
             std::hint::spin_loop();
         }
