@@ -162,6 +162,9 @@ struct DeviceLoop<K: Kernel> {
     deliver: ReplyDrain,
     /// Replies were published to K2H since the last delivery.
     published: bool,
+    /// Held while spinning idle; given back before serving anything (a
+    /// handler must not hold it), and on any exit, unwinding too.
+    turn: Option<SpinTurn>,
     space: Arc<SpaceWaker>,
     home: Arc<HomeCore>,
     #[cfg(feature = "fault-injection")]
@@ -260,6 +263,7 @@ impl<K: Kernel> DeviceLoop<K> {
             poller: p.poller,
             deliver: p.deliver,
             published: false,
+            turn: None,
             space: p.space,
             home: p.home,
             #[cfg(feature = "fault-injection")]
@@ -329,13 +333,11 @@ impl<K: Kernel> DeviceLoop<K> {
         self.ack(LifecycleState::Launched);
         let mut idle = Idle::new(std::time::Duration::ZERO);
         let mut napped = false;
-        // Held while spinning idle (given back on any exit, unwinding too).
-        let mut turn: Option<SpinTurn> = None;
         loop {
             match self.step() {
                 Step::Exit => return,
                 Step::Worked => {
-                    turn = None;
+                    self.turn = None;
                     idle.reset();
                     idle.set_budget(device_spin_budget(self.send_gap_ns, self.last_was_ask));
                     napped = false;
@@ -356,15 +358,15 @@ impl<K: Kernel> DeviceLoop<K> {
                     // Held by a full link: nothing to spin for. Spinning
                     // takes one of the runtime's turns.
                     if !stream && !self.links_blocked() && !idle.should_park() {
-                        if turn.is_none() {
-                            turn = SpinTurn::take(&self.poller);
+                        if self.turn.is_none() {
+                            self.turn = SpinTurn::take(&self.poller);
                         }
-                        if turn.is_some() {
+                        if self.turn.is_some() {
                             std::hint::spin_loop();
                             continue;
                         }
                     }
-                    turn = None;
+                    self.turn = None;
                     let acked = self.acked;
                     let incarnation = self.incarnation;
                     let blocked = self.links_blocked();
@@ -411,10 +413,16 @@ impl<K: Kernel> DeviceLoop<K> {
     /// poller is rung.
     fn step(&mut self) -> Step {
         let step = self.round();
+        self.announce();
+        step
+    }
+
+    /// Delivers the replies published since the last call (or rings the
+    /// poller for them).
+    fn announce(&mut self) {
         if std::mem::take(&mut self.published) && !(self.deliver)() {
             self.poller.wake();
         }
-        step
     }
 
     fn round(&mut self) -> Step {
@@ -439,6 +447,9 @@ impl<K: Kernel> DeviceLoop<K> {
                 if let Err(step) = self.settle() {
                     return step;
                 }
+                // Before the acknowledgement: its waiter then sweeps what
+                // is left as `Terminated`.
+                self.announce();
                 self.ack(LifecycleState::Terminated);
                 return Step::Exit;
             }
@@ -603,6 +614,7 @@ impl<K: Kernel> DeviceLoop<K> {
     ) -> (usize, usize, Stop) {
         let (mut taken, mut committed) = (0, 0);
         if !buf.is_empty() {
+            self.turn = None;
             use crate::hlc::PhysicalClock;
             self.now = self.clock.clock().now_ns();
         }
@@ -638,7 +650,11 @@ impl<K: Kernel> DeviceLoop<K> {
                         return (taken, committed, None);
                     }
                     match self.commit(from, fault_after) {
-                        Ok(()) => committed += 1,
+                        Ok(()) => {
+                            committed += 1;
+                            // Its reply goes now, not after the batch.
+                            self.announce();
+                        }
                         Err(end) => return (taken, committed, Some(self.end(end))),
                     }
                 }

@@ -38,7 +38,11 @@ use std::time::{Duration, Instant};
 
 /// How a caller waits for its reply: the framework's reply handle
 /// (ractor's `RpcReplyPort`, actix's response channel, kameo's reply sender).
-/// The poller thread calls [`Waiter::complete`] exactly once per accepted ask.
+/// [`Waiter::complete`] is called exactly once per accepted ask: by the
+/// poller thread, the slot's device thread (cpu backend: it delivers the
+/// replies it publishes), or the owner's thread when a slot closes. It runs
+/// while the slot's K2H reader is held, so it must not block or call back
+/// into the slot: hand the outcome to a channel or a waker.
 pub trait Waiter: Send + 'static {
     /// Delivers the outcome of the ask.
     fn complete(self, outcome: Result<Reply, AskError>);
@@ -1080,7 +1084,7 @@ impl Runtime {
                     h2k: h2k_rx,
                     k2h: k2h_tx,
                     poller: self.inner.poller.clone(),
-                    deliver: reply_drain(shared.clone(), reader.clone(), self.inner.poller.clone()),
+                    deliver: reply_drain(&shared, reader.clone(), self.inner.poller.clone()),
                     space: shared.space.clone(),
                     max_in_flight: options.max_in_flight,
                     home: home.core().clone(),
@@ -1992,13 +1996,31 @@ impl K2hReader {
     }
 
     /// Drains K2H: completes waiters, holds sends; returns (envelopes,
-    /// corrupt ones).
-    fn drain<W: Waiter>(&mut self, shared: &SlotShared<W>, p: &PollerShared) -> (usize, usize) {
+    /// corrupt ones, whether it stopped at a send). `replies_only` (the
+    /// device thread's drain) stops at the first envelope that is not a
+    /// reply and leaves it in K2H for the poller: the device thread never
+    /// moves a kernel's sends out of K2H, so a full K2H still holds back a
+    /// kernel that sends faster than the poller routes.
+    fn drain<W: Waiter>(
+        &mut self,
+        shared: &SlotShared<W>,
+        p: &PollerShared,
+        replies_only: bool,
+    ) -> (usize, usize, bool) {
         let check = HeaderCheck::any_type(MAX_INLINE as u32);
         let (mut done, mut bad) = (0, 0);
         let held = &mut self.held;
         let mut batch = self.k2h.batch();
         while let Some(env) = batch.try_recv_with(&check, |e| Reply::new(e.header, e.payload)) {
+            if replies_only
+                && !env
+                    .as_ref()
+                    .is_ok_and(|r| r.header().flags.contains(Flags::REPLY))
+            {
+                // Read, not taken: the poller's.
+                batch.release_first(done);
+                return (done, bad, true);
+            }
             done += 1;
             let Ok(reply) = env else {
                 shared.bad_replies.fetch_add(1, Ordering::Relaxed);
@@ -2034,7 +2056,7 @@ impl K2hReader {
                 Err(_) => {}
             }
         }
-        (done, bad)
+        (done, bad, false)
     }
 }
 
@@ -2047,25 +2069,39 @@ impl K2hReader {
 pub(crate) type ReplyDrain = Box<dyn Fn() -> bool + Send>;
 
 fn reply_drain<W: Waiter>(
-    shared: Arc<SlotShared<W>>,
+    shared: &Arc<SlotShared<W>>,
     reader: Arc<Mutex<K2hReader>>,
     p: Arc<PollerShared>,
 ) -> ReplyDrain {
+    // Weak: a device thread that never ends (a hung handler, left running
+    // fenced) must not keep the poller from dropping the slot.
+    let shared = Arc::downgrade(shared);
     Box::new(move || {
-        let mut r = match reader.try_lock() {
-            Ok(r) => r,
-            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
-            // The poller is reading it now.
-            Err(std::sync::TryLockError::WouldBlock) => return false,
+        let Some(shared) = shared.upgrade() else {
+            return false;
         };
-        let (done, bad) = r.drain(&shared, &p);
+        // Busy: the poller is reading it now.
+        let Some(mut r) = try_read(&reader) else {
+            return false;
+        };
+        let (done, bad, at_send) = r.drain(&shared, &p, true);
         r.bad += bad;
         if done > 0 {
             // Senders waiting for a free waiter.
             shared.space.wake_if_wanted();
         }
-        r.held.is_empty() && r.bad == 0
+        !at_send && r.held.is_empty() && r.bad == 0
     })
+}
+
+/// The reader, unless someone else is reading (then they deliver what is
+/// there, or ring the poller for it).
+fn try_read(reader: &Mutex<K2hReader>) -> Option<std::sync::MutexGuard<'_, K2hReader>> {
+    match reader.try_lock() {
+        Ok(r) => Some(r),
+        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
 }
 
 struct PolledSlot<W> {
@@ -2088,7 +2124,7 @@ impl<W: Waiter> PolledSlot<W> {
         if self.shared.fault.set(fault).is_ok() {
             tracing::warn!(actor = ?self.shared.id, kernel = self.shared.name, %fault, "actor slot faulted");
             self.shared.fence(Ending::Faulted(fault));
-            self.drain(p, router);
+            self.drain(p, router, true);
             if self.shared.policy == PendingPolicy::Replay {
                 // The ask that was in a handler when the device reported the
                 // fault is failed, not replayed: resolve it now rather than
@@ -2129,10 +2165,19 @@ impl<W: Waiter> PolledSlot<W> {
 impl<W: Waiter> PolledSlot<W> {
     /// Drains K2H: completes waiters, routes the sends whose messages
     /// committed; returns (envelopes, corrupt ones).
-    fn drain(&mut self, p: &PollerShared, router: &mut Router) -> (usize, usize) {
+    /// Unless `wait`, a reader busy on the device thread is left to it
+    /// (it delivers what it finds, and rings the poller for the rest).
+    fn drain(&mut self, p: &PollerShared, router: &mut Router, wait: bool) -> (usize, usize) {
         let reader = self.reader.clone();
-        let mut r = crate::link::lock(&reader);
-        let (done, bad) = r.drain(&self.shared, p);
+        let mut r = if wait {
+            crate::link::lock(&reader)
+        } else {
+            match try_read(&reader) {
+                Some(r) => r,
+                None => return (0, 0),
+            }
+        };
+        let (done, bad, _) = r.drain(&self.shared, p, false);
         let bad = bad + std::mem::take(&mut r.bad);
         if done > 0 {
             // The device loop may be parked waiting for K2H room, and a
@@ -2210,7 +2255,12 @@ impl<W: Waiter> PollSlot for PolledSlot<W> {
         // before it acknowledges `Faulted` (store-release), so every reply
         // made before a fault is drained before the fault's sweep below.
         let status = self.shared.control.status();
-        let (done, bad) = self.drain(p, router);
+        // A faulted slot's replies must all be drained before its sweep:
+        // wait for a device-thread drain in progress.
+        let faulted = status
+            .as_ref()
+            .is_ok_and(|s| s.state == LifecycleState::Faulted);
+        let (done, bad) = self.drain(p, router, faulted);
         if self.shared.fault.get().is_some() {
             return done;
         }
@@ -2291,12 +2341,13 @@ impl<W: Waiter> PollSlot for PolledSlot<W> {
     }
 
     fn has_replies(&mut self) -> bool {
-        let mut r = crate::link::lock(&self.reader);
-        !r.held.is_empty()
-            || r.bad > 0
-            || !r.k2h.is_empty()
-            || (self.shared.fault.get().is_none()
-                && self.shared.control.acked_state() == Ok(LifecycleState::Faulted))
+        let unhandled_fault = self.shared.fault.get().is_none()
+            && self.shared.control.acked_state() == Ok(LifecycleState::Faulted);
+        // Busy: the device thread is reading it, and rings the poller for
+        // whatever it leaves.
+        unhandled_fault
+            || try_read(&self.reader)
+                .is_some_and(|mut r| !r.held.is_empty() || r.bad > 0 || !r.k2h.is_empty())
     }
 
     fn finished(&self) -> bool {
