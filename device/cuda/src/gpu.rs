@@ -195,6 +195,17 @@ struct Arena {
 const ARENA_ALIGN: usize = 128;
 
 impl Arena {
+    /// An 8-byte word for the device to write (a probe's), and its device
+    /// address.
+    fn word(self: &Arc<Self>) -> Result<(ArenaRegion, u64), CudaError> {
+        let word = self.alloc(8).ok_or(CudaError::PinnedBudget(self.mem.len))?;
+        let dev = self
+            .mem
+            .dev_addr(word.base().as_ptr())
+            .ok_or_else(|| CudaError::Driver("a word outside the arena".into()))?;
+        Ok((word, dev))
+    }
+
     fn alloc(self: &Arc<Self>, bytes: usize) -> Option<ArenaRegion> {
         let len = bytes.max(1).next_multiple_of(ARENA_ALIGN);
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
@@ -583,19 +594,14 @@ impl CudaBackend {
         };
         let own = match probe_graph {
             Some(_) => None,
-            None => Some(
-                g.arena
-                    .alloc(8)
-                    .ok_or(CudaError::PinnedBudget(g.options.pinned_bytes))?,
-            ),
+            None => Some(g.arena.word()?),
         };
-        let word = probe_graph.map_or_else(|| own.as_ref(), |p| Some(&p.word));
-        let word = word.ok_or_else(|| CudaError::Driver("no baseline word".into()))?;
-        let dev = g
-            .arena
-            .mem
-            .dev_addr(word.base().as_ptr())
-            .ok_or_else(|| CudaError::Driver("word outside the arena".into()))?;
+        let (word, dev) = match (probe_graph, &own) {
+            // The graph captured the address.
+            (Some(p), _) => (&p.word, 0),
+            (None, Some((w, d))) => (w, *d),
+            (None, None) => return Err(CudaError::Driver("no baseline word".into())),
+        };
         let flag = word.base().as_ptr().cast::<u64>();
         let start = Instant::now();
         for _ in 0..n {
@@ -798,13 +804,7 @@ fn calibrate(
     probe: &CudaFunction,
     arena: &Arc<Arena>,
 ) -> Result<i64, CudaError> {
-    let out = arena
-        .alloc(8)
-        .ok_or(CudaError::PinnedBudget(arena.mem.len))?;
-    let dev = arena
-        .mem
-        .dev_addr(out.base().as_ptr())
-        .ok_or_else(|| CudaError::Driver("probe word outside the arena".into()))?;
+    let (out, dev) = arena.word()?;
     let now = || {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -913,13 +913,7 @@ fn capture_probe(
     probe: &CudaFunction,
     arena: &Arc<Arena>,
 ) -> Result<ProbeGraph, CudaError> {
-    let word = arena
-        .alloc(8)
-        .ok_or_else(|| CudaError::Driver("no pinned word for the graph baseline".into()))?;
-    let dev = arena
-        .mem
-        .dev_addr(word.base().as_ptr())
-        .ok_or_else(|| CudaError::Driver("word outside the arena".into()))?;
+    let (word, dev) = arena.word()?;
     stream
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .map_err(driver("cuStreamBeginCapture"))?;
