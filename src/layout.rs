@@ -15,7 +15,7 @@ use crate::control::{
     COMMIT_FENCED, CONTROL_BLOCK_SIZE, CONTROL_MAGIC, CONTROL_VERSION, ControlBlock, FaultCode,
     LifecycleState,
 };
-use crate::doorbell::{AWAKE, PARKED};
+use crate::doorbell::{AWAKE, NAPPING, PARKED};
 use crate::envelope::{
     ENVELOPE_MAGIC, EnvelopeHeader, Flags, HEADER_SIZE, PROTOCOL_VERSION, SYSTEM_TYPE_BASE,
 };
@@ -327,6 +327,11 @@ pub fn constants() -> Vec<Constant> {
             name: "RK_DOORBELL_PARKED",
             value: PARKED.into(),
             doc: "doorbell: the loop is going to sleep",
+        },
+        Constant {
+            name: "RK_DOORBELL_NAPPING",
+            value: NAPPING.into(),
+            doc: "doorbell: the cpu loop naps (only RK_DOORBELL_PARKED wakes on a tell)",
         },
         Constant {
             name: "RK_HLC_LOGICAL_BITS",

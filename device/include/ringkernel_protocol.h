@@ -74,6 +74,7 @@ typedef long long int64_t;
 #define RK_ORIGIN_LINK                   0x8000000000000000ull /* seq of a routed send made while serving a link message: this bit | link id << 40 | position */
 #define RK_DOORBELL_AWAKE                0x0ull /* doorbell: the loop is running */
 #define RK_DOORBELL_PARKED               0x1ull /* doorbell: the loop is going to sleep */
+#define RK_DOORBELL_NAPPING              0x2ull /* doorbell: the cpu loop naps (only RK_DOORBELL_PARKED wakes on a tell) */
 #define RK_HLC_LOGICAL_BITS              0x4ull /* low bits of the HLC word that count */
 #define RK_HLC_LOGICAL_MASK              0xfull /* mask of the logical counter */
 #define RK_STATE_CREATED                 0x0ull /* lifecycle state */
