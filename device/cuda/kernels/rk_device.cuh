@@ -8,6 +8,9 @@
 //                                const uint8_t* payload, rk_reply* reply,
 //                                rk_later* later);
 //
+// Helper functions of a handler need no annotation: the backend's NVRTC
+// compiles device code by default (--device-as-default-execution-space).
+//
 // `state` is the kernel's State (16-byte aligned, kept between messages);
 // `payload` holds msg->payload_len bytes. It returns RK_DONE, RK_REPLIED
 // (`reply` filled), RK_DEFERRED (the ask is answered by a later run),

@@ -95,6 +95,11 @@ pub fn nvrtc_version() -> Result<(i32, i32), CudaError> {
     Ok((major, minor))
 }
 
+/// NVRTC's language options for every compile: C++17, and device code by
+/// default — a handler's helper functions need no `__device__` (the loop's
+/// host-only parts are behind `RK_ARCH_CUDA`).
+const LANGUAGE: [&str; 2] = ["--std=c++17", "--device-as-default-execution-space"];
+
 /// Compiles a translation unit (see [`translation_unit`](crate::translation_unit))
 /// to PTX for `arch` (e.g. `"sm_90"`) with NVRTC — no driver or GPU
 /// needed.
@@ -112,7 +117,7 @@ pub fn compile_ptx(tu: &str, arch: &'static str) -> Result<String, CudaError> {
     let opts = cudarc::nvrtc::CompileOptions {
         arch: Some(arch),
         name: Some("ringkernel_actor_host.cu".into()),
-        options: vec!["--std=c++17".into()],
+        options: LANGUAGE.iter().map(|&o| o.into()).collect(),
         ..Default::default()
     };
     match cudarc::nvrtc::compile_ptx_with_opts(tu, opts) {
@@ -144,7 +149,9 @@ pub fn compile_cubin(tu: &str, arch: &str) -> Result<Vec<u8>, CudaError> {
     let prog = result::create_program(&src, Some(name)).map_err(|e| CudaError::Compile {
         log: format!("{e:?}"),
     })?;
-    let options = [format!("--gpu-architecture={arch}"), "--std=c++17".into()];
+    let options: Vec<String> = std::iter::once(format!("--gpu-architecture={arch}"))
+        .chain(LANGUAGE.iter().map(|&o| o.into()))
+        .collect();
     // SAFETY: `prog` is a live program; the options are valid strings.
     let compiled = unsafe { result::compile_program(prog, &options) };
     let out = match compiled {

@@ -219,3 +219,29 @@ fn nvrtc_makes_cubins_for_sm80_and_sm90() {
         assert_eq!(&cubin[..4], b"\x7fELF", "{arch}: a cubin is an ELF image");
     }
 }
+
+/// A handler's helper needs no `__device__`: NVRTC compiles device code by
+/// default (`--device-as-default-execution-space`).
+#[test]
+fn a_handler_helper_needs_no_device_annotation() {
+    if let Err(e) = ringkernel_cuda::nvrtc_version() {
+        return skip(&e.to_string());
+    }
+    let tu = translation_unit(
+        Arch::Cuda,
+        &[KernelSource {
+            name: "helper",
+            handler: ringkernel::backend::CudaHandler {
+                source: "static uint64_t twice(uint64_t v) { return 2 * v; }\n\
+                         RK_DEVICE uint32_t rk_handle(void* s, const rk_envelope_header* m, \
+                         const uint8_t* p, rk_reply* r, rk_later* l) { \
+                         return rk_reply_u64(r, twice(rk_get_u64(p, 0))); }",
+                types: &[1],
+                max_later: 0,
+            },
+        }],
+    );
+    for arch in ARCHS {
+        ringkernel_cuda::compile_ptx(&tu, arch).unwrap_or_else(|e| panic!("NVRTC {arch}: {e}"));
+    }
+}
