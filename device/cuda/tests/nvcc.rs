@@ -190,17 +190,10 @@ fn an_nvrtc_compile_error_is_typed_and_carries_the_log() {
     if let Err(e) = ringkernel_cuda::nvrtc_version() {
         return skip(&e.to_string());
     }
-    let bad = translation_unit(
-        Arch::Cuda,
-        &[KernelSource {
-            name: "broken",
-            handler: ringkernel::backend::CudaHandler {
-                source: "RK_DEVICE uint32_t rk_handle(void* s, const rk_envelope_header* m, \
-                         const uint8_t* p, rk_reply* r, rk_later* l) { return undefined_thing; }",
-                types: &[1],
-                max_later: 0,
-            },
-        }],
+    let bad = one_handler(
+        "broken",
+        "RK_DEVICE uint32_t rk_handle(void* s, const rk_envelope_header* m, \
+         const uint8_t* p, rk_reply* r, rk_later* l) { return undefined_thing; }",
     );
     match ringkernel_cuda::compile_ptx(&bad, "sm_90") {
         Err(CudaError::Compile { log }) => assert!(log.contains("undefined_thing"), "{log}"),
@@ -227,21 +220,29 @@ fn a_handler_helper_needs_no_device_annotation() {
     if let Err(e) = ringkernel_cuda::nvrtc_version() {
         return skip(&e.to_string());
     }
-    let tu = translation_unit(
-        Arch::Cuda,
-        &[KernelSource {
-            name: "helper",
-            handler: ringkernel::backend::CudaHandler {
-                source: "static uint64_t twice(uint64_t v) { return 2 * v; }\n\
-                         RK_DEVICE uint32_t rk_handle(void* s, const rk_envelope_header* m, \
-                         const uint8_t* p, rk_reply* r, rk_later* l) { \
-                         return rk_reply_u64(r, twice(rk_get_u64(p, 0))); }",
-                types: &[1],
-                max_later: 0,
-            },
-        }],
+    let tu = one_handler(
+        "helper",
+        "static uint64_t twice(uint64_t v) { return 2 * v; }\n\
+         RK_DEVICE uint32_t rk_handle(void* s, const rk_envelope_header* m, \
+         const uint8_t* p, rk_reply* r, rk_later* l) { \
+         return rk_reply_u64(r, twice(rk_get_u64(p, 0))); }",
     );
     for arch in ARCHS {
         ringkernel_cuda::compile_ptx(&tu, arch).unwrap_or_else(|e| panic!("NVRTC {arch}: {e}"));
     }
+}
+
+/// The CUDA translation unit of one kernel with handler `source` (type 1).
+fn one_handler(name: &'static str, source: &'static str) -> String {
+    translation_unit(
+        Arch::Cuda,
+        &[KernelSource {
+            name,
+            handler: ringkernel::backend::CudaHandler {
+                source,
+                types: &[1],
+                max_later: 0,
+            },
+        }],
+    )
 }
