@@ -48,6 +48,8 @@ use ringkernel::runtime::{
     AskError, GpuSlot, LaunchError, LaunchOptions, ReplayStatus, Runtime, SlotEvent, SubmitError,
     Waiter,
 };
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 /// Errors a kameo caller of a GPU actor can see (inside kameo's
@@ -237,46 +239,165 @@ where
 {
     type Reply = DelegatedReply<Result<M::Reply, GpuError>>;
 
-    async fn handle(
+    // Not `async fn`: kameo boxes the handler's future with each message,
+    // so the work runs when kameo calls `handle` and the future keeps only
+    // what waits for ring room (rare, boxed).
+    fn handle(
         &mut self,
         Ask(msg): Ask<M>,
         ctx: &mut Context<Self, Self::Reply>,
-    ) -> Self::Reply {
+    ) -> impl Future<Output = Self::Reply> + Send {
         let (delegated, sender) = ctx.reply_sender();
-        let Some(tx) = sender else { return delegated };
-        let mut item = (Payload::new(msg), KameoWaiter(Box::new(Typed(tx))));
-        let Some(slot) = self.slot.as_mut() else {
-            fail(item.1, GpuError::Closed);
-            return delegated;
-        };
-        loop {
-            match slot.ask(item.0, item.1, ActorId::NONE) {
-                Ok(_) => break,
-                Err(SubmitError::Full(back)) => {
-                    item = back;
-                    slot.space().await;
+        let wait = sender.and_then(|tx| {
+            let waiter = KameoWaiter(Box::new(Typed(tx)));
+            match self.slot.as_mut() {
+                Some(slot) => ask_now(slot, Payload::new(msg), waiter),
+                None => {
+                    fail(waiter, GpuError::Closed);
+                    None
                 }
-                Err(SubmitError::UnknownType {
-                    value: (_, w),
-                    type_id,
-                }) => {
-                    fail(w, GpuError::UnknownType { type_id });
-                    break;
-                }
-                Err(SubmitError::Closed((payload, waiter))) => {
-                    // The slot's pending policy: replayed after a fault, or
-                    // failed.
-                    slot.hand_back(Replay::Ask {
-                        payload,
-                        waiter,
-                        src: ActorId::NONE,
-                    });
-                    break;
-                }
-                Err(_) => break,
             }
+        });
+        async move {
+            if let Some(wait) = wait {
+                wait.await;
+            }
+            delegated
         }
-        delegated
+    }
+}
+
+/// What is left of a message the ring had no room for: awaited by the
+/// handler, so the mailbox behind it waits too (backpressure in order).
+/// Boxed: the common case (room in the ring) keeps the handler's future,
+/// which kameo boxes per message, small.
+type Wait<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Pushes an ask with its waiter in the slab, or answers the waiter;
+/// `Some` when the ring is full (the rest waits for room).
+fn ask_now(
+    slot: &mut GpuSlot<KameoWaiter>,
+    payload: Payload,
+    waiter: KameoWaiter,
+) -> Option<Wait<'_, ()>> {
+    match slot.ask(payload, waiter, ActorId::NONE) {
+        Ok(_) => None,
+        Err(SubmitError::Full(back)) => Some(Box::pin(async move {
+            let mut item = back;
+            loop {
+                slot.space().await;
+                match slot.ask(item.0, item.1, ActorId::NONE) {
+                    Err(SubmitError::Full(back)) => item = back,
+                    other => return ask_refused(slot, other.map(|_| ())),
+                }
+            }
+        })),
+        Err(e) => {
+            ask_refused(slot, Err(e));
+            None
+        }
+    }
+}
+
+/// What becomes of an ask the slot did not take for a reason other than a
+/// full ring.
+fn ask_refused(
+    slot: &mut GpuSlot<KameoWaiter>,
+    result: Result<(), SubmitError<(Payload, KameoWaiter)>>,
+) {
+    match result {
+        Ok(()) | Err(SubmitError::Full(_)) => {}
+        Err(SubmitError::UnknownType {
+            value: (_, w),
+            type_id,
+        }) => fail(w, GpuError::UnknownType { type_id }),
+        Err(SubmitError::Closed((payload, waiter))) => {
+            // The slot's pending policy: replayed after a fault, or failed.
+            slot.hand_back(Replay::Ask {
+                payload,
+                waiter,
+                src: ActorId::NONE,
+            });
+        }
+        Err(e) => {
+            let (_, w) = e.into_inner();
+            fail(w, GpuError::Closed);
+        }
+    }
+}
+
+/// The result of a tell the slot took (or refused for good), or what
+/// waits for ring room.
+enum TellStep<'a> {
+    Done(Result<(), GpuError>),
+    Wait(Wait<'a, Result<(), GpuError>>),
+}
+
+impl TellStep<'_> {
+    async fn finish(self) -> Result<(), GpuError> {
+        match self {
+            TellStep::Done(r) => r,
+            TellStep::Wait(w) => w.await,
+        }
+    }
+}
+
+/// Pushes a tell from `src`; a type the slot does not serve is an error
+/// when `refuse_unknown`, else a dead letter.
+fn tell_now(
+    slot: &mut GpuSlot<KameoWaiter>,
+    payload: Payload,
+    src: ActorId,
+    refuse_unknown: bool,
+) -> TellStep<'_> {
+    match slot.tell(payload, src) {
+        Ok(()) => TellStep::Done(Ok(())),
+        Err(SubmitError::Full(back)) => TellStep::Wait(Box::pin(async move {
+            let mut payload = back;
+            loop {
+                slot.space().await;
+                match slot.tell(payload, src) {
+                    Err(SubmitError::Full(back)) => payload = back,
+                    other => return tell_refused(slot, other, src, refuse_unknown),
+                }
+            }
+        })),
+        other => TellStep::Done(tell_refused(slot, other, src, refuse_unknown)),
+    }
+}
+
+/// What becomes of a tell the slot did not take for a reason other than a
+/// full ring.
+fn tell_refused(
+    slot: &mut GpuSlot<KameoWaiter>,
+    result: Result<(), SubmitError<Payload>>,
+    src: ActorId,
+    refuse_unknown: bool,
+) -> Result<(), GpuError> {
+    match result {
+        Ok(()) | Err(SubmitError::Full(_)) => Ok(()),
+        Err(SubmitError::UnknownType { type_id, .. }) if refuse_unknown => {
+            Err(GpuError::UnknownType { type_id })
+        }
+        // `GpuMailbox` refuses unserved types before sending; a mailbox
+        // made for another kernel lets them through.
+        Err(SubmitError::UnknownType { value, .. }) => {
+            slot.dead_letter(
+                value,
+                src,
+                DeadLetterReason::Unroutable(RouteFailure::Refused),
+            );
+            Ok(())
+        }
+        Err(e) => {
+            // Accepted by the mailbox: the slot's pending policy (replayed
+            // after a fault, or a dead letter).
+            slot.hand_back(Replay::Tell {
+                payload: e.into_inner(),
+                src,
+            });
+            Ok(())
+        }
     }
 }
 
@@ -294,44 +415,28 @@ pub struct Delivered(pub Delivery);
 impl<K: Kernel> Message<Delivered> for GpuActor<K> {
     type Reply = ();
 
-    async fn handle(&mut self, Delivered(d): Delivered, _: &mut Context<Self, ()>) {
-        let Some(slot) = self.slot.as_mut() else {
-            // Accepted by the mailbox of a stopped actor: a dead letter.
-            self.runtime.report_dead_letter(DeadLetter {
-                actor: d.dst,
-                src: d.src,
-                seq: 0,
-                payload: d.payload,
-                reason: DeadLetterReason::Unroutable(RouteFailure::Closed),
-            });
-            return;
-        };
-        let mut payload = d.payload;
-        loop {
-            match slot.tell(payload, d.src) {
-                Ok(()) => return,
-                Err(SubmitError::Full(back)) => {
-                    payload = back;
-                    slot.space().await;
-                }
-                // `GpuMailbox` refuses unserved types before sending; a
-                // mailbox made for another kernel lets them through.
-                Err(SubmitError::UnknownType { value, .. }) => {
-                    slot.dead_letter(
-                        value,
-                        d.src,
-                        DeadLetterReason::Unroutable(RouteFailure::Refused),
-                    );
-                    return;
-                }
-                Err(e) => {
-                    slot.hand_back(Replay::Tell {
-                        payload: e.into_inner(),
-                        src: d.src,
-                    });
-                    return;
-                }
+    fn handle(
+        &mut self,
+        Delivered(d): Delivered,
+        _: &mut Context<Self, ()>,
+    ) -> impl Future<Output = ()> + Send {
+        let step = match self.slot.as_mut() {
+            Some(slot) => tell_now(slot, d.payload, d.src, false),
+            None => {
+                // Accepted by the mailbox of a stopped actor: a dead letter.
+                self.runtime.report_dead_letter(DeadLetter {
+                    actor: d.dst,
+                    src: d.src,
+                    seq: 0,
+                    payload: d.payload,
+                    reason: DeadLetterReason::Unroutable(RouteFailure::Closed),
+                });
+                TellStep::Done(Ok(()))
             }
+        };
+        async move {
+            // Refusals became dead letters.
+            let _ = step.finish().await;
         }
     }
 }
@@ -402,36 +507,16 @@ impl<A: Actor + Message<Delivered>> Mailbox for CpuMailbox<A> {
 impl<K: Kernel, M: KernelMessage> Message<Tell<M>> for GpuActor<K> {
     type Reply = Result<(), GpuError>;
 
-    async fn handle(
+    fn handle(
         &mut self,
         Tell(msg): Tell<M>,
         _: &mut Context<Self, Self::Reply>,
-    ) -> Self::Reply {
-        let mut payload = Payload::new(msg);
-        let Some(slot) = self.slot.as_mut() else {
-            return Err(GpuError::Closed);
+    ) -> impl Future<Output = Self::Reply> + Send {
+        let step = match self.slot.as_mut() {
+            Some(slot) => tell_now(slot, Payload::new(msg), ActorId::NONE, true),
+            None => TellStep::Done(Err(GpuError::Closed)),
         };
-        loop {
-            match slot.tell(payload, ActorId::NONE) {
-                Ok(()) => return Ok(()),
-                Err(SubmitError::Full(back)) => {
-                    payload = back;
-                    slot.space().await;
-                }
-                Err(SubmitError::UnknownType { type_id, .. }) => {
-                    return Err(GpuError::UnknownType { type_id });
-                }
-                Err(e) => {
-                    // Accepted by the mailbox: the slot's pending policy
-                    // (replayed after a fault, or a dead letter).
-                    slot.hand_back(Replay::Tell {
-                        payload: e.into_inner(),
-                        src: ActorId::NONE,
-                    });
-                    return Ok(());
-                }
-            }
-        }
+        step.finish()
     }
 }
 

@@ -7,7 +7,7 @@ use kameo::actor::{ActorRef, Spawn, WeakActorRef};
 use kameo::error::{ActorStopReason, SendError};
 use kameo::prelude::*;
 use ringkernel::conformance::{
-    Add, Echo, Explode, Probe, REVERSE_BATCH, Reverse, Reversed, Seq, SeqReport, Silent, Total,
+    Add, Echo, Explode, Nap, Probe, REVERSE_BATCH, Reverse, Reversed, Seq, SeqReport, Silent, Total,
 };
 use ringkernel::runtime::{AskError, LaunchOptions, Runtime};
 use ringkernel_kameo::{Activate, Ask, Deactivate, GpuActor, GpuArgs, GpuError, Tell};
@@ -70,6 +70,43 @@ async fn a_full_ring_backs_up_the_mailbox_in_order() {
         .expect("no hang")
         .unwrap();
     assert_eq!(report, [20_000, 0]);
+}
+
+/// Concurrent asks through a ring of 2 to a slow handler (`Nap`: 1 ms):
+/// the handler waits for room (the mailbox behind it) whenever the ring is
+/// full, and each caller still gets its own reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asks_through_a_full_ring_each_get_their_own_reply() {
+    let args = GpuArgs::<Probe>::new(Runtime::new().unwrap(), Default::default())
+        .options(LaunchOptions::default().h2k_capacity(2));
+    let gpu = GpuActor::<Probe>::spawn_with_mailbox(args, kameo::mailbox::bounded(64));
+    let callers: Vec<_> = (0..16u64)
+        .map(|c| {
+            let gpu = gpu.clone();
+            tokio::spawn(async move {
+                let mut naps = Vec::new();
+                for r in 0..4u64 {
+                    naps.push(gpu.ask(Ask(Nap(1))).await.unwrap());
+                    let v = c * 1_000_000 + r;
+                    assert_eq!(gpu.ask(Ask(Echo(v))).await.unwrap(), v);
+                }
+                naps
+            })
+        })
+        .collect();
+    let mut naps = Vec::new();
+    for c in callers {
+        naps.extend(
+            tokio::time::timeout(DEADLINE * 3, c)
+                .await
+                .expect("a caller hung")
+                .unwrap(),
+        );
+    }
+    // The handler counts its naps: each of the 64 replies is a different
+    // count, so none went to another caller.
+    naps.sort_unstable();
+    assert_eq!(naps, (1..=64).collect::<Vec<u64>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,7 +68,9 @@ use ringkernel::runtime::{
     AskError, CallError, Fault, GpuSlot, LaunchOptions, ReplayStatus, Runtime, SlotController,
     SlotEvent, SubmitError, Waiter,
 };
+use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -258,32 +260,163 @@ impl std::fmt::Debug for GpuActorState {
     }
 }
 
-/// Sends a tell, awaiting ring space in order (the mailbox waits behind).
-async fn tell_in_order(slot: &mut GpuSlot<Port>, payload: Payload, src: ActorId) {
-    let mut payload = payload;
-    loop {
-        match slot.tell(payload, src) {
-            Ok(()) => break,
-            Err(SubmitError::Full(back)) => {
-                payload = back;
+/// What is left of a message the ring had no room for: awaited by
+/// [`GpuActor::handle`], so the mailbox behind it waits too (backpressure in
+/// order). Boxed: the common case (room in the ring) stays a small future
+/// that ractor moves per message.
+type Wait<'a> = Pin<Box<dyn Future<Output = Result<(), ActorProcessingErr>> + Send + 'a>>;
+
+/// Pushes a tell, or hands it back or dead-letters it; `Some` when the ring is
+/// full (the rest waits for room).
+fn tell_now(slot: &mut GpuSlot<Port>, payload: Payload, src: ActorId) -> Option<Wait<'_>> {
+    match slot.tell(payload, src) {
+        Ok(()) => None,
+        Err(SubmitError::Full(back)) => Some(Box::pin(async move {
+            let mut payload = back;
+            loop {
                 slot.space().await;
+                match slot.tell(payload, src) {
+                    Err(SubmitError::Full(back)) => payload = back,
+                    other => {
+                        tell_refused(slot, other, src);
+                        return Ok(());
+                    }
+                }
             }
-            Err(SubmitError::Closed(payload)) => {
-                slot.hand_back(Replay::Tell { payload, src });
-                break;
-            }
-            Err(e) => {
-                // ractor's cast has no way back to the sender: the refusal
-                // is a dead letter (the typed handle and `GpuMailbox` check
-                // before sending).
-                slot.dead_letter(
-                    e.into_inner(),
-                    src,
-                    DeadLetterReason::Unroutable(RouteFailure::Refused),
-                );
-                break;
-            }
+        })),
+        other => {
+            tell_refused(slot, other, src);
+            None
         }
+    }
+}
+
+/// What becomes of a tell the slot did not take for a reason other than a
+/// full ring.
+fn tell_refused(slot: &mut GpuSlot<Port>, result: Result<(), SubmitError<Payload>>, src: ActorId) {
+    match result {
+        Ok(()) | Err(SubmitError::Full(_)) => {}
+        Err(SubmitError::Closed(payload)) => slot.hand_back(Replay::Tell { payload, src }),
+        Err(e) => {
+            // ractor's cast has no way back to the sender: the refusal is a
+            // dead letter (the typed handle and `GpuMailbox` check before
+            // sending).
+            slot.dead_letter(
+                e.into_inner(),
+                src,
+                DeadLetterReason::Unroutable(RouteFailure::Refused),
+            );
+        }
+    }
+}
+
+/// Pushes an ask with its port in the waiter slab, or answers the port; `Some`
+/// when the ring is full (the rest waits for room).
+fn ask_now(
+    slot: &mut GpuSlot<Port>,
+    payload: Payload,
+    port: Port,
+    me: ActorId,
+) -> Result<Option<Wait<'_>>, ActorProcessingErr> {
+    match slot.ask(payload, port, me) {
+        Ok(_) => Ok(None),
+        Err(SubmitError::Full(back)) => Ok(Some(Box::pin(async move {
+            let mut item = back;
+            loop {
+                slot.space().await;
+                match slot.ask(item.0, item.1, me) {
+                    Err(SubmitError::Full(back)) => item = back,
+                    other => return ask_refused(slot, other.map(|_| ()), me),
+                }
+            }
+        }))),
+        Err(e) => ask_refused(slot, Err(e), me).map(|()| None),
+    }
+}
+
+/// What becomes of an ask the slot did not take for a reason other than a
+/// full ring.
+fn ask_refused(
+    slot: &mut GpuSlot<Port>,
+    result: Result<(), SubmitError<(Payload, Port)>>,
+    me: ActorId,
+) -> Result<(), ActorProcessingErr> {
+    match result {
+        Ok(()) | Err(SubmitError::Full(_)) => Ok(()),
+        Err(SubmitError::UnknownType {
+            value: (_, port),
+            type_id,
+        }) => {
+            let _ = port.0.send(Err(CallError::UnknownType { type_id }.into()));
+            Ok(())
+        }
+        Err(SubmitError::Closed((payload, waiter))) => {
+            // The slot's pending policy: replayed after a fault, or failed.
+            slot.hand_back(Replay::Ask {
+                payload,
+                waiter,
+                src: me,
+            });
+            Ok(())
+        }
+        Err(e) => Err(format!("unexpected submit error {e:?}").into()),
+    }
+}
+
+impl<K: Kernel> GpuActor<K> {
+    /// Serves one mailbox message; `Some` when it waits for ring room.
+    fn serve<'a>(
+        &self,
+        myself: &ActorRef<GpuMsg>,
+        msg: GpuMsg,
+        state: &'a mut GpuActorState,
+    ) -> Result<Option<Wait<'a>>, ActorProcessingErr> {
+        let Some(slot) = state.slot.as_mut() else {
+            return Ok(None);
+        };
+        let me = ActorId::cpu(
+            self.runtime.node(),
+            (myself.get_id().pid() & 0xFF_FFFF) as u32,
+        );
+        match msg {
+            GpuMsg::Ask(payload, port) => return ask_now(slot, payload, Port(port), me),
+            GpuMsg::Tell(payload) => return Ok(tell_now(slot, payload, me)),
+            GpuMsg::Deliver(d) => return Ok(tell_now(slot, d.payload, d.src)),
+            GpuMsg::Deactivate(port) => {
+                let _ = port.send(slot.deactivate().map_err(GpuError::from));
+            }
+            GpuMsg::Activate(port) => {
+                let _ = port.send(slot.activate().map_err(GpuError::from));
+            }
+            GpuMsg::Status(port) => {
+                let st = slot.status();
+                let _ = port.send(GpuStatus {
+                    state: st.state,
+                    processed: st.processed,
+                    h2k_depth: slot.h2k_depth(),
+                    id: slot.id(),
+                });
+            }
+            GpuMsg::Event(SlotEvent::Faulted(fault)) => {
+                // Hand back what the incarnation left unprocessed before the
+                // supervisor can start the next one.
+                let recovery = slot.recover();
+                tracing::debug!(kernel = K::NAME, ?recovery, "GPU actor fails");
+                state.failed = Some(fault);
+                // ractor drops what is queued behind an actor that fails:
+                // drain first (messages already queued meet the closed slot
+                // and get its pending policy; later sends are refused), then
+                // fail from `post_stop`.
+                if myself.drain().is_err() {
+                    return Err(Box::new(KernelFaulted {
+                        kernel: K::NAME,
+                        fault,
+                    }));
+                }
+            }
+            GpuMsg::Event(other) => tracing::debug!(?other, "slot event"),
+        }
+        Ok(None)
     }
 }
 
@@ -327,89 +460,23 @@ impl<K: Kernel> Actor for GpuActor<K> {
         })
     }
 
-    async fn handle(
+    // Not `async fn`: ractor boxes and moves the handler's future with each
+    // message, so the work runs when ractor calls `handle` and the future
+    // keeps only what waits for ring room (rare, boxed).
+    fn handle(
         &self,
         myself: ActorRef<GpuMsg>,
         msg: GpuMsg,
         state: &mut GpuActorState,
-    ) -> Result<(), ActorProcessingErr> {
-        let Some(slot) = state.slot.as_mut() else {
-            return Ok(());
-        };
-        let me = ActorId::cpu(
-            self.runtime.node(),
-            (myself.get_id().pid() & 0xFF_FFFF) as u32,
-        );
-        match msg {
-            GpuMsg::Ask(payload, port) => {
-                let mut item = (payload, Port(port));
-                loop {
-                    match slot.ask(item.0, item.1, me) {
-                        Ok(_) => break,
-                        Err(SubmitError::Full(back)) => {
-                            // Backpressure: hold this handler (and so the
-                            // mailbox behind it) until the ring drains.
-                            item = back;
-                            slot.space().await;
-                        }
-                        Err(SubmitError::UnknownType {
-                            value: (_, port),
-                            type_id,
-                        }) => {
-                            let _ = port.0.send(Err(CallError::UnknownType { type_id }.into()));
-                            break;
-                        }
-                        Err(SubmitError::Closed((payload, waiter))) => {
-                            // The slot's pending policy: replayed after a
-                            // fault, or failed.
-                            slot.hand_back(Replay::Ask {
-                                payload,
-                                waiter,
-                                src: me,
-                            });
-                            break;
-                        }
-                        Err(e) => return Err(format!("unexpected submit error {e:?}").into()),
-                    }
-                }
+    ) -> impl Future<Output = Result<(), ActorProcessingErr>> + Send {
+        let step = self.serve(&myself, msg, state);
+        async move {
+            match step {
+                Ok(Some(wait)) => wait.await,
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
             }
-            GpuMsg::Tell(payload) => tell_in_order(slot, payload, me).await,
-            GpuMsg::Deliver(d) => tell_in_order(slot, d.payload, d.src).await,
-            GpuMsg::Deactivate(port) => {
-                let _ = port.send(slot.deactivate().map_err(GpuError::from));
-            }
-            GpuMsg::Activate(port) => {
-                let _ = port.send(slot.activate().map_err(GpuError::from));
-            }
-            GpuMsg::Status(port) => {
-                let st = slot.status();
-                let _ = port.send(GpuStatus {
-                    state: st.state,
-                    processed: st.processed,
-                    h2k_depth: slot.h2k_depth(),
-                    id: slot.id(),
-                });
-            }
-            GpuMsg::Event(SlotEvent::Faulted(fault)) => {
-                // Hand back what the incarnation left unprocessed before the
-                // supervisor can start the next one.
-                let recovery = slot.recover();
-                tracing::debug!(kernel = K::NAME, ?recovery, "GPU actor fails");
-                state.failed = Some(fault);
-                // ractor drops what is queued behind an actor that fails:
-                // drain first (messages already queued meet the closed slot
-                // and get its pending policy; later sends are refused), then
-                // fail from `post_stop`.
-                if myself.drain().is_err() {
-                    return Err(Box::new(KernelFaulted {
-                        kernel: K::NAME,
-                        fault,
-                    }));
-                }
-            }
-            GpuMsg::Event(other) => tracing::debug!(?other, "slot event"),
         }
-        Ok(())
     }
 
     async fn post_stop(

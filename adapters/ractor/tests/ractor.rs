@@ -346,6 +346,49 @@ async fn controller_activates_an_actor_held_by_a_full_ring() {
     handle.await.unwrap();
 }
 
+/// Asks to a deactivated actor with a ring of 8: the ninth waits in the
+/// handler for room (the mailbox behind it), the controller activates, and
+/// every caller gets its own reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asks_wait_in_order_for_a_full_ring() {
+    let rt = Runtime::new().unwrap();
+    let actor_def = GpuActor::<Probe>::with_options(
+        rt,
+        LaunchOptions::default()
+            .h2k_capacity(8)
+            .auto_activate(false),
+    );
+    let controller = actor_def.controller();
+    let (actor, handle) = Actor::spawn(None, actor_def, Default::default())
+        .await
+        .unwrap();
+    let gpu = GpuActorRef::<Probe>::new(actor.clone());
+    let callers: Vec<_> = (0..40u64)
+        .map(|i| {
+            let gpu = gpu.clone();
+            tokio::spawn(async move { gpu.ask(Echo(i)).await })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while controller.h2k_depth().unwrap() < 8 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the ring never filled"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    controller.activate().unwrap();
+    for (i, c) in callers.into_iter().enumerate() {
+        let r = tokio::time::timeout(DEADLINE, c)
+            .await
+            .expect("a caller hung")
+            .unwrap();
+        assert_eq!(r.unwrap(), i as u64);
+    }
+    actor.stop(None);
+    handle.await.unwrap();
+}
+
 /// A plain ractor actor that records what the registry delivers to it.
 struct Recorder;
 
