@@ -165,6 +165,15 @@ pub trait DeviceBackend: Send + Sync + 'static {
         false
     }
 
+    /// Whether the backend's device loop serves K2K links *in place*, from
+    /// a table of each slot's links in memory it sees (cuda, c-host): then
+    /// a slot has at most [`MAX_SLOT_LINKS`](crate::link::MAX_SLOT_LINKS)
+    /// links each way, and link memory comes from
+    /// [`DeviceBackend::slot_memory`]. Default: no.
+    fn links_in_place(&self) -> bool {
+        false
+    }
+
     /// Called before the host fences an incarnation (the commit word's
     /// `fetch_or`): a backend whose device cannot make that RMW atomic with
     /// its own commit CAS (CUDA over PCIe without host-native atomics)

@@ -22,7 +22,8 @@ use crate::envelope::{
 use crate::hlc::{LOGICAL_BITS, LOGICAL_MASK};
 use crate::link::{
     LINK_CONSUMED_BITS, LINK_CONTROL_SIZE, LINK_FENCED, LINK_MAGIC, LINK_RECEIVER_GONE,
-    LINK_SENDER_GONE, LINK_VERSION, LinkControl, ORIGIN_LINK,
+    LINK_ROW_REPORTS_FAILURES, LINK_SENDER_GONE, LINK_TABLE_ROWS_AT, LINK_VERSION, LinkControl,
+    LinkRow, LinkTable, MAX_SLOT_LINKS, ORIGIN_LINK,
 };
 use crate::region::REGION_ALIGN;
 use crate::ring::{
@@ -141,6 +142,23 @@ pub fn structs() -> Vec<Struct> {
             magic: "uint32_t",
             version: "uint32_t",
             capacity: "uint32_t",
+            publishing: "uint32_t",
+        }),
+        shared_struct!(LinkRow, "rk_link_row", "One K2K link of a slot's link table, as its device loop serves it in place.", {
+            control: "uint64_t",
+            ring: "uint64_t",
+            peer: "uint64_t",
+            served: "uint64_t",
+            n_served: "uint32_t",
+            id: "uint32_t",
+            flags: "uint32_t",
+            capacity: "uint32_t",
+        }),
+        shared_struct!(LinkTable, "rk_link_table", "A slot's K2K links (seqlock: generation odd while the host writes); RK_MAX_SLOT_LINKS inbound rk_link_row at RK_LINK_TABLE_ROWS_AT, then as many outbound.", {
+            generation: "uint64_t",
+            n_in: "uint32_t",
+            n_out: "uint32_t",
+            seen: "uint64_t",
         }),
     ]
 }
@@ -314,6 +332,21 @@ pub fn constants() -> Vec<Constant> {
             doc: "closed bit: the sender is gone for good",
         },
         Constant {
+            name: "RK_MAX_SLOT_LINKS",
+            value: MAX_SLOT_LINKS as u64,
+            doc: "rows of a link table each way (inbound, outbound)",
+        },
+        Constant {
+            name: "RK_LINK_TABLE_ROWS_AT",
+            value: LINK_TABLE_ROWS_AT as u64,
+            doc: "offset of a link table's first (inbound) row",
+        },
+        Constant {
+            name: "RK_LINK_ROW_REPORTS_FAILURES",
+            value: LINK_ROW_REPORTS_FAILURES.into(),
+            doc: "link row flag: a send the link has no room for is a dead letter",
+        },
+        Constant {
             name: "RK_ORIGIN_LINK",
             value: ORIGIN_LINK,
             doc: "seq of a routed send made while serving a link message: this bit | link id << 40 | position",
@@ -401,7 +434,7 @@ pub fn c_header() -> String {
          /* NVRTC: no standard headers at run time. */\n\
          typedef unsigned char uint8_t;\ntypedef unsigned short uint16_t;\n\
          typedef unsigned int uint32_t;\ntypedef unsigned long long uint64_t;\n\
-         typedef long long int64_t;\n\
+         typedef int int32_t;\ntypedef long long int64_t;\n\
          #define RK_STATIC_ASSERT(cond, msg) static_assert(cond, msg)\n\
          /* NVRTC has no constant offsetof: offsets are asserted by every other compiler. */\n\
          #define RK_ASSERT_OFFSET(t, f, n)\n\
@@ -569,9 +602,31 @@ mod tests {
             (LINK_CONTROL_SIZE, 128)
         );
         assert_eq!(
-            ["commit", "closed", "magic", "version", "capacity"]
-                .map(|f| find("rk_link_control", f)),
-            [0, 128, 136, 140, 144]
+            [
+                "commit",
+                "closed",
+                "magic",
+                "version",
+                "capacity",
+                "publishing"
+            ]
+            .map(|f| find("rk_link_control", f)),
+            [0, 128, 136, 140, 144, 148]
+        );
+        assert_eq!(
+            (size_of::<LinkRow>(), size_of::<LinkTable>()),
+            (64, LINK_TABLE_ROWS_AT + 2 * 64 * MAX_SLOT_LINKS)
+        );
+        assert_eq!(
+            [
+                "control", "ring", "peer", "served", "n_served", "id", "flags", "capacity"
+            ]
+            .map(|f| find("rk_link_row", f)),
+            [0, 8, 16, 24, 32, 36, 40, 44]
+        );
+        assert_eq!(
+            ["generation", "n_in", "n_out", "seen"].map(|f| find("rk_link_table", f)),
+            [0, 8, 12, 16]
         );
     }
 }

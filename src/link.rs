@@ -62,17 +62,18 @@ use crate::envelope::{EnvelopeHeader, HeaderCheck};
 use crate::error::DecodeError;
 use crate::id::ActorId;
 use crate::kernel::MAX_INLINE;
+use crate::region::{Placed, REGION_ALIGN, SharedMemory};
 use crate::ring::{Consumer, Producer, RingObserver};
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::Thread;
 
 /// `"RKLK"` read as a little-endian `u32`.
 pub const LINK_MAGIC: u32 = u32::from_le_bytes(*b"RKLK");
 /// The link control layout version.
-pub const LINK_VERSION: u32 = 1;
+pub const LINK_VERSION: u32 = 2;
 /// Size of [`LinkControl`] in bytes.
 pub const LINK_CONTROL_SIZE: usize = 256;
 /// The fence bit of a link's commit word.
@@ -84,6 +85,13 @@ pub const LINK_CONSUMED_BITS: u32 = 47;
 pub const LINK_RECEIVER_GONE: u64 = 1;
 /// `closed` bit: the sender is gone for good.
 pub const LINK_SENDER_GONE: u64 = 2;
+
+/// How long closing a link waits for a device sender to finish publishing.
+pub const PUBLISH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The most K2K links one actor slot of a backend whose device serves them
+/// in place (cuda, c-host) has each way: its link table's rows.
+pub const MAX_SLOT_LINKS: usize = 16;
 
 /// Links one runtime can make (ids are 23 bits in an origin word).
 pub const MAX_LINKS: u32 = 1 << 23;
@@ -130,7 +138,15 @@ pub(crate) fn passed(consumed: u64, pos: u64) -> bool {
 /// | line | writer | field |
 /// |---|---|---|
 /// | 0 | receiver (the host's one write: the fence, and the reopen) | `commit`: `epoch << 48 \| consumed << 1 \| fenced` |
-/// | 1 | host | `closed`: [`LINK_RECEIVER_GONE`] \| [`LINK_SENDER_GONE`]; magic, version, capacity |
+/// | 1 | host | `closed`: [`LINK_RECEIVER_GONE`] \| [`LINK_SENDER_GONE`]; magic, version, capacity; and `publishing`, the one word a *device* sender writes here |
+///
+/// `publishing` is how a device-side sender (the C loop) and the host's
+/// close agree without a lock: the sender stores 1, fences (SeqCst), then
+/// reads `closed`; the host sets `closed` (SeqCst), then waits for
+/// `publishing` to be 0 before it takes what is in the ring. So either the
+/// sender sees the link closed (and routes its sends), or the host sees it
+/// publishing and waits until its sends are in the ring. The cpu backend's
+/// sender holds the producer lock instead and leaves the word 0.
 #[repr(C, align(128))]
 pub struct LinkControl {
     pub(crate) commit: AtomicU64,
@@ -139,7 +155,7 @@ pub struct LinkControl {
     pub(crate) magic: u32,
     pub(crate) version: u32,
     pub(crate) capacity: u32,
-    _reserved: u32,
+    pub(crate) publishing: AtomicU32,
     _pad1: [u8; 104],
 }
 
@@ -171,7 +187,7 @@ impl LinkControl {
             magic: LINK_MAGIC,
             version: LINK_VERSION,
             capacity,
-            _reserved: 0,
+            publishing: AtomicU32::new(0),
             _pad1: [0; 104],
         }
     }
@@ -272,6 +288,91 @@ impl LinkControl {
     }
 }
 
+/// `flags` bit of a [`LinkRow`]: the link reports failures (a send it has
+/// no room for is a dead letter, never a wait).
+pub const LINK_ROW_REPORTS_FAILURES: u32 = 1;
+
+/// One row of a slot's [`LinkTable`]: a link as the device loop serves it.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct LinkRow {
+    /// `rk_link_control*`.
+    pub control: AtomicU64,
+    /// `rk_ring_header*` of the link's ring.
+    pub ring: AtomicU64,
+    /// The other actor's id bits, incarnation 0 (the receiver of an
+    /// outbound link, the sender of an inbound one).
+    pub peer: AtomicU64,
+    /// Outbound: `const uint32_t*`, the receiver's served types (sorted);
+    /// sends of other types take the routed path.
+    pub served: AtomicU64,
+    /// How many served types.
+    pub n_served: AtomicU32,
+    /// The link's id.
+    pub id: AtomicU32,
+    /// [`LINK_ROW_REPORTS_FAILURES`].
+    pub flags: AtomicU32,
+    /// The ring's slots.
+    pub capacity: AtomicU32,
+}
+
+const _: () = assert!(std::mem::size_of::<LinkRow>() == 64);
+
+/// Where a [`LinkTable`]'s rows start: [`MAX_SLOT_LINKS`] inbound rows,
+/// then as many outbound.
+pub const LINK_TABLE_ROWS_AT: usize = 128;
+
+/// A device slot's K2K links, in memory its loop reads (cuda, c-host): the
+/// host rewrites the rows when the slot's links change (a connect, a
+/// departure), under a seqlock — `generation` odd while it writes — and the
+/// loop copies them between messages, then says which generation it took
+/// (`seen`; the host keeps a dropped link's memory until then).
+#[repr(C, align(128))]
+#[derive(Debug, Default)]
+pub struct LinkTable {
+    /// The seqlock word (host): even when the rows are whole.
+    pub generation: AtomicU64,
+    /// Inbound rows in use.
+    pub n_in: AtomicU32,
+    /// Outbound rows in use.
+    pub n_out: AtomicU32,
+    /// The generation the device loop took last (device, store-release).
+    pub seen: AtomicU64,
+    _pad: [u64; 13],
+    /// Links into the slot.
+    pub inbound: [LinkRow; MAX_SLOT_LINKS],
+    /// Links out of the slot.
+    pub outbound: [LinkRow; MAX_SLOT_LINKS],
+}
+
+const _: () = assert!(std::mem::offset_of!(LinkTable, inbound) == LINK_TABLE_ROWS_AT);
+const _: () =
+    assert!(std::mem::offset_of!(LinkTable, outbound) == LINK_TABLE_ROWS_AT + 64 * MAX_SLOT_LINKS);
+
+impl LinkTable {
+    /// Rewrites the rows under the seqlock (one writer at a time).
+    fn write(&self, inbound: &[Arc<Link>], outbound: &[OutLink]) {
+        let g = self.generation.load(Ordering::Relaxed);
+        self.generation.store(g | 1, Ordering::Relaxed);
+        // Orders the odd generation before the rows' stores: a reader that
+        // sees any new row sees the generation moved (pairs with the
+        // reader's fence before its second load of the generation).
+        std::sync::atomic::fence(Ordering::Release);
+        for (row, l) in self.inbound.iter().zip(inbound) {
+            l.fill_row(row, l.from);
+        }
+        for (row, o) in self.outbound.iter().zip(outbound) {
+            o.link.fill_row(row, o.link.to);
+        }
+        self.n_in
+            .store(inbound.len().min(MAX_SLOT_LINKS) as u32, Ordering::Relaxed);
+        self.n_out
+            .store(outbound.len().min(MAX_SLOT_LINKS) as u32, Ordering::Relaxed);
+        // Publishes the rows; pairs with the reader's acquire load.
+        self.generation.store((g | 1) + 1, Ordering::Release);
+    }
+}
+
 /// Identifies a link within its runtime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LinkId(pub(crate) u32);
@@ -353,6 +454,18 @@ pub enum ConnectError {
     /// The capacity is out of range.
     #[error("bad link capacity: {0}")]
     Capacity(#[from] crate::error::LayoutError),
+    /// The backend had no memory for the link.
+    #[error("no memory for the link: {0}")]
+    Memory(String),
+    /// An actor of a backend whose device serves links in place has as
+    /// many links this way as it can: [`MAX_SLOT_LINKS`] in, as many out.
+    #[error("{actor:?} has as many K2K links as a device slot serves (inbound: {inbound})")]
+    SlotLinks {
+        /// The actor.
+        actor: ActorId,
+        /// Whether its inbound links (else its outbound ones) are full.
+        inbound: bool,
+    },
 }
 
 /// Counters of one link.
@@ -471,7 +584,10 @@ pub(crate) struct Link {
     pub(crate) to: ActorId,
     pub(crate) report_failures: bool,
     pub(crate) capacity: usize,
-    pub(crate) control: LinkControl,
+    /// At the start of the link's region (the backend's memory, so a device
+    /// loop can serve the link in place); the receiver's served types
+    /// follow it, then the ring.
+    pub(crate) control: Placed<LinkControl>,
     pub(crate) tx: Mutex<LinkTx>,
     pub(crate) rx: Mutex<Consumer>,
     pub(crate) observer: RingObserver,
@@ -494,7 +610,7 @@ impl fmt::Debug for Link {
             .field("id", &self.id)
             .field("from", &self.from)
             .field("to", &self.to)
-            .field("control", &self.control)
+            .field("control", &*self.control)
             .finish_non_exhaustive()
     }
 }
@@ -508,25 +624,36 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Link {
     pub(crate) fn new(
         id: LinkId,
-        from: ActorId,
-        to: ActorId,
+        (from, to): (ActorId, ActorId),
         options: LinkOptions,
         receiver: Arc<SlotWaker>,
         sender_home: std::sync::Weak<crate::home::HomeCore>,
         served: Vec<u32>,
+        memory: &dyn Fn(usize) -> Result<Arc<dyn SharedMemory>, String>,
     ) -> Result<Self, ConnectError> {
         let layout = crate::ring::RingLayout::new(
             options.capacity,
             crate::ring::DEFAULT_SLOT_SIZE.max((crate::envelope::HEADER_SIZE + MAX_INLINE) as u32),
         )?;
-        let (producer, consumer) = crate::ring::Ring::new(layout);
+        let at_served = LINK_CONTROL_SIZE;
+        let at_ring = (at_served + 4 * served.len()).next_multiple_of(REGION_ALIGN);
+        let mem = memory(at_ring + layout.region_bytes()).map_err(ConnectError::Memory)?;
+        // SAFETY: the region is fresh and this link's alone: the control
+        // block, the served list and the ring are disjoint spans of it.
+        let (control, (producer, consumer)) = unsafe {
+            let control = Placed::init_in(mem.clone(), 0, LinkControl::new(options.capacity))?;
+            for (i, t) in served.iter().enumerate() {
+                Placed::init_in(mem.clone(), at_served + 4 * i, AtomicU32::new(*t))?;
+            }
+            (control, crate::ring::Ring::init_in(mem, at_ring, layout)?)
+        };
         Ok(Link {
             id,
             from,
             to,
             report_failures: options.report_failures,
             capacity: options.capacity as usize,
-            control: LinkControl::new(options.capacity),
+            control,
             observer: consumer.observer(),
             tx: Mutex::new(LinkTx {
                 producer,
@@ -541,6 +668,30 @@ impl Link {
             dead_letters: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
         })
+    }
+
+    /// Writes this link's row (`peer`: the actor at its other end).
+    fn fill_row(&self, row: &LinkRow, peer: ActorId) {
+        let control = std::ptr::from_ref::<LinkControl>(&self.control) as u64;
+        row.control.store(control, Ordering::Relaxed);
+        row.ring
+            .store(self.observer.ring_base().as_ptr() as u64, Ordering::Relaxed);
+        row.peer.store(peer.to_bits(), Ordering::Relaxed);
+        // The served list follows the control block in the link's region.
+        row.served
+            .store(control + LINK_CONTROL_SIZE as u64, Ordering::Relaxed);
+        row.n_served
+            .store(self.served.len() as u32, Ordering::Relaxed);
+        row.id.store(self.id.0, Ordering::Relaxed);
+        row.flags.store(
+            if self.report_failures {
+                LINK_ROW_REPORTS_FAILURES
+            } else {
+                0
+            },
+            Ordering::Relaxed,
+        );
+        row.capacity.store(self.capacity as u32, Ordering::Relaxed);
     }
 
     /// Whether the receiver is gone for good.
@@ -738,18 +889,40 @@ impl Link {
     pub(crate) fn close_receiver(&self) -> Vec<Staged> {
         let outbox: Vec<Staged> = {
             let mut tx = lock(&self.tx);
-            // Under the producer lock: nothing enters the ring after this.
+            // Under the producer lock: nothing enters the ring after this
+            // from a host-side sender. SeqCst: pairs with a device sender's
+            // fence between its `publishing` store and its load of `closed`.
             self.control
                 .closed
-                .fetch_or(LINK_RECEIVER_GONE, Ordering::AcqRel);
+                .fetch_or(LINK_RECEIVER_GONE, Ordering::SeqCst);
             tx.outbox.drain(..).collect()
         };
+        self.wait_publish();
         self.control.fence();
         let (_, mut lost) = self.unconsumed();
         lost.extend(outbox);
         self.dead_letters
             .fetch_add(lost.len() as u64, Ordering::Relaxed);
         lost
+    }
+
+    /// Host: waits until a device sender that had not seen the link closed
+    /// has published its sends into the ring (see [`LinkControl`]); at most
+    /// [`PUBLISH_WAIT`] (a device that stalls longer loses what it had not
+    /// published, and says so in the log).
+    fn wait_publish(&self) {
+        let deadline = std::time::Instant::now() + PUBLISH_WAIT;
+        // SeqCst: the other half of the handshake (after the `closed` RMW).
+        while self.control.publishing.load(Ordering::SeqCst) != 0 {
+            if std::time::Instant::now() > deadline {
+                tracing::warn!(
+                    link = self.id.0,
+                    "a device sender did not finish publishing"
+                );
+                return;
+            }
+            std::thread::yield_now();
+        }
     }
 
     /// Host: the sender is gone for good. Returns its outbox (never to be
@@ -767,7 +940,12 @@ impl Link {
 
     pub(crate) fn stats(&self) -> LinkStats {
         LinkStats {
-            sent: self.sent.load(Ordering::Relaxed),
+            // The ring's tail: a device sender (the C loop) publishes
+            // without this counter.
+            sent: self
+                .sent
+                .load(Ordering::Relaxed)
+                .max(self.observer.published()),
             consumed: self.control.commit_state().1,
             outbox: self.outbox_len(),
             dead_letters: self.dead_letters.load(Ordering::Relaxed),
@@ -970,6 +1148,28 @@ impl LinkPort {
         self.inbound = inbound;
         self.outbound = OutLink::all(outbound);
         true
+    }
+
+    /// For a device loop that serves links in place: reloads the link lists
+    /// if they changed (or `table` never had them) and rewrites `table`;
+    /// returns whether it did. The links dropped from the lists stay alive
+    /// until the next call, so run it where the loop does not hold rows of
+    /// an older table (c-host: on the loop's thread, between messages).
+    pub fn fill_table(&mut self, table: &LinkTable) -> bool {
+        let fresh = table.generation.load(Ordering::Relaxed) == 0;
+        if !self.refresh() && !fresh {
+            return false;
+        }
+        table.write(&self.inbound, &self.outbound);
+        true
+    }
+
+    /// Wakes the receiver of outbound link `row` of the table (after the
+    /// loop published into its ring).
+    pub fn wake_outbound(&mut self, row: usize) {
+        if let Some(o) = self.outbound.get_mut(row) {
+            o.wake.wake(&o.link.receiver);
+        }
     }
 
     /// Whether there is link work: changed lists, or a message waiting in a
@@ -1196,6 +1396,8 @@ impl LinkPort {
 /// Moves the ring's head up to `consumed` (it lags the commit word by the
 /// messages committed since the last batch).
 fn release_to(rx: &mut Consumer, observer: &RingObserver, consumed: u64) {
+    // A device loop serving the link moves the head itself.
+    rx.resync();
     let head = observer.released();
     if consumed <= head {
         return;

@@ -109,6 +109,57 @@ pub(crate) fn check_span(
     Ok(unsafe { mem.base().add(offset) })
 }
 
+/// A value laid at an offset of a region, keeping the region alive;
+/// dereferences to it. For shared words (atomics only) that a device reads
+/// in place, as a K2K link's control block.
+pub(crate) struct Placed<T: Sync> {
+    ptr: NonNull<T>,
+    _owner: std::sync::Arc<dyn SharedMemory>,
+}
+
+// SAFETY: the pointer is valid while `_owner` lives (held here); `T` is Sync
+// (the value is shared words) and the owner is Send + Sync.
+unsafe impl<T: Sync> Send for Placed<T> {}
+// SAFETY: as for Send; `&Placed<T>` only gives `&T`.
+unsafe impl<T: Sync> Sync for Placed<T> {}
+
+impl<T: Sync> Placed<T> {
+    /// Writes `value` at `offset` in `mem`.
+    ///
+    /// # Errors
+    /// The span does not fit, or is not aligned for `T`.
+    ///
+    /// # Safety
+    /// `mem[offset..offset + size_of::<T>()]` is used by nothing but this
+    /// value (and its device-side peer) for as long as `mem` lives.
+    pub(crate) unsafe fn init_in(
+        mem: std::sync::Arc<dyn SharedMemory>,
+        offset: usize,
+        value: T,
+    ) -> Result<Self, crate::LayoutError> {
+        const {
+            assert!(
+                !std::mem::needs_drop::<T>(),
+                "a placed value is never dropped"
+            )
+        };
+        let ptr = check_span(&*mem, offset, size_of::<T>(), align_of::<T>())?.cast::<T>();
+        // SAFETY: in bounds and aligned (checked); unused by anyone else
+        // (the caller's contract).
+        unsafe { ptr.as_ptr().write(value) };
+        Ok(Placed { ptr, _owner: mem })
+    }
+}
+
+impl<T: Sync> std::ops::Deref for Placed<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: initialised in `init_in`, alive while `_owner` is, and only
+        // ever shared (T: Sync).
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

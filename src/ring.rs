@@ -544,6 +544,12 @@ pub struct RingObserver {
 }
 
 impl RingObserver {
+    /// The ring's first byte (see [`Producer::ring_base`]).
+    #[cfg(not(ringkernel_loom))]
+    pub fn ring_base(&self) -> std::ptr::NonNull<u8> {
+        self.ring.base()
+    }
+
     /// Slots published and not yet released: `tail - head`.
     pub fn len(&self) -> u64 {
         let h = self.ring.header();
@@ -1087,6 +1093,14 @@ impl Consumer {
         f: impl FnOnce(Envelope<'_>) -> R,
     ) -> Option<Result<R, DecodeError>> {
         self.try_pop_with(|slot| Envelope::decode(slot, check).map(f))
+    }
+
+    /// Takes the ring's released head as this half's own: for a ring whose
+    /// consuming side a device loop moves in place (a K2K link a device
+    /// serves), before the host reads it while that loop is stopped.
+    pub(crate) fn resync(&mut self) {
+        // Pairs with the device consumer's store-release of head.
+        self.head = self.ring.header().head.load(Ordering::Acquire);
     }
 
     /// Starts a batch: slots read through it are released with one store when

@@ -805,6 +805,27 @@ impl Runtime {
                 .ok_or(ConnectError::Unknown(id))
         };
         let (sender, receiver) = (find(from)?, find(to)?);
+        if self
+            .inner
+            .device
+            .as_ref()
+            .is_some_and(|d| d.links_in_place())
+        {
+            // Its device reads each slot's links from a table of fixed rows.
+            let max = crate::link::MAX_SLOT_LINKS;
+            if sender.links().2.len() >= max {
+                return Err(ConnectError::SlotLinks {
+                    actor: from,
+                    inbound: false,
+                });
+            }
+            if receiver.links().1.len() >= max {
+                return Err(ConnectError::SlotLinks {
+                    actor: to,
+                    inbound: true,
+                });
+            }
+        }
         let mut graph = lock(&self.inner.links);
         graph.prune();
         if sender.links_to(to.index()) {
@@ -830,12 +851,16 @@ impl Runtime {
         graph.next += 1;
         let link = Arc::new(Link::new(
             id,
-            from.with_incarnation(0),
-            to.with_incarnation(0),
+            (from.with_incarnation(0), to.with_incarnation(0)),
             options,
             receiver.waker.clone(),
             Arc::downgrade(&sender),
             receiver.served(),
+            &|bytes| match &self.inner.device {
+                // Where its device can serve the link in place.
+                Some(d) => d.slot_memory(bytes),
+                None => Ok(Arc::new(crate::region::HeapRegion::zeroed(bytes))),
+            },
         )?);
         if !receiver.attach_inbound(link.clone()) {
             return Err(ConnectError::Unknown(to));

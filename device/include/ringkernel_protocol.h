@@ -15,6 +15,7 @@ typedef unsigned char uint8_t;
 typedef unsigned short uint16_t;
 typedef unsigned int uint32_t;
 typedef unsigned long long uint64_t;
+typedef int int32_t;
 typedef long long int64_t;
 #define RK_STATIC_ASSERT(cond, msg) static_assert(cond, msg)
 /* NVRTC has no constant offsetof: offsets are asserted by every other compiler. */
@@ -65,12 +66,15 @@ typedef long long int64_t;
 #define RK_CONTROL_BLOCK_SIZE            0x180ull /* control block bytes */
 #define RK_COMMIT_FENCED                 0x1ull /* commit word: the host fenced this incarnation (seq is the word >> 1) */
 #define RK_LINK_MAGIC                    0x4b4c4b52ull /* "RKLK" as a little-endian u32 */
-#define RK_LINK_VERSION                  0x1ull /* link control layout version */
+#define RK_LINK_VERSION                  0x2ull /* link control layout version */
 #define RK_LINK_CONTROL_SIZE             0x100ull /* size of rk_link_control */
 #define RK_LINK_FENCED                   0x1ull /* fence bit of a link's commit word (epoch << 48 | consumed << 1 | fenced) */
 #define RK_LINK_CONSUMED_BITS            0x2full /* bits of the consumed count in a link's commit word */
 #define RK_LINK_RECEIVER_GONE            0x1ull /* closed bit: the receiver is gone for good */
 #define RK_LINK_SENDER_GONE              0x2ull /* closed bit: the sender is gone for good */
+#define RK_MAX_SLOT_LINKS                0x10ull /* rows of a link table each way (inbound, outbound) */
+#define RK_LINK_TABLE_ROWS_AT            0x80ull /* offset of a link table's first (inbound) row */
+#define RK_LINK_ROW_REPORTS_FAILURES     0x1ull /* link row flag: a send the link has no room for is a dead letter */
 #define RK_ORIGIN_LINK                   0x8000000000000000ull /* seq of a routed send made while serving a link message: this bit | link id << 40 | position */
 #define RK_DOORBELL_AWAKE                0x0ull /* doorbell: the loop is running */
 #define RK_DOORBELL_PARKED               0x1ull /* doorbell: the loop is going to sleep */
@@ -189,7 +193,8 @@ typedef struct rk_link_control {
     uint32_t magic; /* offset 136 */
     uint32_t version; /* offset 140 */
     uint32_t capacity; /* offset 144 */
-    uint8_t _pad1[108];
+    uint32_t publishing; /* offset 148 */
+    uint8_t _pad1[104];
 } rk_link_control;
 RK_STATIC_ASSERT(sizeof(rk_link_control) == 256, "sizeof rk_link_control");
 RK_STATIC_ASSERT(RK_ALIGNOF(rk_link_control) == 128, "alignof rk_link_control");
@@ -198,5 +203,44 @@ RK_ASSERT_OFFSET(rk_link_control, closed, 128);
 RK_ASSERT_OFFSET(rk_link_control, magic, 136);
 RK_ASSERT_OFFSET(rk_link_control, version, 140);
 RK_ASSERT_OFFSET(rk_link_control, capacity, 144);
+RK_ASSERT_OFFSET(rk_link_control, publishing, 148);
+
+/* One K2K link of a slot's link table, as its device loop serves it in place. */
+typedef struct rk_link_row {
+    RK_ALIGNAS(64) uint64_t control; /* offset 0 */
+    uint64_t ring; /* offset 8 */
+    uint64_t peer; /* offset 16 */
+    uint64_t served; /* offset 24 */
+    uint32_t n_served; /* offset 32 */
+    uint32_t id; /* offset 36 */
+    uint32_t flags; /* offset 40 */
+    uint32_t capacity; /* offset 44 */
+    uint8_t _pad0[16];
+} rk_link_row;
+RK_STATIC_ASSERT(sizeof(rk_link_row) == 64, "sizeof rk_link_row");
+RK_STATIC_ASSERT(RK_ALIGNOF(rk_link_row) == 64, "alignof rk_link_row");
+RK_ASSERT_OFFSET(rk_link_row, control, 0);
+RK_ASSERT_OFFSET(rk_link_row, ring, 8);
+RK_ASSERT_OFFSET(rk_link_row, peer, 16);
+RK_ASSERT_OFFSET(rk_link_row, served, 24);
+RK_ASSERT_OFFSET(rk_link_row, n_served, 32);
+RK_ASSERT_OFFSET(rk_link_row, id, 36);
+RK_ASSERT_OFFSET(rk_link_row, flags, 40);
+RK_ASSERT_OFFSET(rk_link_row, capacity, 44);
+
+/* A slot's K2K links (seqlock: generation odd while the host writes); RK_MAX_SLOT_LINKS inbound rk_link_row at RK_LINK_TABLE_ROWS_AT, then as many outbound. */
+typedef struct rk_link_table {
+    RK_ALIGNAS(128) uint64_t generation; /* offset 0 */
+    uint32_t n_in; /* offset 8 */
+    uint32_t n_out; /* offset 12 */
+    uint64_t seen; /* offset 16 */
+    uint8_t _pad0[2152];
+} rk_link_table;
+RK_STATIC_ASSERT(sizeof(rk_link_table) == 2176, "sizeof rk_link_table");
+RK_STATIC_ASSERT(RK_ALIGNOF(rk_link_table) == 128, "alignof rk_link_table");
+RK_ASSERT_OFFSET(rk_link_table, generation, 0);
+RK_ASSERT_OFFSET(rk_link_table, n_in, 8);
+RK_ASSERT_OFFSET(rk_link_table, n_out, 12);
+RK_ASSERT_OFFSET(rk_link_table, seen, 16);
 
 #endif /* RINGKERNEL_PROTOCOL_H */

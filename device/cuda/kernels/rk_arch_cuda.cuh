@@ -99,6 +99,10 @@ RK_DEVICE bool rk_arch_start_threads(void) { return true; }
 // room, and idling is a back-off sleep.
 RK_DEVICE void rk_hook_wake_host(void* hooks) { (void)hooks; }
 RK_DEVICE void rk_hook_wake_senders(void* hooks) { (void)hooks; }
+// K2K: the host's monitor rewrites the link tables; a receiver polls its
+// links (its idle back-off bounds the latency), so a send wakes no one.
+RK_DEVICE void rk_hook_links(void* hooks) { (void)hooks; }
+RK_DEVICE void rk_hook_wake_link(void* hooks, uint32_t row) { (void)hooks; (void)row; }
 RK_DEVICE void rk_hook_idle(void* hooks, uint32_t ns) {
     (void)hooks;
     __nanosleep(ns);

@@ -130,6 +130,11 @@ typedef struct rk_host_hooks {
     void (*wake_host)(void* ctx);
     void (*wake_senders)(void* ctx);
     void (*idle)(void* ctx, uint32_t ns);
+    // K2K: rewrites the slot's link table if its links changed (on the
+    // loop's thread, between messages); wakes the receiver of outbound
+    // row `row` after a publish into its ring.
+    void (*links)(void* ctx);
+    void (*wake_link)(void* ctx, uint32_t row);
 } rk_host_hooks;
 
 RK_DEVICE void rk_hook_wake_host(void* hooks) {
@@ -139,6 +144,14 @@ RK_DEVICE void rk_hook_wake_host(void* hooks) {
 RK_DEVICE void rk_hook_wake_senders(void* hooks) {
     rk_host_hooks* h = (rk_host_hooks*)hooks;
     if (h && h->wake_senders) h->wake_senders(h->ctx);
+}
+RK_DEVICE void rk_hook_links(void* hooks) {
+    rk_host_hooks* h = (rk_host_hooks*)hooks;
+    if (h && h->links) h->links(h->ctx);
+}
+RK_DEVICE void rk_hook_wake_link(void* hooks, uint32_t row) {
+    rk_host_hooks* h = (rk_host_hooks*)hooks;
+    if (h && h->wake_link) h->wake_link(h->ctx, row);
 }
 RK_DEVICE void rk_hook_idle(void* hooks, uint32_t ns) {
     rk_host_hooks* h = (rk_host_hooks*)hooks;

@@ -150,8 +150,10 @@ typedef struct rk_slot_desc {
     uint64_t clock_sample;            /* device: its clock, in answer (relaxed) */
     uint32_t clock_answer;            /* device: the request answered (store-release) */
     uint8_t _pad[4];
+    uint64_t links;                   /* rk_link_table* (0: none; host rewrites it, seqlock) */
+    uint8_t _pad2[120];
 } rk_slot_desc;
-RK_STATIC_ASSERT(sizeof(rk_slot_desc) == 128, "sizeof rk_slot_desc");
+RK_STATIC_ASSERT(sizeof(rk_slot_desc) == 256, "sizeof rk_slot_desc");
 RK_ASSERT_OFFSET(rk_slot_desc, n_served, 48);
 RK_ASSERT_OFFSET(rk_slot_desc, clock_offset, 64);
 RK_ASSERT_OFFSET(rk_slot_desc, hlc, 72);
@@ -162,6 +164,7 @@ RK_ASSERT_OFFSET(rk_slot_desc, width, 104);
 RK_ASSERT_OFFSET(rk_slot_desc, clock_request, 108);
 RK_ASSERT_OFFSET(rk_slot_desc, clock_sample, 112);
 RK_ASSERT_OFFSET(rk_slot_desc, clock_answer, 120);
+RK_ASSERT_OFFSET(rk_slot_desc, links, 128);
 
 // ---- helpers for handlers ----
 

@@ -16,6 +16,7 @@ use crate::{CudaError, MAX_STATE_BYTES, SlotDesc};
 use ringkernel::backend::{DeviceBackend, DeviceSlot};
 use ringkernel::control::ControlRef;
 use ringkernel::kernel::BackendKind;
+use ringkernel::link::{LinkPort, LinkTable};
 use ringkernel::ring::{Consumer, Producer};
 use std::cell::UnsafeCell;
 use std::collections::HashMap;
@@ -33,12 +34,20 @@ struct HostHooks {
     wake_host: extern "C" fn(*const c_void),
     wake_senders: extern "C" fn(*const c_void),
     idle: extern "C" fn(*const c_void, u32),
+    links: extern "C" fn(*const c_void),
+    wake_link: extern "C" fn(*const c_void, u32),
 }
 
 /// What the hooks call, per assignment.
 struct Wakers {
     wake_host: Box<dyn Fn() + Send>,
     wake_senders: Box<dyn Fn() + Send>,
+    /// The slot's K2K links, and the table the loop reads them from
+    /// (boxed: the descriptor points at it). The hook rewrites it on the
+    /// loop's own thread, between batches, so the links it drops are never
+    /// in use.
+    links: LinkPort,
+    table: Box<LinkTable>,
 }
 
 type WakerCell = Mutex<Option<Wakers>>;
@@ -63,6 +72,29 @@ extern "C" fn hook_wake_host(ctx: *const c_void) {
 
 extern "C" fn hook_wake_senders(ctx: *const c_void) {
     call_waker(ctx, |w| &*w.wake_senders);
+}
+
+/// Runs `f` on the block's current wakers (never unwinding into C).
+fn with_wakers(ctx: *const c_void, f: impl FnOnce(&mut Wakers)) {
+    // SAFETY: as in `call_waker`.
+    let cell = unsafe { &*ctx.cast::<WakerCell>() };
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if let Ok(mut w) = cell.lock()
+            && let Some(w) = &mut *w
+        {
+            f(w);
+        }
+    }));
+}
+
+extern "C" fn hook_links(ctx: *const c_void) {
+    with_wakers(ctx, |w| {
+        w.links.fill_table(&w.table);
+    });
+}
+
+extern "C" fn hook_wake_link(ctx: *const c_void, row: u32) {
+    with_wakers(ctx, |w| w.links.wake_outbound(row as usize));
 }
 
 extern "C" fn hook_idle(_ctx: *const c_void, ns: u32) {
@@ -382,6 +414,8 @@ impl CHostBackend {
             wake_host: hook_wake_host,
             wake_senders: hook_wake_senders,
             idle: hook_idle,
+            links: hook_links,
+            wake_link: hook_wake_link,
         });
         let block = Arc::new(Block {
             desc: DescCell(UnsafeCell::new(SlotDesc::default())),
@@ -432,6 +466,7 @@ impl CHostBackend {
         let n_served = slot.served.len();
         let state = Box::into_raw(state);
         let served = Box::into_raw(slot.served.clone().into_boxed_slice());
+        let table = Box::new(LinkTable::default());
         let d = block.desc();
         // SAFETY: the block is dormant (its `finished` was acquired equal to
         // `assigned`, or it is new): its thread reads no plain field until
@@ -449,11 +484,14 @@ impl CHostBackend {
             (*d).clock_offset = 0;
             (*d).hlc = 0;
             (*d).width = slot.width;
+            (*d).links = std::ptr::from_ref::<LinkTable>(&table) as u64;
             (*d).assigned.load(Ordering::Relaxed) + 1
         };
         *block.wakers.lock().unwrap_or_else(|p| p.into_inner()) = Some(Wakers {
             wake_host: slot.wake_host,
             wake_senders: slot.wake_senders,
+            links: slot.links,
+            table,
         });
         *block.assignment.lock().unwrap_or_else(|p| p.into_inner()) = Some(Assignment {
             _control: slot.control,
@@ -492,6 +530,15 @@ impl DeviceBackend for CHostBackend {
     /// As on a GPU: one thread, or whole warps up to the block's threads.
     fn supports_width(&self, threads: u32) -> bool {
         crate::runs_width(threads, self.block_threads)
+    }
+
+    /// The C loop serves K2K links in place, as on a GPU.
+    fn serves_links(&self) -> bool {
+        true
+    }
+
+    fn links_in_place(&self) -> bool {
+        true
     }
 
     fn quiesce(&self, control: &ringkernel::control::ControlBlock) {

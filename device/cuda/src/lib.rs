@@ -179,10 +179,14 @@ pub struct SlotDesc {
     /// The request answered (device, store-release).
     pub clock_answer: AtomicU32,
     _pad: [u8; 4],
+    /// `rk_link_table*`: the slot's K2K links (0: none), rewritten by the
+    /// host while the slot runs (see [`LinkTable`](ringkernel::link::LinkTable)).
+    pub links: u64,
+    _pad2: [u64; 15],
 }
 
 const _: () = {
-    assert!(std::mem::size_of::<SlotDesc>() == 128);
+    assert!(std::mem::size_of::<SlotDesc>() == 256);
     assert!(std::mem::align_of::<SlotDesc>() == 128);
     assert!(std::mem::offset_of!(SlotDesc, n_served) == 48);
     assert!(std::mem::offset_of!(SlotDesc, clock_offset) == 64);
@@ -194,6 +198,7 @@ const _: () = {
     assert!(std::mem::offset_of!(SlotDesc, clock_request) == 108);
     assert!(std::mem::offset_of!(SlotDesc, clock_sample) == 112);
     assert!(std::mem::offset_of!(SlotDesc, clock_answer) == 120);
+    assert!(std::mem::offset_of!(SlotDesc, links) == 128);
 };
 
 /// A reading of a block's clock against the host's, taken while the
