@@ -15,7 +15,13 @@
 // phase 4 assigns a kernel of width 4 — thread 0 hands each message to the
 // others through the block's shared memory, each adds its part to the
 // scratch, a barrier, thread 0 folds them into the state — so the
-// sanitizer checks the hand-over, the scratch and the state.
+// sanitizer checks the hand-over, the scratch and the state. Phase 5: K2K
+// served in place — a second block runs a relay whose every message is a
+// send over a link of 16 slots into the first block's fold (backpressure:
+// the relay takes a message only while the link has room); the host
+// rewrites both link tables (seqlock) while the stream runs, the fold must
+// come out in order, and closing the link (the `publishing` handshake)
+// leaves the later sends routed through the relay's K2H.
 
 #include "ringkernel_protocol.h"
 #include "rk_arch_host.h"
@@ -57,10 +63,23 @@ RK_DEVICE uint32_t rk_handle(void* state, const rk_envelope_header* msg, const u
 }
 }  // namespace rk_k1
 
+// The actor the relay sends to (index 9, incarnation 5).
+static const uint64_t RECEIVER = (9ull << 16) | 5ull;
+
+namespace rk_k2 {
+// Relays each message's value to RECEIVER.
+RK_DEVICE uint32_t rk_handle(void* state, const rk_envelope_header* msg, const uint8_t* payload,
+                             rk_reply* reply, rk_later* later) {
+    uint64_t v = rk_get_u64(payload, 0);
+    return rk_send(later, RECEIVER, 1u, &v, 8) ? RK_DONE : RK_PANIC;
+}
+}  // namespace rk_k2
+
 #define RK_LATER_CAP 1u
-RK_DEVICE uint32_t rk_max_later(uint32_t) { return 0; }
+RK_DEVICE uint32_t rk_max_later(uint32_t kernel) { return kernel == 2 ? 1u : 0u; }
 RK_DEVICE uint32_t rk_dispatch(uint32_t kernel, void* s, const rk_envelope_header* m,
                                const uint8_t* p, rk_reply* r, rk_later* l) {
+    if (kernel == 2) return rk_k2::rk_handle(s, m, p, r, l);
     return kernel == 1 ? rk_k1::rk_handle(s, m, p, r, l) : rk_k0::rk_handle(s, m, p, r, l);
 }
 
@@ -115,7 +134,8 @@ struct Slot {
         c->version = RK_CONTROL_VERSION;
     }
     ~Slot() { free(c); }
-    void assign(rk_slot_desc* d, uint32_t incarnation, uint32_t kernel = 0, uint32_t width = 1) {
+    void assign(rk_slot_desc* d, uint32_t incarnation, uint32_t kernel = 0, uint32_t width = 1,
+                rk_link_table* links = nullptr) {
         // The block is dormant: acquire its last `finished`.
         CHECK(__atomic_load_n(&d->finished, __ATOMIC_ACQUIRE) == __atomic_load_n(&d->assigned, __ATOMIC_RELAXED));
         __atomic_store_n(&c->incarnation, incarnation, __ATOMIC_RELAXED);
@@ -132,6 +152,7 @@ struct Slot {
         d->width = width;
         d->domain = 7;
         d->hlc = 0;
+        d->links = (uint64_t)links;
         __atomic_store_n(&d->assigned, __atomic_load_n(&d->assigned, __ATOMIC_RELAXED) + 1,
                          __ATOMIC_RELEASE);
     }
@@ -301,11 +322,105 @@ int main() {
     __atomic_store_n(&w.c->requested_state, (uint32_t)RK_STATE_TERMINATED, __ATOMIC_RELEASE);
     while (w.acked() != RK_STATE_TERMINATED) std::this_thread::yield();
 
+    while (__atomic_load_n(&desc.finished, __ATOMIC_ACQUIRE) != 4) std::this_thread::yield();
+
+    // Phase 5: K2K in place, relay (second block) -> link -> fold (first).
+    const uint32_t LCAP = 16;
+    Ring link_ring{LCAP};
+    rk_link_control* lc = (rk_link_control*)aligned_alloc(128, sizeof(rk_link_control));
+    std::memset(lc, 0, sizeof(*lc));
+    lc->magic = RK_LINK_MAGIC;
+    lc->version = RK_LINK_VERSION;
+    lc->capacity = LCAP;
+    lc->commit = 5ull << 48;  // open for the receiver's incarnation 5
+    static const uint32_t link_served[1] = {FOLD};
+    auto* tables = (rk_link_table*)aligned_alloc(128, 2 * sizeof(rk_link_table));
+    std::memset(tables, 0, 2 * sizeof(rk_link_table));
+    rk_link_table* out_table = &tables[0];
+    rk_link_table* in_table = &tables[1];
+    // The host's side of the seqlock: an odd generation, the rows, even.
+    auto write_tables = [&] {
+        for (rk_link_table* t : {out_table, in_table}) {
+            uint64_t g = __atomic_load_n(&t->generation, __ATOMIC_RELAXED);
+            __atomic_store_n(&t->generation, g | 1, __ATOMIC_RELAXED);
+            __atomic_thread_fence(__ATOMIC_RELEASE);
+            rk_link_row* row = (rk_link_row*)((uint8_t*)t + RK_LINK_TABLE_ROWS_AT);
+            bool out = t == out_table;
+            if (out) row += RK_MAX_SLOT_LINKS;
+            __atomic_store_n(&row->control, (uint64_t)lc, __ATOMIC_RELAXED);
+            __atomic_store_n(&row->ring, (uint64_t)link_ring.mem, __ATOMIC_RELAXED);
+            __atomic_store_n(&row->peer, out ? RECEIVER & ~0xFFFFull : 8ull << 16, __ATOMIC_RELAXED);
+            __atomic_store_n(&row->served, (uint64_t)link_served, __ATOMIC_RELAXED);
+            __atomic_store_n(&row->n_served, 1u, __ATOMIC_RELAXED);
+            __atomic_store_n(&row->id, 5u, __ATOMIC_RELAXED);
+            __atomic_store_n(&row->flags, 0u, __ATOMIC_RELAXED);
+            __atomic_store_n(&row->capacity, LCAP, __ATOMIC_RELAXED);
+            __atomic_store_n(out ? &t->n_out : &t->n_in, 1u, __ATOMIC_RELAXED);
+            __atomic_store_n(&t->generation, (g | 1) + 1, __ATOMIC_RELEASE);
+        }
+    };
+    write_tables();
+    alignas(128) static rk_slot_desc desc2;
+    desc2.hooks = (uint64_t)&hooks;
+    std::thread block2([] { rk_host_block_run(&desc2, 1); });
+    Slot fold, relay;
+    fold.assign(&desc, 5, 0, 1, in_table);
+    relay.assign(&desc2, 1, 2, 1, out_table);
+    const uint64_t K = 20000;
+    std::thread relay_producer([&] {
+        for (uint64_t i = 1; i <= K;) {
+            if (relay.send(i, value(i), false)) ++i;
+            else std::this_thread::yield();
+        }
+    });
+    // Rewrites while the stream runs (the same rows: the loops must carry
+    // on exactly where they were).
+    for (int k = 0; k < 50; ++k) {
+        write_tables();
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    relay_producer.join();
+    while (__atomic_load_n(&fold.c->processed, __ATOMIC_ACQUIRE) < K) std::this_thread::yield();
+    CHECK(__atomic_load_n(&relay.c->processed, __ATOMIC_ACQUIRE) == K);
+    CHECK(__atomic_load_n(&link_ring.h->tail, __ATOMIC_ACQUIRE) == K);
+    CHECK((__atomic_load_n(&lc->commit, __ATOMIC_ACQUIRE) >> 1 & ((1ull << 47) - 1)) == K);
+    CHECK(__atomic_load_n(&out_table->seen, __ATOMIC_ACQUIRE) ==
+          __atomic_load_n(&out_table->generation, __ATOMIC_RELAXED));
+    CHECK(fold.send(1, 0, true));
+    while (!fold.recv(&e, (uint8_t*)p)) std::this_thread::yield();
+    uint64_t ks = 0;
+    for (uint64_t i = 1; i <= K; ++i) ks = ks * 31 + value(i);
+    ks = ks * 31;  // the ask's own value, 0
+    CHECK(p[0] == ks && p[1] == K + 1);
+    // Close the link as the host does: `closed`, then wait out a publish.
+    __atomic_fetch_or(&lc->closed, RK_LINK_RECEIVER_GONE, __ATOMIC_SEQ_CST);
+    while (__atomic_load_n(&lc->publishing, __ATOMIC_SEQ_CST) != 0) std::this_thread::yield();
+    uint64_t closed_tail = __atomic_load_n(&link_ring.h->tail, __ATOMIC_ACQUIRE);
+    const uint64_t R = 100;
+    for (uint64_t i = K + 1; i <= K + R;) {
+        if (relay.send(i, value(i), false)) ++i;
+        else std::this_thread::yield();
+    }
+    // Routed now: sends in the relay's K2H, each naming the H2K message.
+    for (uint64_t i = K + 1; i <= K + R; ++i) {
+        while (!relay.recv(&e, (uint8_t*)p)) std::this_thread::yield();
+        CHECK(e.flags == 0 && e.dst == RECEIVER && e.seq == i && p[0] == value(i));
+    }
+    CHECK(__atomic_load_n(&link_ring.h->tail, __ATOMIC_ACQUIRE) == closed_tail);
+    for (Slot* x : {&fold, &relay}) {
+        __atomic_store_n(&x->c->requested_state, (uint32_t)RK_STATE_TERMINATED, __ATOMIC_RELEASE);
+        while (x->acked() != RK_STATE_TERMINATED) std::this_thread::yield();
+    }
+    __atomic_store_n(&desc2.exit, 1, __ATOMIC_RELEASE);
+    block2.join();
+    free(tables);
+    free(lc);
+
     __atomic_store_n(&desc.exit, 1, __ATOMIC_RELEASE);
     block.join();
     std::printf("ok: %llu messages, %llu replies checked; fenced at %llu, last reply %llu; "
-                "width 4: %llu replies checked\n",
+                "width 4: %llu replies checked; K2K: %llu sends folded in order\n",
                 (unsigned long long)N, (unsigned long long)replies, (unsigned long long)fenced,
-                (unsigned long long)last, (unsigned long long)wreplies);
+                (unsigned long long)last, (unsigned long long)wreplies, (unsigned long long)K);
     return 0;
 }
