@@ -350,8 +350,15 @@ const _: () =
     assert!(std::mem::offset_of!(LinkTable, outbound) == LINK_TABLE_ROWS_AT + 64 * MAX_SLOT_LINKS);
 
 impl LinkTable {
-    /// Rewrites the rows under the seqlock (one writer at a time).
-    fn write(&self, inbound: &[Arc<Link>], outbound: &[OutLink]) {
+    /// Rewrites the rows under the seqlock (one writer at a time); `addr`
+    /// turns a host pointer into the device's address of it. Returns the
+    /// generation written.
+    fn write(
+        &self,
+        inbound: &[Arc<Link>],
+        outbound: &[OutLink],
+        addr: &dyn Fn(*const u8) -> Option<u64>,
+    ) -> u64 {
         let g = self.generation.load(Ordering::Relaxed);
         self.generation.store(g | 1, Ordering::Relaxed);
         // Orders the odd generation before the rows' stores: a reader that
@@ -359,10 +366,10 @@ impl LinkTable {
         // reader's fence before its second load of the generation).
         std::sync::atomic::fence(Ordering::Release);
         for (row, l) in self.inbound.iter().zip(inbound) {
-            l.fill_row(row, l.from);
+            l.fill_row(row, l.from, addr);
         }
         for (row, o) in self.outbound.iter().zip(outbound) {
-            o.link.fill_row(row, o.link.to);
+            o.link.fill_row(row, o.link.to, addr);
         }
         self.n_in
             .store(inbound.len().min(MAX_SLOT_LINKS) as u32, Ordering::Relaxed);
@@ -370,6 +377,7 @@ impl LinkTable {
             .store(outbound.len().min(MAX_SLOT_LINKS) as u32, Ordering::Relaxed);
         // Publishes the rows; pairs with the reader's acquire load.
         self.generation.store((g | 1) + 1, Ordering::Release);
+        (g | 1) + 1
     }
 }
 
@@ -670,16 +678,23 @@ impl Link {
         })
     }
 
-    /// Writes this link's row (`peer`: the actor at its other end).
-    fn fill_row(&self, row: &LinkRow, peer: ActorId) {
-        let control = std::ptr::from_ref::<LinkControl>(&self.control) as u64;
-        row.control.store(control, Ordering::Relaxed);
-        row.ring
-            .store(self.observer.ring_base().as_ptr() as u64, Ordering::Relaxed);
+    /// Writes this link's row (`peer`: the actor at its other end; `addr`:
+    /// the device's address of a host pointer, 0 where it has none, which
+    /// the loop refuses).
+    fn fill_row(&self, row: &LinkRow, peer: ActorId, addr: &dyn Fn(*const u8) -> Option<u64>) {
+        let control = std::ptr::from_ref::<LinkControl>(&self.control).cast::<u8>();
+        row.control
+            .store(addr(control).unwrap_or(0), Ordering::Relaxed);
+        row.ring.store(
+            addr(self.observer.ring_base().as_ptr()).unwrap_or(0),
+            Ordering::Relaxed,
+        );
         row.peer.store(peer.to_bits(), Ordering::Relaxed);
         // The served list follows the control block in the link's region.
-        row.served
-            .store(control + LINK_CONTROL_SIZE as u64, Ordering::Relaxed);
+        row.served.store(
+            addr(control.wrapping_add(LINK_CONTROL_SIZE)).unwrap_or(0),
+            Ordering::Relaxed,
+        );
         row.n_served
             .store(self.served.len() as u32, Ordering::Relaxed);
         row.id.store(self.id.0, Ordering::Relaxed);
@@ -981,6 +996,9 @@ pub struct LinkPort {
     refused: u64,
     /// Reused by [`LinkPort::take`].
     buf: Vec<Staged>,
+    /// Links a [`LinkTable`] listed before its generation `.0`, kept until
+    /// the device loop took that generation.
+    retired: Vec<(u64, Vec<Arc<Link>>)>,
 }
 
 /// A K2K link out of an actor, as a device loop (or a [`LinkPort`]) sees
@@ -1130,6 +1148,7 @@ impl LinkPort {
             cursor: 0,
             refused: 0,
             buf: Vec::new(),
+            retired: Vec::new(),
         };
         port.refresh();
         port
@@ -1155,12 +1174,34 @@ impl LinkPort {
     /// returns whether it did. The links dropped from the lists stay alive
     /// until the next call, so run it where the loop does not hold rows of
     /// an older table (c-host: on the loop's thread, between messages).
-    pub fn fill_table(&mut self, table: &LinkTable) -> bool {
+    ///
+    /// `addr` gives the device's address of a host pointer into link memory
+    /// (the identity where the device is the host). The links the table no
+    /// longer lists are kept until the loop says (`seen`) it took a later
+    /// generation, so rows it still holds never point at freed memory.
+    pub fn fill_table(
+        &mut self,
+        table: &LinkTable,
+        addr: impl Fn(*const u8) -> Option<u64>,
+    ) -> bool {
+        // Pairs with the loop's store-release of `seen` after its copy.
+        let seen = table.seen.load(Ordering::Acquire);
+        self.retired.retain(|(g, _)| *g > seen);
         let fresh = table.generation.load(Ordering::Relaxed) == 0;
-        if !self.refresh() && !fresh {
+        if !fresh && self.home.links_generation() == self.generation {
             return false;
         }
-        table.write(&self.inbound, &self.outbound);
+        let old: Vec<Arc<Link>> = self
+            .inbound
+            .iter()
+            .cloned()
+            .chain(self.outbound.iter().map(|o| o.link.clone()))
+            .collect();
+        self.refresh();
+        let g = table.write(&self.inbound, &self.outbound, &addr);
+        if !old.is_empty() {
+            self.retired.push((g, old));
+        }
         true
     }
 

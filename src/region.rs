@@ -111,8 +111,9 @@ pub(crate) fn check_span(
 
 /// A value laid at an offset of a region, keeping the region alive;
 /// dereferences to it. For shared words (atomics only) that a device reads
-/// in place, as a K2K link's control block.
-pub(crate) struct Placed<T: Sync> {
+/// in place, as a K2K link's control block or a slot's link table. The
+/// value is never dropped (it must need no drop).
+pub struct Placed<T: Sync> {
     ptr: NonNull<T>,
     _owner: std::sync::Arc<dyn SharedMemory>,
 }
@@ -132,7 +133,7 @@ impl<T: Sync> Placed<T> {
     /// # Safety
     /// `mem[offset..offset + size_of::<T>()]` is used by nothing but this
     /// value (and its device-side peer) for as long as `mem` lives.
-    pub(crate) unsafe fn init_in(
+    pub unsafe fn init_in(
         mem: std::sync::Arc<dyn SharedMemory>,
         offset: usize,
         value: T,

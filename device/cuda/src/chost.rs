@@ -89,7 +89,8 @@ fn with_wakers(ctx: *const c_void, f: impl FnOnce(&mut Wakers)) {
 
 extern "C" fn hook_links(ctx: *const c_void) {
     with_wakers(ctx, |w| {
-        w.links.fill_table(&w.table);
+        // The loop runs on the host: its addresses are the host's.
+        w.links.fill_table(&w.table, |p| Some(p as u64));
     });
 }
 

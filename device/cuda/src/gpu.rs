@@ -32,7 +32,8 @@ use cudarc::driver::{
 use ringkernel::backend::{CudaHandler, DeviceBackend, DeviceSlot};
 use ringkernel::control::{ControlBlock, ControlRef, FaultCode, LifecycleState};
 use ringkernel::kernel::{BackendKind, Kernel};
-use ringkernel::region::SharedMemory;
+use ringkernel::link::{LinkPort, LinkTable};
+use ringkernel::region::{Placed, SharedMemory};
 use ringkernel::ring::{Consumer, Producer};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -278,6 +279,10 @@ struct Assigned {
     wake_senders: Box<dyn Fn() + Send>,
     /// The served type ids the device reads.
     _served: ArenaRegion,
+    /// The slot's K2K links, and the table (pinned) the device serves
+    /// them from, rewritten by the monitor when they change.
+    links: LinkPort,
+    table: Placed<LinkTable>,
     /// Last seen: K2H published, H2K released, acknowledged state.
     seen: (u64, u64, Option<LifecycleState>),
 }
@@ -710,6 +715,19 @@ impl CudaBackend {
             );
         }
         let served_dev = dev(served.base().as_ptr())?;
+        let table_mem: Arc<dyn SharedMemory> = Arc::new(
+            g.arena
+                .alloc(std::mem::size_of::<LinkTable>())
+                .ok_or(CudaError::PinnedBudget(g.options.pinned_bytes))?,
+        );
+        // SAFETY: a fresh arena span of the table's size, 128-aligned (the
+        // arena's alignment), this slot's alone.
+        let table = unsafe { Placed::init_in(table_mem, 0, LinkTable::default()) }
+            .map_err(|e| CudaError::Driver(e.to_string()))?;
+        let mut links = slot.links;
+        // The rows the loop starts from (link memory is the arena's too).
+        links.fill_table(&table, |p| g.arena.mem.dev_addr(p));
+        let table_dev = dev(std::ptr::from_ref::<LinkTable>(&table).cast())?;
         let d = g.desc(i);
         let generation = blocks[i].generation + 1;
         // SAFETY: block `i` is dormant (acquired above): the device reads no
@@ -725,7 +743,7 @@ impl CudaBackend {
             (*d).kernel = kernel as u32;
             (*d).width = slot.width;
             (*d).domain = slot.domain.to_bits();
-
+            (*d).links = table_dev;
             (*d).hlc = 0;
         }
         blocks[i] = Block {
@@ -737,6 +755,8 @@ impl CudaBackend {
                 wake_host: slot.wake_host,
                 wake_senders: slot.wake_senders,
                 _served: served,
+                links,
+                table,
                 seen: (0, 0, None),
             }),
         };
@@ -976,6 +996,9 @@ fn monitor(g: &Arc<Gpu>) {
                     continue;
                 }
                 let Some(s) = &mut b.slot else { continue };
+                // A connect or a departure changed the slot's links: the
+                // device takes the new rows between its batches.
+                s.links.fill_table(&s.table, |p| g.arena.mem.dev_addr(p));
                 let published = s.k2h.observer().published();
                 let h2k = s.h2k.observer();
                 let released = h2k.released();
@@ -1075,6 +1098,18 @@ impl DeviceBackend for CudaBackend {
     /// after which the device writes the commit word no more. A hung loop
     /// never acknowledges; after [`QUIESCE_WAIT`] the fence goes ahead (a
     /// loop that wakes later finds the fence bit when it reads the word).
+    /// The device loop serves K2K links in place: link memory is pinned
+    /// and mapped (from [`DeviceBackend::slot_memory`]), each slot reads
+    /// its links from a table the monitor rewrites, and a receiver polls
+    /// its links (its idle back-off, at most 20 µs, bounds the latency).
+    fn serves_links(&self) -> bool {
+        true
+    }
+
+    fn links_in_place(&self) -> bool {
+        true
+    }
+
     fn quiesce(&self, control: &ControlBlock) {
         if !self.gpu.info.host_native_atomics {
             stop_and_wait(control);
