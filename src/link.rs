@@ -1213,6 +1213,14 @@ impl LinkPort {
         }
     }
 
+    /// Wakes the sender of inbound link `row` of the table (after the loop
+    /// released slots of its ring: a sender with no room waits for them).
+    pub fn wake_inbound_sender(&self, row: usize) {
+        if let Some(home) = self.inbound.get(row).and_then(|l| l.sender_home.upgrade()) {
+            home.waker.wake();
+        }
+    }
+
     /// Whether there is link work: changed lists, or a message waiting in a
     /// link into the slot (atomic loads only: for a loop's idle check).
     pub fn has_work(&self) -> bool {

@@ -4,8 +4,11 @@
 //! the persistent actor-host kernel against a kernel launch per message
 //! (the host spinning on a mapped flag the launch writes).
 
-use ringkernel::conformance::{self, ChannelWaiter, Echo, Probe};
-use ringkernel::runtime::{GpuSlot, LaunchOptions, Runtime};
+use ringkernel::conformance::{self, ChannelWaiter, Echo, Forward, Probe, Relay};
+use ringkernel::id::ActorId;
+use ringkernel::kernel::Payload;
+use ringkernel::link::LinkOptions;
+use ringkernel::runtime::{GpuSlot, LaunchOptions, Runtime, SubmitError};
 use ringkernel_cuda::{CHostBackend, CudaBackend};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,10 +39,58 @@ fn probe(rt: &Runtime) -> GpuSlot<ChannelWaiter> {
         .expect("launch")
 }
 
+/// A Relay linked to a Probe (a K2K link of 256 slots) on one runtime.
+pub struct Linked {
+    relay: GpuSlot<ChannelWaiter>,
+    sink: GpuSlot<ChannelWaiter>,
+    sent: u64,
+}
+
+impl Linked {
+    fn new(rt: &Runtime) -> Self {
+        let relay = rt
+            .launch::<Relay, ChannelWaiter>(0, &LaunchOptions::default(), |_| {})
+            .expect("launch");
+        let sink = probe(rt);
+        rt.connect(relay.id(), sink.id(), LinkOptions::default().capacity(256))
+            .expect("connect");
+        Linked {
+            relay,
+            sink,
+            sent: 0,
+        }
+    }
+
+    /// `n` tells to the relay, each forwarded over the link as a `Seq` to
+    /// the sink, until the sink has processed them all.
+    pub fn forward(&mut self, n: u64) {
+        let to = self.sink.id().to_bits();
+        for i in 0..n {
+            let mut payload: Payload = Forward(to, self.sent + i).into();
+            loop {
+                match self.relay.tell(payload, ActorId::NONE) {
+                    Ok(()) => break,
+                    Err(SubmitError::Full(back)) => {
+                        payload = back;
+                        std::thread::yield_now();
+                    }
+                    Err(e) => panic!("tell refused: {e:?}"),
+                }
+            }
+        }
+        self.sent += n;
+        while self.sink.status().processed < self.sent {
+            std::thread::yield_now();
+        }
+    }
+}
+
 /// A Probe actor on the c-host backend and one on the cpu backend.
 pub struct CHostBench {
     chost: GpuSlot<ChannelWaiter>,
     cpu: GpuSlot<ChannelWaiter>,
+    /// K2K on each backend.
+    pub linked: (Linked, Linked),
     _rts: (Runtime, Runtime),
 }
 
@@ -54,6 +105,7 @@ impl CHostBench {
         CHostBench {
             chost: probe(&c),
             cpu: probe(&p),
+            linked: (Linked::new(&c), Linked::new(&p)),
             _rts: (c, p),
         }
     }
@@ -84,7 +136,9 @@ impl Default for CHostBench {
 pub struct GpuBench {
     backend: Arc<CudaBackend>,
     slot: GpuSlot<ChannelWaiter>,
-    _rt: Runtime,
+    /// K2K on the GPU, and on the cpu backend for the baseline.
+    pub linked: (Linked, Linked),
+    _rt: (Runtime, Runtime),
 }
 
 impl GpuBench {
@@ -92,6 +146,7 @@ impl GpuBench {
     pub fn new() -> Option<Self> {
         let backend = match CudaBackend::builder()
             .kernel::<Probe>()
+            .and_then(|b| b.kernel::<Relay>())
             .and_then(|b| b.build())
         {
             Ok(b) => b,
@@ -106,10 +161,13 @@ impl GpuBench {
             .build()
             .expect("runtime");
         let slot = probe(&rt);
+        let cpu = Runtime::new().expect("runtime");
+        let linked = (Linked::new(&rt), Linked::new(&cpu));
         Some(GpuBench {
             backend,
             slot,
-            _rt: rt,
+            linked,
+            _rt: (rt, cpu),
         })
     }
 

@@ -349,14 +349,30 @@ fn main() {
         .is_none_or(|f| "chost_ask".contains(f) || f.starts_with("chost"))
     {
         let c = std::cell::RefCell::new(cuda::CHostBench::new());
-        let mut c = Comparison {
-            name: "chost_ask",
-            config: "sequential asks (Echo) to a GPU actor on the c-host backend (the CUDA device loop compiled as host C++, a block thread) vs the same on the cpu backend (the Rust loop)".into(),
-            ops: 20_000 * scale,
-            ours: Box::new(|n| c.borrow_mut().chost_asks(n)),
-            base: Box::new(|n| c.borrow_mut().cpu_asks(n)),
-        };
-        run(&mut c, rounds);
+        let mut comparisons = [
+            Comparison {
+                name: "chost_ask",
+                config: "sequential asks (Echo) to a GPU actor on the c-host backend (the CUDA device loop compiled as host C++, a block thread) vs the same on the cpu backend (the Rust loop)".into(),
+                ops: 20_000 * scale,
+                ours: Box::new(|n| c.borrow_mut().chost_asks(n)),
+                base: Box::new(|n| c.borrow_mut().cpu_asks(n)),
+            },
+            Comparison {
+                name: "chost_k2k_forward",
+                config: "n tells to a Relay, each forwarded as a Seq over a K2K link of 256 slots to a Probe, until the Probe has them all: the C loop serving the link in place (c-host) vs the cpu backend's Rust loop; time per message".into(),
+                ops: 100_000 * scale,
+                ours: Box::new(|n| c.borrow_mut().linked.0.forward(n)),
+                base: Box::new(|n| c.borrow_mut().linked.1.forward(n)),
+            },
+        ];
+        for comparison in &mut comparisons {
+            if filter
+                .as_deref()
+                .is_none_or(|f| comparison.name.contains(f))
+            {
+                run(comparison, rounds);
+            }
+        }
     }
     if filter
         .as_deref()
@@ -370,6 +386,14 @@ fn main() {
             ops: 20_000 * scale,
             ours: Box::new(|n| g.borrow_mut().asks(n)),
             base: Box::new(|n| g.borrow_mut().launches(n)),
+        };
+        run(&mut c, rounds);
+        let mut c = Comparison {
+            name: "cuda_k2k_forward",
+            config: "n tells to a Relay, each forwarded as a Seq over a K2K link of 256 slots to a Probe, until the Probe has them all: served in place by the actor-host kernel (pinned, mapped link memory) vs the same on the cpu backend; time per message".into(),
+            ops: 100_000 * scale,
+            ours: Box::new(|n| g.borrow_mut().linked.0.forward(n)),
+            base: Box::new(|n| g.borrow_mut().linked.1.forward(n)),
         };
         run(&mut c, rounds);
         let mut c = Comparison {

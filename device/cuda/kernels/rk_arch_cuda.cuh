@@ -103,6 +103,7 @@ RK_DEVICE void rk_hook_wake_senders(void* hooks) { (void)hooks; }
 // links (its idle back-off bounds the latency), so a send wakes no one.
 RK_DEVICE void rk_hook_links(void* hooks) { (void)hooks; }
 RK_DEVICE void rk_hook_wake_link(void* hooks, uint32_t row) { (void)hooks; (void)row; }
+RK_DEVICE void rk_hook_wake_link_sender(void* hooks, uint32_t row) { (void)hooks; (void)row; }
 RK_DEVICE void rk_hook_idle(void* hooks, uint32_t ns) {
     (void)hooks;
     __nanosleep(ns);

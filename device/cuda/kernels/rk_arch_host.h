@@ -135,6 +135,8 @@ typedef struct rk_host_hooks {
     // row `row` after a publish into its ring.
     void (*links)(void* ctx);
     void (*wake_link)(void* ctx, uint32_t row);
+    // K2K: wakes the sender of inbound row `row` after its ring's head moved.
+    void (*wake_link_sender)(void* ctx, uint32_t row);
 } rk_host_hooks;
 
 RK_DEVICE void rk_hook_wake_host(void* hooks) {
@@ -152,6 +154,10 @@ RK_DEVICE void rk_hook_links(void* hooks) {
 RK_DEVICE void rk_hook_wake_link(void* hooks, uint32_t row) {
     rk_host_hooks* h = (rk_host_hooks*)hooks;
     if (h && h->wake_link) h->wake_link(h->ctx, row);
+}
+RK_DEVICE void rk_hook_wake_link_sender(void* hooks, uint32_t row) {
+    rk_host_hooks* h = (rk_host_hooks*)hooks;
+    if (h && h->wake_link_sender) h->wake_link_sender(h->ctx, row);
 }
 RK_DEVICE void rk_hook_idle(void* hooks, uint32_t ns) {
     rk_host_hooks* h = (rk_host_hooks*)hooks;

@@ -654,8 +654,9 @@ RK_DEVICE int64_t rk_serve_batch(rk_run* r, int32_t src) {
         if (from_link) {
             in->ring.local = first + n;
             // Hands the slots back to the sender (pairs with its
-            // load-acquire of head).
+            // load-acquire of head), which may wait for room.
             rk_st_release_u64(&in->ring.h->head, in->ring.local);
+            rk_hook_wake_link_sender(r->hooks, (uint32_t)src);
         } else {
             r->committed = last_seq;
             r->h2k.local += n;
@@ -667,7 +668,10 @@ RK_DEVICE int64_t rk_serve_batch(rk_run* r, int32_t src) {
         }
         r->processed += n;
         rk_record_progress(c, r->processed);
-        rk_hook_wake_host(r->hooks);
+        // The poller has K2H to read (and, for sends it already read, a
+        // commit to see); a batch that published nothing there (its sends
+        // went over links) does not wake it.
+        if (staged) rk_hook_wake_host(r->hooks);
     } else {
         rk_out_end(r, false);
     }

@@ -36,6 +36,7 @@ struct HostHooks {
     idle: extern "C" fn(*const c_void, u32),
     links: extern "C" fn(*const c_void),
     wake_link: extern "C" fn(*const c_void, u32),
+    wake_link_sender: extern "C" fn(*const c_void, u32),
 }
 
 /// What the hooks call, per assignment.
@@ -96,6 +97,10 @@ extern "C" fn hook_links(ctx: *const c_void) {
 
 extern "C" fn hook_wake_link(ctx: *const c_void, row: u32) {
     with_wakers(ctx, |w| w.links.wake_outbound(row as usize));
+}
+
+extern "C" fn hook_wake_link_sender(ctx: *const c_void, row: u32) {
+    with_wakers(ctx, |w| w.links.wake_inbound_sender(row as usize));
 }
 
 extern "C" fn hook_idle(_ctx: *const c_void, ns: u32) {
@@ -417,6 +422,7 @@ impl CHostBackend {
             idle: hook_idle,
             links: hook_links,
             wake_link: hook_wake_link,
+            wake_link_sender: hook_wake_link_sender,
         });
         let block = Arc::new(Block {
             desc: DescCell(UnsafeCell::new(SlotDesc::default())),
