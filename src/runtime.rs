@@ -805,12 +805,16 @@ impl Runtime {
                 .ok_or(ConnectError::Unknown(id))
         };
         let (sender, receiver) = (find(from)?, find(to)?);
+        let mut graph = lock(&self.inner.links);
+        graph.prune();
         if self
             .inner
             .device
             .as_ref()
             .is_some_and(|d| d.links_in_place())
         {
+            // Checked under the graph's lock: concurrent connects cannot
+            // both take the last row.
             // Its device reads each slot's links from a table of fixed rows.
             let max = crate::link::MAX_SLOT_LINKS;
             if sender.links().2.len() >= max {
@@ -826,8 +830,6 @@ impl Runtime {
                 });
             }
         }
-        let mut graph = lock(&self.inner.links);
-        graph.prune();
         if sender.links_to(to.index()) {
             return Err(ConnectError::AlreadyLinked { from, to });
         }

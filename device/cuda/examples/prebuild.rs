@@ -35,6 +35,8 @@ fn main() -> ExitCode {
             source::<Wide>(),
         ],
         vec![source::<Probe>()],
+        // The bench report's (`cuda_ask`, `cuda_k2k_forward`).
+        vec![source::<Probe>(), source::<Relay>()],
     ];
     for kernels in &sets {
         let tu = translation_unit(Arch::Cuda, kernels);

@@ -151,7 +151,8 @@ typedef struct rk_slot_desc {
     uint32_t clock_answer;            /* device: the request answered (store-release) */
     uint8_t _pad[4];
     uint64_t links;                   /* rk_link_table* (0: none; host rewrites it, seqlock) */
-    uint8_t _pad2[120];
+    uint64_t self_id;                 /* the actor's id bits (the src of what it sends) */
+    uint8_t _pad2[112];
 } rk_slot_desc;
 RK_STATIC_ASSERT(sizeof(rk_slot_desc) == 256, "sizeof rk_slot_desc");
 RK_ASSERT_OFFSET(rk_slot_desc, n_served, 48);
@@ -165,6 +166,7 @@ RK_ASSERT_OFFSET(rk_slot_desc, clock_request, 108);
 RK_ASSERT_OFFSET(rk_slot_desc, clock_sample, 112);
 RK_ASSERT_OFFSET(rk_slot_desc, clock_answer, 120);
 RK_ASSERT_OFFSET(rk_slot_desc, links, 128);
+RK_ASSERT_OFFSET(rk_slot_desc, self_id, 136);
 
 // ---- helpers for handlers ----
 

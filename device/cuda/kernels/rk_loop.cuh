@@ -157,10 +157,19 @@ RK_DEVICE void rk_begin_serving(rk_control_block* c, uint64_t seq, uint64_t corr
     rk_st_release_u64(&c->serving, seq);
 }
 
-RK_DEVICE void rk_record_progress(rk_control_block* c, uint64_t processed) {
+RK_DEVICE void rk_record_progress(rk_control_block* c, uint64_t processed, uint64_t beats) {
     rk_st_relaxed_u64(&c->processed, processed);
     // Pairs with the host's acquire in `status` (the watchdog).
-    rk_st_release_u64(&c->heartbeat, processed);
+    rk_st_release_u64(&c->heartbeat, beats);
+}
+
+// The heartbeat alone: per message handled, and while the loop is held by
+// a full link (the watchdog faults only a slot that neither commits nor
+// beats with work pending).
+RK_DEVICE void rk_beat(rk_control_block* c, uint64_t* beats) {
+    *beats += 1;
+    // Pairs with the host's acquire in `status` (the watchdog).
+    rk_st_release_u64(&c->heartbeat, *beats);
 }
 
 // Writes one K2H envelope at counter `at` (staged: not yet published).
@@ -237,6 +246,7 @@ typedef struct rk_run {
     uint32_t acked;
     uint64_t committed;  // last committed seq
     uint64_t processed;
+    uint64_t beats;      // the heartbeat: messages handled, and held rounds
     uint64_t hlc;
     rk_link_table* links;  // 0: the slot serves no links
     uint64_t links_generation;  // of the rows copied below (0: none yet)
@@ -414,9 +424,11 @@ RK_DEVICE bool rk_in_next(rk_run* r, uint32_t i, uint64_t* consumed, uint64_t* t
     *consumed = (w >> 1) & RK_LINK_CONSUMED_MASK;
     if (l->ring.local < *consumed) {
         // What committed (or the host handed back) is the sender's again;
-        // pairs with its load-acquire of head.
+        // pairs with its load-acquire of head. Only forward.
         l->ring.local = *consumed;
-        rk_st_release_u64(&l->ring.h->head, *consumed);
+        if (rk_ld_relaxed_u64(&l->ring.h->head) < *consumed) {
+            rk_st_release_u64(&l->ring.h->head, *consumed);
+        }
     }
     // Pairs with the sender's store-release of the tail.
     *tail = rk_ld_acquire_u64(&l->ring.h->tail);
@@ -477,10 +489,13 @@ RK_DEVICE void rk_block_exit(void) {
     rk_arch_sync_all();
 }
 
-// Serves one batch from H2K (`src` < 0) or from inbound link `src`.
-// Returns the messages committed, or -1 when the slot's run ends (fenced
-// or faulted; acknowledged).
-RK_DEVICE int64_t rk_serve_batch(rk_run* r, int32_t src) {
+// Serves one batch from H2K (`src` < 0) or from inbound link `src`, of at
+// most `max` messages (a link's are served one at a time: each commits on
+// the link's word before the next, so `consumed` always names the message
+// in the handler, as the host's hand-back expects). Returns the messages
+// committed, or -1 when the slot's run ends (fenced or faulted;
+// acknowledged).
+RK_DEVICE int64_t rk_serve_batch(rk_run* r, int32_t src, uint64_t max) {
     rk_slot_desc* d = r->d;
     rk_control_block* c = r->c;
     bool from_link = src >= 0;
@@ -499,7 +514,7 @@ RK_DEVICE int64_t rk_serve_batch(rk_run* r, int32_t src) {
     } else if (!rk_ring_has(&r->h2k, 0)) {
         return 0;
     }
-    if (room > RK_BATCH) room = RK_BATCH;
+    if (room > max) room = max;
     rk_out_begin(r);
     uint64_t now = rk_device_time_ns() + (uint64_t)rk_ld_relaxed_u64((const uint64_t*)&d->clock_offset);
     uint64_t n = 0, staged = 0, last_seq = r->committed;
@@ -510,9 +525,24 @@ RK_DEVICE int64_t rk_serve_batch(rk_run* r, int32_t src) {
     rk_reply reply;
     rk_later_reply later_buf[RK_LATER_CAP];
     const rk_ring* ring = from_link ? &in->ring : &r->h2k;
+    // Who this slot is: the source of what it sends (a link message's
+    // `dst` is what its sender wrote).
     while (n < room && (from_link || rk_ring_has(&r->h2k, n)) && rk_out_room(r)) {
+        // A fenced loop with links stops between messages: its sends would
+        // never be published, and the next incarnation waits for it.
+        if (n > 0 && r->n_out && (rk_ld_acquire_u64(&c->commit) & RK_COMMIT_FENCED)) break;
         const uint8_t* slot = rk_ring_slot(ring, from_link ? first + n : r->h2k.local + n);
         rk_copy(&msg, slot, (uint32_t)RK_HEADER_SIZE);
+        // What `serving` says and what routed sends carry: the H2K `seq`,
+        // or the link and position.
+        uint64_t origin = from_link ? (uint64_t)RK_ORIGIN_LINK |
+                                          ((uint64_t)(in->id & 0x7FFFFFu) << 40) |
+                                          ((first + n) & RK_ORIGIN_POS_MASK)
+                                    : msg.seq;
+        // A link message that cannot be served faults the slot naming it,
+        // so the host hands it back as the poison (the next incarnation
+        // goes on past it); an H2K one is met first by the host's checks.
+        if (from_link) rk_begin_serving(c, origin, 0);
         bool ok = msg.magic == RK_ENVELOPE_MAGIC && msg.version == RK_PROTOCOL_VERSION &&
                   (msg.flags & ~RK_FLAGS_ALL) == 0 && msg.payload_len <= RK_MAX_INLINE &&
                   RK_HEADER_SIZE + msg.payload_len <= ring->slot_size &&
@@ -527,12 +557,7 @@ RK_DEVICE int64_t rk_serve_batch(rk_run* r, int32_t src) {
         }
         rk_copy(payload, slot + RK_HEADER_SIZE, msg.payload_len);
         bool ask = (msg.flags & RK_FLAG_ASK) != 0;
-        // What `serving` says and what routed sends carry: the H2K `seq`,
-        // or the link and position.
-        uint64_t origin = from_link ? (uint64_t)RK_ORIGIN_LINK |
-                                          ((uint64_t)(in->id & 0x7FFFFFu) << 40) |
-                                          ((first + n) & RK_ORIGIN_POS_MASK)
-                                    : msg.seq;
+        uint64_t me = d->self_id ? d->self_id : msg.dst;
         // The slot merges the sender's stamp on dequeue.
         r->hlc = rk_hlc_receive(r->hlc, msg.hlc, now);
         // Before anything can fail: the host's hand-back tells the message
@@ -569,14 +594,14 @@ RK_DEVICE int64_t rk_serve_batch(rk_run* r, int32_t src) {
         if (ask && status == RK_REPLIED) {
             r->hlc = rk_hlc_tick(r->hlc, now);
             rk_stage_reply(&r->k2h, at, msg.type_id, (uint8_t)RK_FLAG_REPLY, d->domain,
-                           msg.correlation, msg.dst, msg.src, r->hlc, msg.seq, msg.trace_id,
+                           msg.correlation, me, msg.src, r->hlc, msg.seq, msg.trace_id,
                            reply.payload, reply.len);
             staged += 1;
         } else if (ask && status != RK_DEFERRED) {
             r->hlc = rk_hlc_tick(r->hlc, now);
             rk_stage_reply(&r->k2h, at, (uint32_t)RK_SYS_NO_REPLY,
                            (uint8_t)(RK_FLAG_REPLY | RK_FLAG_ERROR), d->domain, msg.correlation,
-                           msg.dst, msg.src, r->hlc, 0, 0, payload, 0);
+                           me, msg.src, r->hlc, 0, 0, payload, 0);
             staged += 1;
         }
         for (uint32_t k = 0; k < later.n; ++k) {
@@ -595,7 +620,7 @@ RK_DEVICE int64_t rk_serve_batch(rk_run* r, int32_t src) {
                         // message commits; numbered per link.
                         uint64_t pos = o->ring.local + o->staged;
                         rk_stage_reply(&o->ring, pos, l->type_id, (uint8_t)0, d->domain, 0,
-                                       msg.dst, l->dst, r->hlc, pos + 1, 0, l->payload, l->len);
+                                       me, l->dst, r->hlc, pos + 1, 0, l->payload, l->len);
                         o->staged += 1;
                         continue;
                     }
@@ -606,12 +631,13 @@ RK_DEVICE int64_t rk_serve_batch(rk_run* r, int32_t src) {
             }
             // Routed by the poller once `seq` (the origin) has committed.
             rk_stage_reply(&r->k2h, r->k2h.local + staged, l->type_id, flags, d->domain,
-                           l->correlation, msg.dst, l->dst, r->hlc, send ? origin : 0, 0,
+                           l->correlation, me, l->dst, r->hlc, send ? origin : 0, 0,
                            l->payload, l->len);
             staged += 1;
         }
         if (!from_link) last_seq = msg.seq;
         n += 1;
+        rk_beat(c, &r->beats);
     }
     if (n > 0 && !fault) {
         // No handler is running: `serving` must not name a message that
@@ -654,8 +680,10 @@ RK_DEVICE int64_t rk_serve_batch(rk_run* r, int32_t src) {
         if (from_link) {
             in->ring.local = first + n;
             // Hands the slots back to the sender (pairs with its
-            // load-acquire of head), which may wait for room.
-            rk_st_release_u64(&in->ring.h->head, in->ring.local);
+            // load-acquire of head), which may wait for room. Only forward.
+            if (rk_ld_relaxed_u64(&in->ring.h->head) < in->ring.local) {
+                rk_st_release_u64(&in->ring.h->head, in->ring.local);
+            }
             rk_hook_wake_link_sender(r->hooks, (uint32_t)src);
         } else {
             r->committed = last_seq;
@@ -667,7 +695,7 @@ RK_DEVICE int64_t rk_serve_batch(rk_run* r, int32_t src) {
             rk_hook_wake_senders(r->hooks);
         }
         r->processed += n;
-        rk_record_progress(c, r->processed);
+        rk_record_progress(c, r->processed, r->beats);
         // The poller has K2H to read (and, for sends it already read, a
         // commit to see); a batch that published nothing there (its sends
         // went over links) does not wake it.
@@ -683,14 +711,20 @@ RK_DEVICE int64_t rk_serve_batch(rk_run* r, int32_t src) {
     return (int64_t)n;
 }
 
-// Serves H2K, then the next inbound link with messages (round robin).
+// Serves an H2K batch, then up to RK_BATCH messages of the next inbound
+// link that has any (round robin), each committed on its own.
 RK_DEVICE int64_t rk_serve_round(rk_run* r) {
-    int64_t got = rk_serve_batch(r, -1);
+    int64_t got = rk_serve_batch(r, -1, RK_BATCH);
     if (got < 0) return got;
     for (uint32_t k = 0; k < r->n_in; ++k) {
         uint32_t i = (r->cursor + k) % r->n_in;
-        int64_t more = rk_serve_batch(r, (int32_t)i);
-        if (more < 0) return more;
+        int64_t more = 0;
+        for (uint32_t m = 0; m < RK_BATCH; ++m) {
+            int64_t one = rk_serve_batch(r, (int32_t)i, 1);
+            if (one < 0) return one;
+            if (one == 0) break;
+            more += one;
+        }
         if (more > 0) {
             r->cursor = (i + 1) % r->n_in;
             return got + more;
@@ -770,6 +804,7 @@ RK_DEVICE void rk_slot_run(rk_slot_desc* d) {
     sh->state = (void*)d->state;
     r.committed = rk_ld_acquire_u64(&c->commit) >> 1;
     r.processed = 0;
+    r.beats = 0;
     r.hlc = d->hlc;
     r.links = (rk_link_table*)d->links;
     r.links_generation = 0;
@@ -845,6 +880,9 @@ RK_DEVICE void rk_slot_run(rk_slot_desc* d) {
             rk_hook_wake_host(r.hooks);
             break;
         }
+        // Held by a full link with work waiting: beat, so the watchdog
+        // does not take a healthy sender for a hung one.
+        if (r.n_out && r.acked == RK_STATE_ACTIVE && rk_out_blocked(&r)) rk_beat(c, &r.beats);
         // The doorbell handshake: announce, fence (pairs with the waker's
         // SeqCst fence), re-check everything, and sleep only if idle.
         rk_st_relaxed_u32(&c->doorbell, (uint32_t)RK_DOORBELL_PARKED);

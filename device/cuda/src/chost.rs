@@ -12,9 +12,10 @@
 //! with the compiler's log.
 
 use crate::source::{Arch, KernelSource, translation_unit};
-use crate::{CudaError, MAX_STATE_BYTES, SlotDesc};
+use crate::{CudaError, MAX_STATE_BYTES, PREVIOUS_WAIT, SlotDesc};
 use ringkernel::backend::{DeviceBackend, DeviceSlot};
 use ringkernel::control::ControlRef;
+use ringkernel::id::ActorId;
 use ringkernel::kernel::BackendKind;
 use ringkernel::link::{LinkPort, LinkTable};
 use ringkernel::ring::{Consumer, Producer};
@@ -117,6 +118,8 @@ struct Module {
 
 /// What an assigned slot's loop touches, kept alive while it may.
 struct Assignment {
+    /// The actor (this incarnation).
+    actor: ActorId,
     _control: ControlRef,
     _h2k: Consumer,
     _k2h: Producer,
@@ -228,6 +231,9 @@ pub struct CHostBackend {
     /// One clock exchange at a time (the host writes the request word).
     clock: Mutex<()>,
 }
+
+/// The backend's blocks, locked.
+type Blocks<'a> = std::sync::MutexGuard<'a, Vec<(ModuleKey, Arc<Block>)>>;
 
 /// A kernel's identity: name, handler source (address, length), later cap.
 type ModuleKey = (&'static str, usize, usize, u32);
@@ -453,6 +459,35 @@ impl CHostBackend {
         Ok(block)
     }
 
+    /// Waits (at most [`PREVIOUS_WAIT`]) until no block runs an earlier
+    /// incarnation of `actor`: with links, the two would share rings.
+    fn previous_stopped<'a>(
+        &'a self,
+        mut blocks: Blocks<'a>,
+        actor: ActorId,
+    ) -> Result<Blocks<'a>, CudaError> {
+        let deadline = Instant::now() + PREVIOUS_WAIT;
+        loop {
+            let running = blocks.iter().any(|(_, b)| {
+                !b.dormant()
+                    && b.assignment
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                        .is_some_and(|a| a.actor.index() == actor.index() && a.actor != actor)
+            });
+            if !running {
+                return Ok(blocks);
+            }
+            if Instant::now() > deadline {
+                return Err(CudaError::PreviousIncarnation(actor));
+            }
+            drop(blocks);
+            std::thread::sleep(Duration::from_micros(100));
+            blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
     fn launch_slot(&self, slot: DeviceSlot) -> Result<Thread, CudaError> {
         let handler = slot.code.cuda.ok_or(CudaError::NoHandler(slot.kernel))?;
         if slot.state.len() > MAX_STATE_BYTES {
@@ -466,6 +501,9 @@ impl CHostBackend {
             handler,
         })?;
         let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.links.has_links() {
+            blocks = self.previous_stopped(blocks, slot.id)?;
+        }
         let block = self.block(&mut blocks, key, &module)?;
         let mut state = vec![0u128; slot.state.len().div_ceil(16).max(1)].into_boxed_slice();
         bytemuck::cast_slice_mut::<u128, u8>(&mut state)[..slot.state.len()]
@@ -492,6 +530,7 @@ impl CHostBackend {
             (*d).hlc = 0;
             (*d).width = slot.width;
             (*d).links = std::ptr::from_ref::<LinkTable>(&table) as u64;
+            (*d).self_id = slot.id.to_bits();
             (*d).assigned.load(Ordering::Relaxed) + 1
         };
         *block.wakers.lock().unwrap_or_else(|p| p.into_inner()) = Some(Wakers {
@@ -501,6 +540,7 @@ impl CHostBackend {
             table,
         });
         *block.assignment.lock().unwrap_or_else(|p| p.into_inner()) = Some(Assignment {
+            actor: slot.id,
             _control: slot.control,
             _h2k: slot.h2k,
             _k2h: slot.k2h,

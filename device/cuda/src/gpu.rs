@@ -31,6 +31,7 @@ use cudarc::driver::{
 };
 use ringkernel::backend::{CudaHandler, DeviceBackend, DeviceSlot};
 use ringkernel::control::{ControlBlock, ControlRef, FaultCode, LifecycleState};
+use ringkernel::id::ActorId;
 use ringkernel::kernel::{BackendKind, Kernel};
 use ringkernel::link::{LinkPort, LinkTable};
 use ringkernel::region::{Placed, SharedMemory};
@@ -272,6 +273,8 @@ unsafe impl SharedMemory for ArenaRegion {
 
 /// What an assigned block's slot needs kept and watched.
 struct Assigned {
+    /// The actor (this incarnation).
+    actor: ActorId,
     control: ControlRef,
     h2k: Consumer,
     k2h: Producer,
@@ -681,6 +684,30 @@ impl CudaBackend {
         let h2k = dev(slot.h2k.ring_base().as_ptr())?;
         let k2h = dev(slot.k2h.ring_base().as_ptr())?;
         let mut blocks = g.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.links.has_links() {
+            // With links, an earlier incarnation still running (fenced, in
+            // a handler) would share their rings with this one: wait for
+            // its block to finish.
+            let deadline = Instant::now() + crate::PREVIOUS_WAIT;
+            loop {
+                let running = blocks.iter().enumerate().any(|(j, b)| {
+                    b.slot.as_ref().is_some_and(|s| {
+                        s.actor.index() == slot.id.index()
+                            && s.actor != slot.id
+                            && g.words(j).1.load(Ordering::Acquire) != b.generation
+                    })
+                });
+                if !running {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(CudaError::PreviousIncarnation(slot.id));
+                }
+                drop(blocks);
+                std::thread::sleep(Duration::from_micros(100));
+                blocks = g.blocks.lock().unwrap_or_else(|p| p.into_inner());
+            }
+        }
         let i = (0..blocks.len())
             .find(|&i| {
                 let (_, finished, _) = g.words(i);
@@ -744,11 +771,13 @@ impl CudaBackend {
             (*d).width = slot.width;
             (*d).domain = slot.domain.to_bits();
             (*d).links = table_dev;
+            (*d).self_id = slot.id.to_bits();
             (*d).hlc = 0;
         }
         blocks[i] = Block {
             generation,
             slot: Some(Assigned {
+                actor: slot.id,
                 control: slot.control,
                 h2k: slot.h2k,
                 k2h: slot.k2h,

@@ -121,6 +121,11 @@ pub enum CudaError {
     /// Every block serves an actor.
     #[error("all {0} blocks of the actor-host kernel are serving actors")]
     NoFreeBlock(usize),
+    /// A linked actor's previous incarnation still runs on its block (a
+    /// handler that does not return): the next one would share its links'
+    /// rings with it, so it is not started.
+    #[error("the previous incarnation of {0:?} has not stopped (its links are shared)")]
+    PreviousIncarnation(ringkernel::id::ActorId),
     /// The pinned-memory budget is spent.
     #[error("the pinned-memory budget ({0} bytes) is spent")]
     PinnedBudget(usize),
@@ -133,6 +138,10 @@ pub enum CudaError {
 pub const MAX_STATE_BYTES: usize = 64 * 1024;
 
 /// One actor slot of the actor-host kernel, in memory both sides see:
+/// How long a launch of a linked actor waits for the block of its previous
+/// incarnation to stop (a fenced loop stops within one message).
+pub const PREVIOUS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// `rk_slot_desc` in `kernels/rk_device.cuh` (offsets asserted on both
 /// sides). The host fills the plain fields while the block is dormant,
 /// then store-releases `assigned`; the block store-releases `finished`
@@ -182,7 +191,9 @@ pub struct SlotDesc {
     /// `rk_link_table*`: the slot's K2K links (0: none), rewritten by the
     /// host while the slot runs (see [`LinkTable`](ringkernel::link::LinkTable)).
     pub links: u64,
-    _pad2: [u64; 15],
+    /// The actor's id bits: the source of the envelopes it makes.
+    pub self_id: u64,
+    _pad2: [u64; 14],
 }
 
 const _: () = {
@@ -199,6 +210,7 @@ const _: () = {
     assert!(std::mem::offset_of!(SlotDesc, clock_sample) == 112);
     assert!(std::mem::offset_of!(SlotDesc, clock_answer) == 120);
     assert!(std::mem::offset_of!(SlotDesc, links) == 128);
+    assert!(std::mem::offset_of!(SlotDesc, self_id) == 136);
 };
 
 /// A reading of a block's clock against the host's, taken while the

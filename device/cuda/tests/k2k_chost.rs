@@ -182,3 +182,31 @@ fn a_slot_has_as_many_links_as_its_table_has_rows() {
         s.terminate(DEADLINE);
     }
 }
+
+#[test]
+fn a_sender_held_by_a_full_link_is_no_hung_slot() {
+    let rt = Runtime::builder()
+        .device(CHostBackend::new())
+        .watchdog(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let mut relay = launch::<Relay>(&rt);
+    let mut sink = launch::<Probe>(&rt);
+    let link = rt
+        .connect(relay.id(), sink.id(), LinkOptions::default().capacity(4))
+        .unwrap();
+    sink.deactivate().unwrap();
+    for v in 0..10 {
+        tell(&mut relay, Forward(sink.id().to_bits(), v));
+    }
+    wait_for("the link full", || rt.link_stats(link).unwrap().sent == 4);
+    // Held with work waiting for five watchdog periods: it beats, so it
+    // is not taken for hung.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(relay.is_open(), "the held sender was faulted");
+    assert_eq!(relay.h2k_depth(), 6);
+    sink.activate().unwrap();
+    wait_for("all ten", || report(&mut sink)[0] == 10);
+    relay.terminate(DEADLINE);
+    sink.terminate(DEADLINE);
+}
