@@ -1228,11 +1228,6 @@ impl LinkPort {
             || self.inbound.iter().any(|l| l.has_inbound(self.incarnation))
     }
 
-    /// Whether the slot has any link, either way.
-    pub fn has_links(&self) -> bool {
-        !self.inbound.is_empty() || !self.outbound.is_empty()
-    }
-
     /// Whether the slot links to any actor (else every send is routed).
     pub fn has_outbound(&self) -> bool {
         !self.outbound.is_empty()

@@ -298,6 +298,9 @@ RK_DEVICE uint32_t rk_links_load(rk_run* r) {
     // Pairs with the host's store-release of an even generation.
     uint64_t g = rk_ld_acquire_u64(&t->generation);
     if (g == r->links_generation) return RK_LINKS_OK;
+    // A fenced loop takes no new rows (a link connected after the next
+    // incarnation started is that one's alone); it stops this round.
+    if (rk_ld_acquire_u64(&r->c->commit) & RK_COMMIT_FENCED) return RK_LINKS_RETRY;
     r->links_generation = 0;  // what the rows hold is no generation now
     if (g & 1) return RK_LINKS_RETRY;  // being written
     uint32_t n_in = rk_ld_relaxed_u32(&t->n_in), n_out = rk_ld_relaxed_u32(&t->n_out);
@@ -389,17 +392,27 @@ RK_DEVICE void rk_out_begin(rk_run* r) {
     }
 }
 
-// A batch's end: publishes the staged sends if their messages committed,
-// then ends the handshake (the release orders the tail before it).
-RK_DEVICE void rk_out_end(rk_run* r, bool committed) {
+// Publishes the sends staged so far (their message committed); the
+// handshake goes on.
+RK_DEVICE void rk_out_publish(rk_run* r) {
     for (uint32_t j = 0; j < r->n_out; ++j) {
         rk_out_link* l = &r->out[j];
-        if (committed && l->staged) {
+        if (l->staged) {
             l->ring.local += l->staged;
             // Publishes the sends; pairs with the receiver's load-acquire.
             rk_st_release_u64(&l->ring.h->tail, l->ring.local);
             rk_hook_wake_link(r->hooks, j);
+            l->staged = 0;
         }
+    }
+}
+
+// A batch's end: publishes the staged sends if their messages committed,
+// then ends the handshake (the release orders the tail before it).
+RK_DEVICE void rk_out_end(rk_run* r, bool committed) {
+    if (committed) rk_out_publish(r);
+    for (uint32_t j = 0; j < r->n_out; ++j) {
+        rk_out_link* l = &r->out[j];
         l->staged = 0;
         // Pairs with the host's SeqCst load while it closes the link.
         rk_st_release_u32(&l->c->publishing, 0u);
@@ -489,242 +502,297 @@ RK_DEVICE void rk_block_exit(void) {
     rk_arch_sync_all();
 }
 
-// Serves one batch from H2K (`src` < 0) or from inbound link `src`, of at
-// most `max` messages (a link's are served one at a time: each commits on
-// the link's word before the next, so `consumed` always names the message
-// in the handler, as the host's hand-back expects). Returns the messages
-// committed, or -1 when the slot's run ends (fenced or faulted;
-// acknowledged).
-RK_DEVICE int64_t rk_serve_batch(rk_run* r, int32_t src, uint64_t max) {
+// Why a message could not be served: the fault to report (0: none).
+typedef struct rk_fault {
+    uint32_t code;
+    uint64_t detail;
+} rk_fault;
+
+// Serves the message in `slot` (of `ring`): validates it, merges its
+// stamp, runs the handler and stages what it made — replies and routed
+// sends in K2H at `*staged` past its tail, sends over links in their rings
+// past theirs. `*origin` is what `serving` says and routed sends carry: a
+// link message's is given; an H2K message's is its `seq`, set here.
+// False (with `f` set) when it cannot be served or its handler faulted:
+// nothing of it is staged then.
+RK_DEVICE bool rk_serve_one(rk_run* r, const rk_ring* ring, const uint8_t* slot, uint64_t* origin_p,
+                            bool from_link, uint64_t now, uint64_t* staged, rk_fault* f) {
     rk_slot_desc* d = r->d;
     rk_control_block* c = r->c;
-    bool from_link = src >= 0;
-    rk_in_link* in = from_link ? &r->in[src] : (rk_in_link*)0;
-    uint32_t outs = 1u + rk_max_later(d->kernel);
-    // Each message may make its reply and its later ones: K2H must have
-    // room for all of them before it is taken.
-    uint64_t room = rk_ring_free(&r->k2h, outs) / outs;
-    uint64_t first = 0, avail = 0;  // a link's position and what is there
-    if (room == 0) return 0;
-    if (from_link) {
-        uint64_t tail;
-        if (!rk_in_next(r, (uint32_t)src, &first, &tail)) return 0;
-        avail = tail - first;
-        if (room > avail) room = avail;
-    } else if (!rk_ring_has(&r->h2k, 0)) {
-        return 0;
-    }
-    if (room > max) room = max;
-    rk_out_begin(r);
-    uint64_t now = rk_device_time_ns() + (uint64_t)rk_ld_relaxed_u64((const uint64_t*)&d->clock_offset);
-    uint64_t n = 0, staged = 0, last_seq = r->committed;
-    uint32_t fault = 0;
-    uint64_t detail = 0;
     rk_envelope_header msg;
     RK_ALIGNAS(16) uint8_t payload[RK_MAX_INLINE];
     rk_reply reply;
     rk_later_reply later_buf[RK_LATER_CAP];
-    const rk_ring* ring = from_link ? &in->ring : &r->h2k;
-    // Who this slot is: the source of what it sends (a link message's
+    rk_copy(&msg, slot, (uint32_t)RK_HEADER_SIZE);
+    if (!from_link) *origin_p = msg.seq;
+    uint64_t origin = *origin_p;
+    // A link message that cannot be served faults the slot naming it, so
+    // the host hands it back as the poison (the next incarnation goes on
+    // past it); an H2K one is met first by the host's checks.
+    if (from_link) rk_begin_serving(c, origin, 0);
+    bool ok = msg.magic == RK_ENVELOPE_MAGIC && msg.version == RK_PROTOCOL_VERSION &&
+              (msg.flags & ~RK_FLAGS_ALL) == 0 && msg.payload_len <= RK_MAX_INLINE &&
+              RK_HEADER_SIZE + msg.payload_len <= ring->slot_size &&
+              !(from_link && (msg.flags & RK_FLAG_ASK));
+    if (!ok || !rk_serves(d, msg.type_id)) {
+        f->code = ok ? (uint32_t)RK_FAULT_UNKNOWN_MESSAGE_TYPE : (uint32_t)RK_FAULT_BAD_ENVELOPE;
+        f->detail = ok ? msg.type_id : 0;
+        return false;
+    }
+    rk_copy(payload, slot + RK_HEADER_SIZE, msg.payload_len);
+    bool ask = (msg.flags & RK_FLAG_ASK) != 0;
+    // Who this slot is: the source of what it makes (a link message's
     // `dst` is what its sender wrote).
-    while (n < room && (from_link || rk_ring_has(&r->h2k, n)) && rk_out_room(r)) {
+    uint64_t me = d->self_id ? d->self_id : msg.dst;
+    // The slot merges the sender's stamp on dequeue.
+    r->hlc = rk_hlc_receive(r->hlc, msg.hlc, now);
+    // Before anything can fail: the host's hand-back tells the message in
+    // the handler from the rest.
+    rk_begin_serving(c, origin, ask ? msg.correlation : 0);
+    reply.len = 0;
+    rk_later later;
+    later.n = 0;
+    later.cap = rk_max_later(d->kernel);
+    later.replies = later_buf;
+    uint32_t status = rk_run_handler(r, &msg, payload, &reply, &later);
+    if (status >= RK_FAULT) {
+        if (status == RK_PANIC) {
+            f->code = (uint32_t)RK_FAULT_HANDLER_PANIC;
+        } else if (status == RK_REPLY_TOO_LARGE) {
+            f->code = (uint32_t)RK_FAULT_HANDLER_FAULT;
+            f->detail = RK_DETAIL_REPLY_TOO_LARGE;
+        } else {
+            f->code = (uint32_t)RK_FAULT_HANDLER_FAULT;
+            f->detail = status - RK_FAULT;
+        }
+        return false;
+    }
+    bool too_large = (status == RK_REPLIED && reply.len > RK_MAX_INLINE) || later.n > later.cap;
+    for (uint32_t k = 0; !too_large && k < later.n; ++k) {
+        too_large = later_buf[k].len > RK_MAX_INLINE;
+    }
+    if (too_large) {
+        f->code = (uint32_t)RK_FAULT_HANDLER_FAULT;
+        f->detail = RK_DETAIL_REPLY_TOO_LARGE;
+        return false;
+    }
+    uint64_t at = r->k2h.local + *staged;
+    if (ask && status == RK_REPLIED) {
+        r->hlc = rk_hlc_tick(r->hlc, now);
+        rk_stage_reply(&r->k2h, at, msg.type_id, (uint8_t)RK_FLAG_REPLY, d->domain,
+                       msg.correlation, me, msg.src, r->hlc, msg.seq, msg.trace_id,
+                       reply.payload, reply.len);
+        *staged += 1;
+    } else if (ask && status != RK_DEFERRED) {
+        r->hlc = rk_hlc_tick(r->hlc, now);
+        rk_stage_reply(&r->k2h, at, (uint32_t)RK_SYS_NO_REPLY,
+                       (uint8_t)(RK_FLAG_REPLY | RK_FLAG_ERROR), d->domain, msg.correlation,
+                       me, msg.src, r->hlc, 0, 0, payload, 0);
+        *staged += 1;
+    }
+    for (uint32_t k = 0; k < later.n; ++k) {
+        const rk_later_reply* l = &later_buf[k];
+        r->hlc = rk_hlc_tick(r->hlc, now);
+        // Correlation 0: a send; else a reply to a deferred ask.
+        bool send = l->correlation == 0;
+        uint8_t flags = send ? (uint8_t)0 : (uint8_t)RK_FLAG_REPLY;
+        if (send) {
+            int32_t j = rk_out_find(r, l->dst, l->type_id);
+            if (j >= 0) {
+                rk_out_link* o = &r->out[j];
+                uint64_t want = o->staged + 1;
+                if (rk_ring_free(&o->ring, want) >= want) {
+                    // Into the link's ring, published once this message
+                    // commits; numbered per link.
+                    uint64_t pos = o->ring.local + o->staged;
+                    rk_stage_reply(&o->ring, pos, l->type_id, (uint8_t)0, d->domain, 0, me,
+                                   l->dst, r->hlc, pos + 1, 0, l->payload, l->len);
+                    o->staged += 1;
+                    continue;
+                }
+                // No room: a dead letter, reported by the poller once this
+                // message commits.
+                flags = (uint8_t)RK_FLAG_UNDELIVERED;
+            }
+        }
+        // Routed by the poller once `seq` (the origin) has committed.
+        rk_stage_reply(&r->k2h, r->k2h.local + *staged, l->type_id, flags, d->domain,
+                       l->correlation, me, l->dst, r->hlc, send ? origin : 0, 0, l->payload,
+                       l->len);
+        *staged += 1;
+    }
+    rk_beat(c, &r->beats);
+    return true;
+}
+
+// Publishes the K2H envelopes staged so far (store-release of the tail;
+// pairs with the poller's load-acquire).
+RK_DEVICE void rk_k2h_publish(rk_run* r, uint64_t* staged) {
+    if (*staged == 0) return;
+    r->k2h.local += *staged;
+    rk_st_release_u64(&r->k2h.h->tail, r->k2h.local);
+    *staged = 0;
+}
+
+// The run ends after a fence (acknowledged).
+RK_DEVICE int64_t rk_fenced_exit(rk_run* r) {
+    rk_ack(r->c, RK_STATE_TERMINATED, r->incarnation);
+    rk_hook_wake_host(r->hooks);
+    return -1;
+}
+
+// Reports fault `f` (the run ends).
+RK_DEVICE int64_t rk_fault_exit(rk_run* r, const rk_fault* f) {
+    rk_report_fault(r->c, f->code, f->detail, r->incarnation);
+    rk_hook_wake_host(r->hooks);
+    return -1;
+}
+
+// Serves one batch from H2K. Returns the messages committed, or -1 when
+// the slot's run ends (fenced or faulted; acknowledged).
+RK_DEVICE int64_t rk_serve_h2k(rk_run* r) {
+    rk_control_block* c = r->c;
+    uint32_t outs = 1u + rk_max_later(r->d->kernel);
+    // Each message may make its reply and its later ones: K2H must have
+    // room for all of them before it is taken.
+    uint64_t room = rk_ring_free(&r->k2h, outs) / outs;
+    if (room == 0 || !rk_ring_has(&r->h2k, 0)) return 0;
+    if (room > RK_BATCH) room = RK_BATCH;
+    rk_out_begin(r);
+    uint64_t now = rk_device_time_ns() +
+                   (uint64_t)rk_ld_relaxed_u64((const uint64_t*)&r->d->clock_offset);
+    uint64_t n = 0, staged = 0, last_seq = r->committed;
+    rk_fault f = {0, 0};
+    while (n < room && rk_ring_has(&r->h2k, n) && rk_out_room(r)) {
         // A fenced loop with links stops between messages: its sends would
         // never be published, and the next incarnation waits for it.
         if (n > 0 && r->n_out && (rk_ld_acquire_u64(&c->commit) & RK_COMMIT_FENCED)) break;
-        const uint8_t* slot = rk_ring_slot(ring, from_link ? first + n : r->h2k.local + n);
-        rk_copy(&msg, slot, (uint32_t)RK_HEADER_SIZE);
-        // What `serving` says and what routed sends carry: the H2K `seq`,
-        // or the link and position.
-        uint64_t origin = from_link ? (uint64_t)RK_ORIGIN_LINK |
-                                          ((uint64_t)(in->id & 0x7FFFFFu) << 40) |
-                                          ((first + n) & RK_ORIGIN_POS_MASK)
-                                    : msg.seq;
-        // A link message that cannot be served faults the slot naming it,
-        // so the host hands it back as the poison (the next incarnation
-        // goes on past it); an H2K one is met first by the host's checks.
-        if (from_link) rk_begin_serving(c, origin, 0);
-        bool ok = msg.magic == RK_ENVELOPE_MAGIC && msg.version == RK_PROTOCOL_VERSION &&
-                  (msg.flags & ~RK_FLAGS_ALL) == 0 && msg.payload_len <= RK_MAX_INLINE &&
-                  RK_HEADER_SIZE + msg.payload_len <= ring->slot_size &&
-                  !(from_link && (msg.flags & RK_FLAG_ASK));
-        if (!ok || !rk_serves(d, msg.type_id)) {
-            // After good ones: met again next round, first.
-            if (n == 0) {
-                fault = ok ? (uint32_t)RK_FAULT_UNKNOWN_MESSAGE_TYPE : (uint32_t)RK_FAULT_BAD_ENVELOPE;
-                detail = ok ? msg.type_id : 0;
+        const uint8_t* slot = rk_ring_slot(&r->h2k, r->h2k.local + n);
+        uint64_t seq = 0;
+        if (!rk_serve_one(r, &r->h2k, slot, &seq, false, now, &staged, &f)) {
+            // A message after good ones: met again next round, first.
+            if (n > 0 && f.code != (uint32_t)RK_FAULT_HANDLER_PANIC &&
+                f.code != (uint32_t)RK_FAULT_HANDLER_FAULT) {
+                f.code = 0;
+                f.detail = 0;
             }
             break;
         }
-        rk_copy(payload, slot + RK_HEADER_SIZE, msg.payload_len);
-        bool ask = (msg.flags & RK_FLAG_ASK) != 0;
-        uint64_t me = d->self_id ? d->self_id : msg.dst;
-        // The slot merges the sender's stamp on dequeue.
-        r->hlc = rk_hlc_receive(r->hlc, msg.hlc, now);
-        // Before anything can fail: the host's hand-back tells the message
-        // in the handler from the rest.
-        rk_begin_serving(c, origin, ask ? msg.correlation : 0);
-        reply.len = 0;
-        rk_later later;
-        later.n = 0;
-        later.cap = rk_max_later(d->kernel);
-        later.replies = later_buf;
-        uint32_t status = rk_run_handler(r, &msg, payload, &reply, &later);
-        if (status >= RK_FAULT) {
-            if (status == RK_PANIC) {
-                fault = (uint32_t)RK_FAULT_HANDLER_PANIC;
-            } else if (status == RK_REPLY_TOO_LARGE) {
-                fault = (uint32_t)RK_FAULT_HANDLER_FAULT;
-                detail = RK_DETAIL_REPLY_TOO_LARGE;
-            } else {
-                fault = (uint32_t)RK_FAULT_HANDLER_FAULT;
-                detail = status - RK_FAULT;
-            }
-            break;
-        }
-        bool too_large = (status == RK_REPLIED && reply.len > RK_MAX_INLINE) || later.n > later.cap;
-        for (uint32_t k = 0; !too_large && k < later.n; ++k) {
-            too_large = later_buf[k].len > RK_MAX_INLINE;
-        }
-        if (too_large) {
-            fault = (uint32_t)RK_FAULT_HANDLER_FAULT;
-            detail = RK_DETAIL_REPLY_TOO_LARGE;
-            break;
-        }
-        uint64_t at = r->k2h.local + staged;
-        if (ask && status == RK_REPLIED) {
-            r->hlc = rk_hlc_tick(r->hlc, now);
-            rk_stage_reply(&r->k2h, at, msg.type_id, (uint8_t)RK_FLAG_REPLY, d->domain,
-                           msg.correlation, me, msg.src, r->hlc, msg.seq, msg.trace_id,
-                           reply.payload, reply.len);
-            staged += 1;
-        } else if (ask && status != RK_DEFERRED) {
-            r->hlc = rk_hlc_tick(r->hlc, now);
-            rk_stage_reply(&r->k2h, at, (uint32_t)RK_SYS_NO_REPLY,
-                           (uint8_t)(RK_FLAG_REPLY | RK_FLAG_ERROR), d->domain, msg.correlation,
-                           me, msg.src, r->hlc, 0, 0, payload, 0);
-            staged += 1;
-        }
-        for (uint32_t k = 0; k < later.n; ++k) {
-            const rk_later_reply* l = &later_buf[k];
-            r->hlc = rk_hlc_tick(r->hlc, now);
-            // Correlation 0: a send; else a reply to a deferred ask.
-            bool send = l->correlation == 0;
-            uint8_t flags = send ? (uint8_t)0 : (uint8_t)RK_FLAG_REPLY;
-            if (send) {
-                int32_t j = rk_out_find(r, l->dst, l->type_id);
-                if (j >= 0) {
-                    rk_out_link* o = &r->out[j];
-                    uint64_t want = o->staged + 1;
-                    if (rk_ring_free(&o->ring, want) >= want) {
-                        // Into the link's ring, published once this
-                        // message commits; numbered per link.
-                        uint64_t pos = o->ring.local + o->staged;
-                        rk_stage_reply(&o->ring, pos, l->type_id, (uint8_t)0, d->domain, 0,
-                                       me, l->dst, r->hlc, pos + 1, 0, l->payload, l->len);
-                        o->staged += 1;
-                        continue;
-                    }
-                    // No room: a dead letter, reported by the poller once
-                    // this message commits.
-                    flags = (uint8_t)RK_FLAG_UNDELIVERED;
-                }
-            }
-            // Routed by the poller once `seq` (the origin) has committed.
-            rk_stage_reply(&r->k2h, r->k2h.local + staged, l->type_id, flags, d->domain,
-                           l->correlation, me, l->dst, r->hlc, send ? origin : 0, 0,
-                           l->payload, l->len);
-            staged += 1;
-        }
-        if (!from_link) last_seq = msg.seq;
+        last_seq = seq;
         n += 1;
-        rk_beat(c, &r->beats);
     }
-    if (n > 0 && !fault) {
+    if (n == 0) {
+        rk_out_end(r, false);
+        return f.code ? rk_fault_exit(r, &f) : 0;
+    }
+    if (!f.code) {
         // No handler is running: `serving` must not name a message that
         // finished, or a fence before the commit below would take it for
         // the one that killed the incarnation (and fail it, not replay it).
         rk_begin_serving(c, r->committed, 0);
     }
-    if (n > 0) {
-        // Fenced meanwhile: publish nothing (pairs with the host's
-        // fetch_or; a fence after this check fails the CAS below).
+    // Fenced meanwhile: publish nothing (pairs with the host's fetch_or; a
+    // fence after this check fails the CAS below).
+    if (rk_ld_acquire_u64(&c->commit) & RK_COMMIT_FENCED) {
+        rk_out_end(r, false);
+        return rk_fenced_exit(r);
+    }
+    bool any = staged > 0;
+    rk_k2h_publish(r, &staged);
+    // Commits the batch; release pairs with the host's acq-rel fence.
+    bool committed = rk_cas_release_u64(&c->commit, r->committed << 1, last_seq << 1);
+    rk_out_end(r, committed);
+    if (!committed) return rk_fenced_exit(r);
+    r->committed = last_seq;
+    r->h2k.local += n;
+    // Hands the slots back; pairs with the H2K writer's load-acquire of
+    // head (nothing past a committed message is ever released).
+    rk_st_release_u64(&r->h2k.h->head, r->h2k.local);
+    rk_hook_wake_senders(r->hooks);
+    r->processed += n;
+    rk_record_progress(c, r->processed, r->beats);
+    // The poller has K2H to read (and, for sends it already read, a commit
+    // to see); a batch whose sends all went over links does not wake it.
+    if (any) rk_hook_wake_host(r->hooks);
+    return f.code ? rk_fault_exit(r, &f) : (int64_t)n;
+}
+
+// Serves up to RK_BATCH messages of inbound link `i`, each committed on
+// its own (publish its K2H output, CAS the link's word, publish its sends
+// over links), as the cpu backend does: `consumed` always names the
+// message in the handler when the host fences, and the host's hand-back
+// takes that one for the poison. Returns the messages committed, or -1
+// when the slot's run ends.
+RK_DEVICE int64_t rk_serve_link(rk_run* r, uint32_t i) {
+    rk_control_block* c = r->c;
+    rk_in_link* in = &r->in[i];
+    uint32_t outs = 1u + rk_max_later(r->d->kernel);
+    uint64_t first, tail;
+    if (!rk_in_next(r, i, &first, &tail)) return 0;
+    uint64_t room = rk_ring_free(&r->k2h, outs) / outs;
+    if (room > tail - first) room = tail - first;
+    if (room > RK_BATCH) room = RK_BATCH;
+    if (room == 0) return 0;
+    rk_out_begin(r);
+    uint64_t now = rk_device_time_ns() +
+                   (uint64_t)rk_ld_relaxed_u64((const uint64_t*)&r->d->clock_offset);
+    uint64_t epoch = (uint64_t)(r->incarnation & 0xFFFFu) << 48;
+    uint64_t n = 0, staged = 0;
+    bool any = false, fenced = false;
+    rk_fault f = {0, 0};
+    while (n < room && rk_out_room(r)) {
+        uint64_t pos = first + n;
+        uint64_t origin = (uint64_t)RK_ORIGIN_LINK | ((uint64_t)(in->id & 0x7FFFFFu) << 40) |
+                          (pos & RK_ORIGIN_POS_MASK);
+        if (!rk_serve_one(r, &in->ring, rk_ring_slot(&in->ring, pos), &origin, true, now,
+                          &staged, &f)) {
+            break;
+        }
+        // Its commit. Fenced meanwhile: publish nothing of it.
         if (rk_ld_acquire_u64(&c->commit) & RK_COMMIT_FENCED) {
-            rk_out_end(r, false);
-            rk_ack(c, RK_STATE_TERMINATED, r->incarnation);
-            rk_hook_wake_host(r->hooks);
-            return -1;
+            fenced = true;
+            break;
         }
-        if (staged) {
-            r->k2h.local += staged;
-            // Publishes the staged replies; pairs with the poller's
-            // load-acquire of the K2H tail.
-            rk_st_release_u64(&r->k2h.h->tail, r->k2h.local);
+        any = any || staged > 0;
+        rk_k2h_publish(r, &staged);
+        // Release: pairs with the host's acq-rel fence of the word (and
+        // the poller's acquire before it routes this message's sends).
+        if (!rk_cas_release_u64(&in->c->commit, epoch | (pos << 1), epoch | ((pos + 1) << 1))) {
+            fenced = true;
+            break;
         }
-        bool committed;
-        if (from_link) {
-            // Commits the batch on the link's word; release pairs with the
-            // host's acq-rel fence of it (and the poller's acquire).
-            uint64_t epoch = (uint64_t)(r->incarnation & 0xFFFFu) << 48;
-            committed = rk_cas_release_u64(&in->c->commit, epoch | (first << 1),
-                                           epoch | ((first + n) << 1));
-        } else {
-            // Commits the batch; release pairs with the host's acq-rel fence.
-            committed = rk_cas_release_u64(&c->commit, r->committed << 1, last_seq << 1);
+        rk_out_publish(r);
+        n += 1;
+    }
+    // No handler is running (a faulted one's message stays named).
+    if (!f.code) rk_begin_serving(c, r->committed, 0);
+    rk_out_end(r, false);  // what was staged and not committed is dropped
+    if (n > 0) {
+        in->ring.local = first + n;
+        // Hands the slots back to the sender (pairs with its load-acquire
+        // of head), which may wait for room. Only forward.
+        if (rk_ld_relaxed_u64(&in->ring.h->head) < in->ring.local) {
+            rk_st_release_u64(&in->ring.h->head, in->ring.local);
         }
-        rk_out_end(r, committed);
-        if (!committed) {
-            rk_ack(c, RK_STATE_TERMINATED, r->incarnation);
-            rk_hook_wake_host(r->hooks);
-            return -1;
-        }
-        if (from_link) {
-            in->ring.local = first + n;
-            // Hands the slots back to the sender (pairs with its
-            // load-acquire of head), which may wait for room. Only forward.
-            if (rk_ld_relaxed_u64(&in->ring.h->head) < in->ring.local) {
-                rk_st_release_u64(&in->ring.h->head, in->ring.local);
-            }
-            rk_hook_wake_link_sender(r->hooks, (uint32_t)src);
-        } else {
-            r->committed = last_seq;
-            r->h2k.local += n;
-            // Hands the slots back; pairs with the H2K writer's
-            // load-acquire of head (nothing past a committed message is
-            // ever released).
-            rk_st_release_u64(&r->h2k.h->head, r->h2k.local);
-            rk_hook_wake_senders(r->hooks);
-        }
+        rk_hook_wake_link_sender(r->hooks, i);
         r->processed += n;
         rk_record_progress(c, r->processed, r->beats);
-        // The poller has K2H to read (and, for sends it already read, a
-        // commit to see); a batch that published nothing there (its sends
-        // went over links) does not wake it.
-        if (staged) rk_hook_wake_host(r->hooks);
-    } else {
-        rk_out_end(r, false);
+        if (any) rk_hook_wake_host(r->hooks);
     }
-    if (fault) {
-        rk_report_fault(c, fault, detail, r->incarnation);
-        rk_hook_wake_host(r->hooks);
-        return -1;
-    }
+    if (fenced) return rk_fenced_exit(r);
+    if (f.code) return rk_fault_exit(r, &f);
     return (int64_t)n;
 }
 
-// Serves an H2K batch, then up to RK_BATCH messages of the next inbound
-// link that has any (round robin), each committed on its own.
+// Serves an H2K batch, then messages of the next inbound link that has
+// any (round robin).
 RK_DEVICE int64_t rk_serve_round(rk_run* r) {
-    int64_t got = rk_serve_batch(r, -1, RK_BATCH);
+    int64_t got = rk_serve_h2k(r);
     if (got < 0) return got;
     for (uint32_t k = 0; k < r->n_in; ++k) {
         uint32_t i = (r->cursor + k) % r->n_in;
-        int64_t more = 0;
-        for (uint32_t m = 0; m < RK_BATCH; ++m) {
-            int64_t one = rk_serve_batch(r, (int32_t)i, 1);
-            if (one < 0) return one;
-            if (one == 0) break;
-            more += one;
-        }
+        int64_t more = rk_serve_link(r, i);
+        if (more < 0) return more;
         if (more > 0) {
             r->cursor = (i + 1) % r->n_in;
             return got + more;

@@ -460,7 +460,9 @@ impl CHostBackend {
     }
 
     /// Waits (at most [`PREVIOUS_WAIT`]) until no block runs an earlier
-    /// incarnation of `actor`: with links, the two would share rings.
+    /// incarnation of `actor`: with links out of it, the two would produce
+    /// into the same rings. (A receiver's old loop is harmless: its link
+    /// words are fenced, and it touches no ring of a fenced link.)
     fn previous_stopped<'a>(
         &'a self,
         mut blocks: Blocks<'a>,
@@ -474,7 +476,10 @@ impl CHostBackend {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .as_ref()
-                        .is_some_and(|a| a.actor.index() == actor.index() && a.actor != actor)
+                        .is_some_and(|a| {
+                            a.actor != actor
+                                && a.actor.with_incarnation(0) == actor.with_incarnation(0)
+                        })
             });
             if !running {
                 return Ok(blocks);
@@ -501,7 +506,7 @@ impl CHostBackend {
             handler,
         })?;
         let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.links.has_links() {
+        if slot.links.has_outbound() {
             blocks = self.previous_stopped(blocks, slot.id)?;
         }
         let block = self.block(&mut blocks, key, &module)?;

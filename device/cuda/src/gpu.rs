@@ -684,16 +684,16 @@ impl CudaBackend {
         let h2k = dev(slot.h2k.ring_base().as_ptr())?;
         let k2h = dev(slot.k2h.ring_base().as_ptr())?;
         let mut blocks = g.blocks.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.links.has_links() {
-            // With links, an earlier incarnation still running (fenced, in
-            // a handler) would share their rings with this one: wait for
-            // its block to finish.
+        if slot.links.has_outbound() {
+            // With links out of it, an earlier incarnation still running
+            // (fenced, in a handler) would produce into the same rings:
+            // wait for its block to finish.
             let deadline = Instant::now() + crate::PREVIOUS_WAIT;
             loop {
                 let running = blocks.iter().enumerate().any(|(j, b)| {
                     b.slot.as_ref().is_some_and(|s| {
-                        s.actor.index() == slot.id.index()
-                            && s.actor != slot.id
+                        s.actor != slot.id
+                            && s.actor.with_incarnation(0) == slot.id.with_incarnation(0)
                             && g.words(j).1.load(Ordering::Acquire) != b.generation
                     })
                 });
