@@ -10,6 +10,14 @@
 //! (`kernels/rk_loop.cuh`) speaks the protocol of `docs/protocol.md` over
 //! the shared region with system-scope acquire/release PTX.
 //!
+//! **K2K links** ([`Runtime::connect`](ringkernel::runtime::Runtime::connect))
+//! are served in place: a link's control block and ring live in pinned,
+//! mapped memory, each slot reads its links from a table
+//! ([`LinkTable`](ringkernel::link::LinkTable), pointed at by
+//! [`SlotDesc::links`]) the host rewrites under a seqlock, and a handler's
+//! send to a linked actor goes from one block to the other with no host
+//! thread on the path (`docs/protocol.md`, *Links served in place*).
+//!
 //! **Handlers** are CUDA C++ ([`Kernel::cuda`](ringkernel::kernel::Kernel::cuda)),
 //! one function per kernel type with a fixed signature:
 //!
