@@ -58,12 +58,13 @@
 //! words, moved by its host loop between dispatches (host-mediated K2K).
 
 use crate::control::ControlRef;
-use crate::envelope::{EnvelopeHeader, HeaderCheck};
+use crate::envelope::{Envelope, EnvelopeHeader, HeaderCheck};
 use crate::error::DecodeError;
 use crate::id::ActorId;
 use crate::kernel::MAX_INLINE;
 use crate::region::{Placed, REGION_ALIGN, SharedMemory};
 use crate::ring::{Consumer, Producer, RingObserver};
+use bytemuck::Zeroable;
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -509,6 +510,15 @@ impl Staged {
     pub(crate) fn payload(&self) -> &[u8] {
         &self.bytes[..self.len]
     }
+
+    /// A slot that is no valid envelope: its first 64 bytes as they are,
+    /// no payload (for a dead letter that says what was there).
+    pub(crate) fn malformed(slot: &[u8]) -> Self {
+        let header = slot
+            .get(..crate::envelope::HEADER_SIZE)
+            .map_or(EnvelopeHeader::zeroed(), bytemuck::pod_read_unaligned);
+        Staged::new(header, &[])
+    }
 }
 
 /// Where a device loop is woken: its control block's doorbell and its
@@ -864,7 +874,8 @@ impl Link {
     /// Host: copies out every message in the ring past `consumed` and what
     /// was handed back already (the receiver is fenced, so nothing else
     /// moves the head meanwhile), and the position of the first. A
-    /// malformed one ends the list.
+    /// malformed one is listed too, with its raw header and no payload, so
+    /// positions stay true: a malformed poison is handed back like another.
     pub(crate) fn unconsumed(&self) -> (u64, Vec<Staged>) {
         let (_, consumed, _) = self.control.commit_state();
         let skipped = self.skipped.load(Ordering::Relaxed);
@@ -873,9 +884,10 @@ impl Link {
         release_to(&mut rx, &self.observer, consumed);
         let mut batch = rx.batch();
         let mut at = 0;
-        while let Some(Ok(s)) =
-            batch.try_recv_with(&CHECK, |env| Staged::new(env.header, env.payload))
-        {
+        while let Some(s) = batch.try_pop_with(|slot| match Envelope::decode(slot, &CHECK) {
+            Ok(env) => Staged::new(env.header, env.payload),
+            Err(_) => Staged::malformed(slot),
+        }) {
             if at >= skipped {
                 out.push(s);
             }
@@ -1488,6 +1500,43 @@ mod tests {
         assert!(c.commit(3, 3));
         assert_eq!(c.fence(), 4);
         assert_eq!(c.commit_state(), (3, 4, true));
+    }
+
+    #[test]
+    fn a_malformed_message_keeps_its_place_among_the_unconsumed() {
+        let link = Link::new(
+            LinkId(1),
+            (ActorId::gpu(0, 1), ActorId::gpu(0, 2)),
+            LinkOptions::default().capacity(8),
+            Arc::new(SlotWaker::default()),
+            std::sync::Weak::new(),
+            vec![7],
+            &|bytes| Ok(Arc::new(crate::region::HeapRegion::zeroed(bytes))),
+        )
+        .unwrap();
+        {
+            let mut tx = link.lock_tx();
+            let good = |v: u8| (EnvelopeHeader::new(7, crate::envelope::Flags::empty()), [v]);
+            let (h, p) = good(1);
+            tx.producer.try_send_bytes(&h, &p).unwrap();
+            // A slot of garbage (what a corrupted device write leaves).
+            tx.producer.try_push_with(|slot| slot.fill(0xAB)).unwrap();
+            let (h, p) = good(3);
+            tx.producer.try_send_bytes(&h, &p).unwrap();
+        }
+        let (first, list) = link.unconsumed();
+        assert_eq!(first, 0);
+        assert_eq!(list.len(), 3, "the malformed one keeps its place");
+        assert_eq!(
+            (list[0].payload(), list[2].payload()),
+            (&[1u8][..], &[3u8][..])
+        );
+        assert!(list[1].payload().is_empty());
+        // Handing back the first two leaves the third first.
+        link.hand_back(2);
+        let (first, list) = link.unconsumed();
+        assert_eq!((first, list.len()), (2, 1));
+        assert_eq!(list[0].payload(), &[3u8][..]);
     }
 
     #[test]
