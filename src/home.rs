@@ -516,9 +516,11 @@ impl<W: Waiter> Drop for HomeInner<W> {
         }
         for l in inbound {
             for s in l.close_receiver() {
+                // Addressed to this actor (a malformed envelope's own `dst`
+                // may be anything).
                 (self.dead_letters)(letter(
                     s.header.src,
-                    s.header.dst,
+                    l.to,
                     Payload::from_parts(s.header.type_id, s.payload()),
                     reason,
                 ));

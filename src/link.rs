@@ -1240,6 +1240,11 @@ impl LinkPort {
             || self.inbound.iter().any(|l| l.has_inbound(self.incarnation))
     }
 
+    /// Whether any actor links to the slot.
+    pub fn has_inbound(&self) -> bool {
+        !self.inbound.is_empty()
+    }
+
     /// Whether the slot links to any actor (else every send is routed).
     pub fn has_outbound(&self) -> bool {
         !self.outbound.is_empty()

@@ -748,6 +748,9 @@ RK_DEVICE int64_t rk_serve_link(rk_run* r, uint32_t i) {
                           &staged, &f)) {
             break;
         }
+        // Its handler is over: a fence from here on must not take it for
+        // the poison (it is replayed if it does not commit).
+        rk_begin_serving(c, r->committed, 0);
         // Its commit. Fenced meanwhile: publish nothing of it.
         if (rk_ld_acquire_u64(&c->commit) & RK_COMMIT_FENCED) {
             fenced = true;
@@ -770,11 +773,13 @@ RK_DEVICE int64_t rk_serve_link(rk_run* r, uint32_t i) {
     if (n > 0) {
         in->ring.local = first + n;
         // Hands the slots back to the sender (pairs with its load-acquire
-        // of head), which may wait for room. Only forward.
-        if (rk_ld_relaxed_u64(&in->ring.h->head) < in->ring.local) {
+        // of head), which may wait for room. Only forward, and not once
+        // fenced: the host's recovery moves the head then, and the next
+        // incarnation may already run.
+        if (!fenced && rk_ld_relaxed_u64(&in->ring.h->head) < in->ring.local) {
             rk_st_release_u64(&in->ring.h->head, in->ring.local);
+            rk_hook_wake_link_sender(r->hooks, i);
         }
-        rk_hook_wake_link_sender(r->hooks, i);
         r->processed += n;
         rk_record_progress(c, r->processed, r->beats);
         if (any) rk_hook_wake_host(r->hooks);

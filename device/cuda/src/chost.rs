@@ -460,13 +460,16 @@ impl CHostBackend {
     }
 
     /// Waits (at most [`PREVIOUS_WAIT`]) until no block runs an earlier
-    /// incarnation of `actor`: with links out of it, the two would produce
-    /// into the same rings. (A receiver's old loop is harmless: its link
-    /// words are fenced, and it touches no ring of a fenced link.)
+    /// incarnation of `actor`, which shares its links' rings: one with
+    /// links out of it would produce into them (`sends`: then a loop still
+    /// running after the wait refuses the launch); a receiver's old loop,
+    /// fenced, touches no ring once it sees the fence, so after the wait
+    /// (it is in a handler that does not return) the launch goes on.
     fn previous_stopped<'a>(
         &'a self,
         mut blocks: Blocks<'a>,
         actor: ActorId,
+        sends: bool,
     ) -> Result<Blocks<'a>, CudaError> {
         let deadline = Instant::now() + PREVIOUS_WAIT;
         loop {
@@ -485,6 +488,13 @@ impl CHostBackend {
                 return Ok(blocks);
             }
             if Instant::now() > deadline {
+                if !sends {
+                    tracing::warn!(
+                        ?actor,
+                        "launched beside a previous incarnation stuck in a handler"
+                    );
+                    return Ok(blocks);
+                }
                 return Err(CudaError::PreviousIncarnation(actor));
             }
             drop(blocks);
@@ -506,8 +516,8 @@ impl CHostBackend {
             handler,
         })?;
         let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.links.has_outbound() {
-            blocks = self.previous_stopped(blocks, slot.id)?;
+        if slot.links.has_outbound() || slot.links.has_inbound() {
+            blocks = self.previous_stopped(blocks, slot.id, slot.links.has_outbound())?;
         }
         let block = self.block(&mut blocks, key, &module)?;
         let mut state = vec![0u128; slot.state.len().div_ceil(16).max(1)].into_boxed_slice();

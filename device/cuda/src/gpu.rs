@@ -684,10 +684,12 @@ impl CudaBackend {
         let h2k = dev(slot.h2k.ring_base().as_ptr())?;
         let k2h = dev(slot.k2h.ring_base().as_ptr())?;
         let mut blocks = g.blocks.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.links.has_outbound() {
-            // With links out of it, an earlier incarnation still running
-            // (fenced, in a handler) would produce into the same rings:
-            // wait for its block to finish.
+        if slot.links.has_outbound() || slot.links.has_inbound() {
+            // An earlier incarnation still running (fenced, in a handler)
+            // shares its links' rings: wait for its block to finish. One
+            // with links out of it would produce into them (the launch is
+            // refused after the wait); a receiver's fenced loop touches no
+            // ring once it sees the fence (the launch goes on).
             let deadline = Instant::now() + crate::PREVIOUS_WAIT;
             loop {
                 let running = blocks.iter().enumerate().any(|(j, b)| {
@@ -701,6 +703,10 @@ impl CudaBackend {
                     break;
                 }
                 if Instant::now() > deadline {
+                    if !slot.links.has_outbound() {
+                        tracing::warn!(actor = ?slot.id, "launched beside a previous incarnation stuck in a handler");
+                        break;
+                    }
                     return Err(CudaError::PreviousIncarnation(slot.id));
                 }
                 drop(blocks);
