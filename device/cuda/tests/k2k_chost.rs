@@ -59,18 +59,32 @@ fn values(letters: &[DeadLetter]) -> Vec<u64> {
         .collect()
 }
 
+/// A Relay linked to a Probe by a link of `options`, the Probe deactivated,
+/// and `n` values told to the Relay to forward to it.
+fn relay_to_a_paused_sink(
+    rt: &Runtime,
+    options: LinkOptions,
+    n: u64,
+) -> (
+    GpuSlot<ChannelWaiter>,
+    GpuSlot<ChannelWaiter>,
+    ringkernel::link::LinkId,
+) {
+    let mut relay = launch::<Relay>(rt);
+    let sink = launch::<Probe>(rt);
+    let link = rt.connect(relay.id(), sink.id(), options).unwrap();
+    sink.deactivate().unwrap();
+    for v in 0..n {
+        tell(&mut relay, Forward(sink.id().to_bits(), v));
+    }
+    (relay, sink, link)
+}
+
 #[test]
 fn a_full_link_holds_the_senders_messages_until_it_has_room() {
     let (rt, letters) = runtime();
-    let mut relay = launch::<Relay>(&rt);
-    let mut sink = launch::<Probe>(&rt);
-    let link = rt
-        .connect(relay.id(), sink.id(), LinkOptions::default().capacity(4))
-        .unwrap();
-    sink.deactivate().unwrap();
-    for v in 0..10 {
-        tell(&mut relay, Forward(sink.id().to_bits(), v));
-    }
+    let (mut relay, mut sink, link) =
+        relay_to_a_paused_sink(&rt, LinkOptions::default().capacity(4), 10);
     // Four sends fill the link; the relay takes no message whose send
     // could not go in, so the other six wait in its H2K (no outbox).
     wait_for("the link full", || rt.link_stats(link).unwrap().sent == 4);
@@ -89,19 +103,11 @@ fn a_full_link_holds_the_senders_messages_until_it_has_room() {
 #[test]
 fn a_full_edge_that_reports_failures_dead_letters_at_once() {
     let (rt, letters) = runtime();
-    let mut relay = launch::<Relay>(&rt);
-    let mut sink = launch::<Probe>(&rt);
-    let link = rt
-        .connect(
-            relay.id(),
-            sink.id(),
-            LinkOptions::default().capacity(4).report_failures(true),
-        )
-        .unwrap();
-    sink.deactivate().unwrap();
-    for v in 0..20 {
-        tell(&mut relay, Forward(sink.id().to_bits(), v));
-    }
+    let (mut relay, mut sink, link) = relay_to_a_paused_sink(
+        &rt,
+        LinkOptions::default().capacity(4).report_failures(true),
+        20,
+    );
     wait_for("16 dead letters", || letters.lock().unwrap().len() == 16);
     {
         let letters = letters.lock().unwrap();
@@ -124,16 +130,8 @@ fn a_full_edge_that_reports_failures_dead_letters_at_once() {
 #[test]
 fn a_receiver_gone_for_good_loses_nothing_silently() {
     let (rt, letters) = runtime();
-    let mut relay = launch::<Relay>(&rt);
-    let mut sink = launch::<Probe>(&rt);
-    let to = sink.id();
-    let link = rt
-        .connect(relay.id(), to, LinkOptions::default().capacity(4))
-        .unwrap();
-    sink.deactivate().unwrap();
-    for v in 0..6 {
-        tell(&mut relay, Forward(to.to_bits(), v));
-    }
+    let (mut relay, mut sink, link) =
+        relay_to_a_paused_sink(&rt, LinkOptions::default().capacity(4), 6);
     wait_for("the link full", || rt.link_stats(link).unwrap().sent == 4);
     // The receiver stops and its home goes: the four in the ring are dead
     // letters; the relay then sees the link closed and routes the other
@@ -190,15 +188,8 @@ fn a_sender_held_by_a_full_link_is_no_hung_slot() {
         .watchdog(Duration::from_millis(200))
         .build()
         .unwrap();
-    let mut relay = launch::<Relay>(&rt);
-    let mut sink = launch::<Probe>(&rt);
-    let link = rt
-        .connect(relay.id(), sink.id(), LinkOptions::default().capacity(4))
-        .unwrap();
-    sink.deactivate().unwrap();
-    for v in 0..10 {
-        tell(&mut relay, Forward(sink.id().to_bits(), v));
-    }
+    let (mut relay, mut sink, link) =
+        relay_to_a_paused_sink(&rt, LinkOptions::default().capacity(4), 10);
     wait_for("the link full", || rt.link_stats(link).unwrap().sent == 4);
     // Held with work waiting for five watchdog periods: it beats, so it
     // is not taken for hung.
