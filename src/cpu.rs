@@ -536,8 +536,10 @@ impl<K: Kernel> DeviceLoop<K> {
         {
             let mut batch = self.h2k.batch();
             while buf.len() < BATCH {
-                match batch.try_recv_with(&check, |env| Staged::new(env.header, env.payload)) {
-                    Some(Ok(s)) => buf.push(s),
+                match batch.try_recv_with(&check, |env| {
+                    Staged::push(&mut buf, env.header, env.payload);
+                }) {
+                    Some(Ok(())) => {}
                     Some(Err(e)) => {
                         bad = Some(e);
                         break;
@@ -822,42 +824,37 @@ impl<K: Kernel> DeviceLoop<K> {
     /// `Err` says how the loop ends: `None` fenced (the commit lost to the
     /// host's fence; nothing counts), `Some` an injected fault after it.
     fn commit(&mut self, from: Origin, fault_after: bool) -> Result<(), Option<(FaultCode, u64)>> {
-        // The producer ends of the links this message sends on are held
-        // across the commit and the push: an incarnation started after a
-        // fence of this one cannot slip its sends in between (FIFO per edge
-        // across a restart). Taken in list order; only the sender's
-        // incarnations and the host (briefly, to close) take them.
-        let links: Vec<(usize, Arc<Link>)> = if self.k2k.is_empty() {
-            Vec::new()
+        if self.k2k.is_empty() {
+            // The common case: no link to hold.
+            if !self.commit_word(from) {
+                self.home.count_fenced(1);
+                return Err(None);
+            }
         } else {
-            self.outbound
+            // The producer ends of the links this message sends on are held
+            // across the commit and the push: an incarnation started after a
+            // fence of this one cannot slip its sends in between (FIFO per
+            // edge across a restart). Taken in list order; only the sender's
+            // incarnations and the host (briefly, to close) take them.
+            let links: Vec<(usize, Arc<Link>)> = self
+                .outbound
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| self.k2k.iter().any(|(j, _)| j == i))
                 .map(|(i, o)| (i, o.link.clone()))
-                .collect()
-        };
-        let mut held: Vec<_> = links.iter().map(|(i, l)| (*i, l.lock_tx())).collect();
-        let ok = match from {
-            Origin::H2k(seq) => {
-                let ok = self.control.commit(self.progress.committed, seq);
-                if ok {
-                    self.progress.committed = seq;
-                }
-                ok
+                .collect();
+            let mut held: Vec<_> = links.iter().map(|(i, l)| (*i, l.lock_tx())).collect();
+            if !self.commit_word(from) {
+                self.home.count_fenced(1 + self.k2k.len() as u64);
+                self.k2k.clear();
+                return Err(None);
             }
-            Origin::Link(i, pos) => self.inbound[i].control.commit(self.incarnation, pos),
-        };
-        if !ok {
-            self.home.count_fenced(1 + self.k2k.len() as u64);
+            for (i, tx) in &mut held {
+                self.push_k2k(*i, tx);
+            }
+            drop(held);
             self.k2k.clear();
-            return Err(None);
         }
-        for (i, tx) in &mut held {
-            self.push_k2k(*i, tx);
-        }
-        drop(held);
-        self.k2k.clear();
         let p = &mut self.progress;
         p.processed += 1;
         p.beats += 1;
@@ -882,6 +879,21 @@ impl<K: Kernel> DeviceLoop<K> {
             return Err(Some((FaultCode::HandlerFault, INJECTED_DETAIL)));
         }
         Ok(())
+    }
+
+    /// Wins the commit of a served message against the host's fence (see
+    /// [`DeviceLoop::commit`]).
+    fn commit_word(&mut self, from: Origin) -> bool {
+        match from {
+            Origin::H2k(seq) => {
+                let ok = self.control.commit(self.progress.committed, seq);
+                if ok {
+                    self.progress.committed = seq;
+                }
+                ok
+            }
+            Origin::Link(i, pos) => self.inbound[i].control.commit(self.incarnation, pos),
+        }
     }
 
     /// Hands the committed message's K2K sends to their links, in the order

@@ -507,6 +507,23 @@ impl Staged {
         Staged { header, len, bytes }
     }
 
+    /// Appends `(header, payload)` to `out`, built in place: a staged copy
+    /// built on the stack and then moved reads back the payload bytes just
+    /// written by a narrower copy, which stalls store forwarding (`perf`:
+    /// about a third of a cpu device loop's time per tell).
+    #[inline(always)]
+    pub(crate) fn push(out: &mut Vec<Staged>, header: EnvelopeHeader, payload: &[u8]) {
+        let len = payload.len().min(MAX_INLINE);
+        out.push(Staged {
+            header,
+            len,
+            bytes: [0; MAX_INLINE],
+        });
+        if let Some(s) = out.last_mut() {
+            s.bytes[..len].copy_from_slice(&payload[..len]);
+        }
+    }
+
     pub(crate) fn payload(&self) -> &[u8] {
         &self.bytes[..self.len]
     }
@@ -850,8 +867,8 @@ impl Link {
         }
         let mut bad = None;
         while out.len() < max {
-            match batch.try_recv_with(&CHECK, |env| Staged::new(env.header, env.payload)) {
-                Some(Ok(s)) => out.push(s),
+            match batch.try_recv_with(&CHECK, |env| Staged::push(out, env.header, env.payload)) {
+                Some(Ok(())) => {}
                 Some(Err(e)) => {
                     bad = Some(e);
                     break;
