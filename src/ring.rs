@@ -655,6 +655,20 @@ impl Producer {
         (self.capacity - (self.tail - self.cached_head)) as usize
     }
 
+    /// Whether at least half the ring holds published messages the consumer
+    /// has not released. Cheap: reads the consumer's counter only when the
+    /// cached copy says so (at most once per half a ring of messages while
+    /// the consumer keeps up).
+    #[inline]
+    pub fn half_full(&mut self) -> bool {
+        let half = self.capacity / 2;
+        if self.tail - self.cached_head < half {
+            return false;
+        }
+        self.refresh_head();
+        self.tail - self.cached_head >= half
+    }
+
     /// Whether a slot is free. Cheap: reads the consumer's counter (a line
     /// the other side writes) only when the cached copy says full; use
     /// [`Producer::free_slots`] for a fresh count.

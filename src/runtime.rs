@@ -1724,6 +1724,10 @@ impl<W: Waiter> GpuSlot<W> {
         if pushed {
             if header.flags.contains(Flags::ASK) {
                 self.shared.wake_device();
+            } else if self.h2k.half_full() {
+                // Half the ring waits: end a nap now, before the stream
+                // fills the ring and its sender stalls.
+                self.shared.wake_device();
             } else {
                 // A tell can wait out the nap of a loop between the batches
                 // of a stream (at most DEVICE_NAP).
@@ -2405,7 +2409,8 @@ pub(crate) const DEVICE_SPIN_CAP: Duration = Duration::from_micros(25);
 pub(crate) const DEVICE_NAP_BELOW: Duration = Duration::from_micros(4);
 
 /// How long a nap lasts at most (the timer's slack may add to it). Asks,
-/// state requests and K2K sends end it at once; tells wait it out.
+/// state requests and K2K sends end it at once, and so does a tell that
+/// finds half the ring waiting; other tells wait it out.
 pub(crate) const DEVICE_NAP: Duration = Duration::from_micros(20);
 
 /// As [`DEVICE_SPIN_CAP`], after an ask: a caller asking one at a time

@@ -51,6 +51,32 @@ fn layouts_are_validated() {
     );
 }
 
+/// `half_full` counts what the consumer has not released, even when the
+/// producer's cached head is stale.
+#[test]
+fn half_full_follows_the_consumer() {
+    let (mut tx, mut rx) = Ring::new(layout(8, 64));
+    for i in 0..3u8 {
+        tx.try_push(&[i]).unwrap();
+        assert!(!tx.half_full(), "{} of 8", i + 1);
+    }
+    tx.try_push(&[3]).unwrap();
+    assert!(tx.half_full(), "4 of 8");
+    assert!(rx.try_pop_with(|_| ()).is_some());
+    assert!(!tx.half_full(), "3 of 8 after a release");
+    tx.try_push(&[4]).unwrap();
+    assert!(tx.half_full(), "4 of 8 again");
+    while rx.try_pop_with(|_| ()).is_some() {}
+    // The cached head is 1 (refreshed above); the consumer released all.
+    for i in 0..3u8 {
+        tx.try_push(&[i]).unwrap();
+    }
+    assert!(
+        !tx.half_full(),
+        "3 unreleased, although 8 were pushed since the cached head"
+    );
+}
+
 #[test]
 fn push_pop_fill_and_wrap() {
     let (mut tx, mut rx) = Ring::new(layout(4, 64));
