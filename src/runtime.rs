@@ -1099,7 +1099,6 @@ impl Runtime {
         ] {
             control.request(target).map_err(|e| abort(e.to_string()))?;
         }
-        let self_delivers = matches!(code, Code::Cpu(_));
         let (thread, device) = match code {
             Code::Cpu(handlers) => {
                 let device = crate::cpu::spawn::<K>(crate::cpu::SlotParts {
@@ -1169,7 +1168,6 @@ impl Runtime {
         self.inner.poller.add(Box::new(PolledSlot {
             shared: shared.clone(),
             reader,
-            self_delivers,
             watch: Watch::default(),
             links: Vec::new(),
             links_generation: u64::MAX,
@@ -2140,9 +2138,6 @@ fn try_read(reader: &Mutex<K2hReader>) -> Option<std::sync::MutexGuard<'_, K2hRe
 struct PolledSlot<W> {
     shared: Arc<SlotShared<W>>,
     reader: Arc<Mutex<K2hReader>>,
-    /// The slot's device thread delivers its replies itself (cpu backend):
-    /// replies the poller happens to drain are not work it was needed for.
-    self_delivers: bool,
     watch: Watch,
     /// Links into the actor (their commit words commit the sends of link
     /// messages), as of `links_generation`.
@@ -2200,9 +2195,7 @@ impl<W: Waiter> PolledSlot<W> {
 
 impl<W: Waiter> PolledSlot<W> {
     /// Drains K2H: completes waiters, routes the sends whose messages
-    /// committed; returns (the work the poller was needed for: every
-    /// envelope, or for a slot that delivers its own replies only its sends
-    /// and corrupt ones; the corrupt ones).
+    /// committed; returns (envelopes, corrupt ones).
     /// Unless `wait`, a reader busy on the device thread is left to it
     /// (it delivers what it finds, and rings the poller for the rest).
     fn drain(&mut self, p: &PollerShared, router: &mut Router, wait: bool) -> (usize, usize) {
@@ -2215,22 +2208,13 @@ impl<W: Waiter> PolledSlot<W> {
                 None => return (0, 0),
             }
         };
-        let held = r.held.len();
-        let (mut done, bad, _) = r.drain(&self.shared, p, false);
+        let (done, bad, _) = r.drain(&self.shared, p, false);
         let bad = bad + std::mem::take(&mut r.bad);
         if done > 0 {
             // The device loop may be parked waiting for K2H room, and a
             // sender for a free waiter.
             self.shared.wake_device();
             self.shared.space.wake_if_wanted();
-        }
-        if self.self_delivers {
-            // Only the sends (and corrupt envelopes) needed the poller: a
-            // spinning poller that counted the replies it took from under
-            // the device thread would spin on as long as asks keep coming,
-            // a second busy core (ractor asks measured 33 µs instead of
-            // 17 µs once the poller got into that state).
-            done = (r.held.len() - held) + bad;
         }
         self.release_held(&mut r.held, p, router);
         (done, bad)
