@@ -1,0 +1,51 @@
+//! Tell streams outside the report, for `perf` and for seeing a stream's
+//! pace within a round (the report prints one median per comparison).
+//!
+//! ```sh
+//! # actix GPU tells alternating with native ones (as the report does),
+//! # each GPU round timed in ten chunks, each chunk ending with an ask:
+//! cargo run --release -p ringkernel-bench --example tell_stream -- actix 200000 4
+//! # ractor GPU tells back to back (e.g. under `perf record`):
+//! cargo run --release -p ringkernel-bench --example tell_stream -- ractor 200000 15
+//! ```
+
+use ringkernel_bench::actors::{ActixPair, RactorPair};
+use std::time::Instant;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let what = args.first().map_or("actix", String::as_str);
+    let n: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(200_000);
+    let rounds: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(4);
+    match what {
+        "ractor" => {
+            let pair = RactorPair::new();
+            pair.gpu_tells(10_000);
+            let t = Instant::now();
+            for _ in 0..rounds {
+                pair.gpu_tells(n);
+            }
+            let per = t.elapsed().as_nanos() as f64 / (n * rounds) as f64;
+            println!("ractor GPU tells: {per:.1} ns per tell");
+        }
+        _ => {
+            let pair = ActixPair::new();
+            let chunk = (n / 10).max(1);
+            for round in 0..rounds {
+                let chunks: Vec<u64> = (0..10)
+                    .map(|_| {
+                        let t = Instant::now();
+                        pair.gpu_tells(chunk);
+                        t.elapsed().as_nanos() as u64 / chunk
+                    })
+                    .collect();
+                let t = Instant::now();
+                pair.native_tells(n);
+                let native = t.elapsed().as_nanos() as u64 / n;
+                println!(
+                    "round {round}: GPU chunks {chunks:?} ns per tell; native {native} ns per tell"
+                );
+            }
+        }
+    }
+}
