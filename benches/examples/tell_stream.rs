@@ -5,7 +5,8 @@
 //! # actix GPU tells alternating with native ones (as the report does),
 //! # each GPU round timed in ten chunks, each chunk ending with an ask:
 //! cargo run --release -p ringkernel-bench --example tell_stream -- actix 200000 4
-//! # ractor GPU tells back to back (e.g. under `perf record`):
+//! # ractor GPU tells and native casts, alternating rounds (as the report
+//! # does; under `perf record`, the two show apart by thread and symbol):
 //! cargo run --release -p ringkernel-bench --example tell_stream -- ractor 200000 15
 //! ```
 
@@ -21,12 +22,18 @@ fn main() {
         "ractor" => {
             let pair = RactorPair::new();
             pair.gpu_tells(10_000);
-            let t = Instant::now();
-            for _ in 0..rounds {
+            for round in 0..rounds {
+                let t = Instant::now();
                 pair.gpu_tells(n);
+                let gpu = t.elapsed().as_nanos() as f64 / n as f64;
+                let t = Instant::now();
+                pair.native_casts(n);
+                let native = t.elapsed().as_nanos() as f64 / n as f64;
+                println!(
+                    "round {round}: GPU {gpu:.1} ns per tell; native {native:.1} ns per cast; ratio {:.2}",
+                    gpu / native
+                );
             }
-            let per = t.elapsed().as_nanos() as f64 / (n * rounds) as f64;
-            println!("ractor GPU tells: {per:.1} ns per tell");
         }
         _ => {
             let pair = ActixPair::new();

@@ -48,12 +48,63 @@ impl Actor for NativeProbe {
     }
 }
 
+/// A native ractor actor that hands each message to a thread of its own
+/// over a std channel, which does what [`NativeProbe`] does and answers
+/// the port itself: what a ractor user writes by hand to run work off the
+/// tokio workers, and the same three threads (sender, actor, a thread that
+/// serves) as a GPU actor on the cpu backend. The bench report compares
+/// the GPU actor with it to separate the cost of a third thread on few
+/// cores from the cost of the ring protocol.
+pub struct Handoff;
+
+impl Actor for Handoff {
+    type Msg = NativeMsg;
+    type State = std::sync::mpsc::Sender<NativeMsg>;
+    type Arguments = ();
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<NativeMsg>,
+        _: (),
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let (tx, rx) = std::sync::mpsc::channel::<NativeMsg>();
+        std::thread::Builder::new()
+            .name("handoff".into())
+            .spawn(move || {
+                let mut total = 0u64;
+                while let Ok(msg) = rx.recv() {
+                    match msg {
+                        NativeMsg::Echo(v, port) => {
+                            let _ = port.send(v);
+                        }
+                        NativeMsg::Add(v) => total += v,
+                        NativeMsg::Total(port) => {
+                            let _ = port.send(total);
+                        }
+                    }
+                }
+            })?;
+        Ok(tx)
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<NativeMsg>,
+        msg: NativeMsg,
+        tx: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        tx.send(msg)
+            .map_err(|_| "the handoff thread is gone".into())
+    }
+}
+
 /// Both actors of the ractor comparison, on one tokio runtime.
 pub struct RactorPair {
     /// The tokio runtime the callers run on.
     pub tokio: tokio::runtime::Runtime,
     gpu: GpuActorRef<Probe>,
     native: ActorRef<NativeMsg>,
+    handoff: ActorRef<NativeMsg>,
     _rk: Runtime,
 }
 
@@ -66,19 +117,23 @@ impl RactorPair {
             .build()
             .expect("tokio");
         let rk = Runtime::new().expect("ringkernel runtime");
-        let (gpu, native) = tokio.block_on(async {
+        let (gpu, native, handoff) = tokio.block_on(async {
             let (g, _) = Actor::spawn(None, GpuActor::<Probe>::new(rk.clone()), Default::default())
                 .await
                 .expect("spawn gpu");
             let (n, _) = Actor::spawn(None, NativeProbe, ())
                 .await
                 .expect("spawn native");
-            (GpuActorRef::new(g), n)
+            let (h, _) = Actor::spawn(None, Handoff, ())
+                .await
+                .expect("spawn handoff");
+            (GpuActorRef::new(g), n, h)
         });
         RactorPair {
             tokio,
             gpu,
             native,
+            handoff,
             _rk: rk,
         }
     }
@@ -113,11 +168,29 @@ impl RactorPair {
 
     /// `n` casts to the native actor, then one call that sees them all.
     pub fn native_casts(&self, n: u64) {
+        Self::casts(&self.tokio, &self.native, n)
+    }
+
+    /// `n` sequential `call`s to the [`Handoff`] actor.
+    pub fn handoff_calls(&self, n: u64) {
         self.tokio.block_on(async {
             for i in 0..n {
-                ractor::cast!(self.native, NativeMsg::Add(i)).expect("cast");
+                black_box(ractor::call!(self.handoff, NativeMsg::Echo, i).expect("reply"));
             }
-            black_box(ractor::call!(self.native, NativeMsg::Total).expect("total"));
+        })
+    }
+
+    /// `n` casts to the [`Handoff`] actor, then one call that sees them all.
+    pub fn handoff_casts(&self, n: u64) {
+        Self::casts(&self.tokio, &self.handoff, n)
+    }
+
+    fn casts(tokio: &tokio::runtime::Runtime, to: &ActorRef<NativeMsg>, n: u64) {
+        tokio.block_on(async {
+            for i in 0..n {
+                ractor::cast!(to, NativeMsg::Add(i)).expect("cast");
+            }
+            black_box(ractor::call!(to, NativeMsg::Total).expect("total"));
         })
     }
 }

@@ -222,6 +222,20 @@ fn main() {
             base: Box::new(|n| ractor_pair.native_casts(n)),
         },
         Comparison {
+            name: "ractor_ask_vs_handoff",
+            config: "as ractor_ask; base: call! to a native actor that hands each message to a thread of its own over a std channel, which answers the port (three threads, as ours)".into(),
+            ops: 20_000 * scale,
+            ours: Box::new(|n| ractor_pair.gpu_asks(n)),
+            base: Box::new(|n| ractor_pair.handoff_calls(n)),
+        },
+        Comparison {
+            name: "ractor_tell_vs_handoff",
+            config: "as ractor_tell; base: cast! to a native actor that hands each message to a thread of its own over a std channel (three threads, as ours)".into(),
+            ops: 200_000 * scale,
+            ours: Box::new(|n| ractor_pair.gpu_tells(n)),
+            base: Box::new(|n| ractor_pair.handoff_casts(n)),
+        },
+        Comparison {
             name: "actix_ask",
             config: "sequential asks from the actix system thread: addr.send(Ask(Echo)) to a GPU actor (cpu backend) on its own arbiter; base addr.send to a native actor on its own arbiter".into(),
             ops: 20_000 * scale,
