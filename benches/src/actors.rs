@@ -264,6 +264,121 @@ impl Default for CorePair {
     }
 }
 
+/// What the actix and kameo handoff actors pass to their thread.
+enum Handed {
+    Echo(u64, tokio::sync::oneshot::Sender<u64>),
+    Add(u64),
+    Total(tokio::sync::oneshot::Sender<u64>),
+}
+
+/// A thread doing what `Probe` does, served over a std channel: the thread
+/// of the actix and kameo handoff actors (see [`Handoff`]).
+fn handoff_thread() -> std::sync::mpsc::Sender<Handed> {
+    let (tx, rx) = std::sync::mpsc::channel::<Handed>();
+    std::thread::Builder::new()
+        .name("handoff".into())
+        .spawn(move || {
+            let mut total = 0u64;
+            while let Ok(msg) = rx.recv() {
+                match msg {
+                    Handed::Echo(v, reply) => {
+                        let _ = reply.send(v);
+                    }
+                    Handed::Add(v) => total += v,
+                    Handed::Total(reply) => {
+                        let _ = reply.send(total);
+                    }
+                }
+            }
+        })
+        .expect("spawn the handoff thread");
+    tx
+}
+
+/// Hands an ask to the handoff thread; the receiver gets its answer.
+fn hand_ask(
+    tx: &std::sync::mpsc::Sender<Handed>,
+    f: impl FnOnce(tokio::sync::oneshot::Sender<u64>) -> Handed,
+) -> tokio::sync::oneshot::Receiver<u64> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    tx.send(f(reply)).expect("the handoff thread is gone");
+    answer
+}
+
+/// The actix version of [`Handoff`]: answers through a `ResponseFuture`.
+pub struct HandoffActix {
+    tx: std::sync::mpsc::Sender<Handed>,
+}
+
+impl actix::Actor for HandoffActix {
+    type Context = actix::Context<Self>;
+}
+
+impl actix::Handler<NEcho> for HandoffActix {
+    type Result = actix::ResponseFuture<u64>;
+    fn handle(&mut self, NEcho(v): NEcho, _: &mut Self::Context) -> Self::Result {
+        let answer = hand_ask(&self.tx, |r| Handed::Echo(v, r));
+        Box::pin(async move { answer.await.expect("handoff answer") })
+    }
+}
+
+impl actix::Handler<NAdd> for HandoffActix {
+    type Result = ();
+    fn handle(&mut self, NAdd(v): NAdd, _: &mut Self::Context) {
+        self.tx
+            .send(Handed::Add(v))
+            .expect("the handoff thread is gone");
+    }
+}
+
+impl actix::Handler<NTotal> for HandoffActix {
+    type Result = actix::ResponseFuture<u64>;
+    fn handle(&mut self, _: NTotal, _: &mut Self::Context) -> Self::Result {
+        let answer = hand_ask(&self.tx, Handed::Total);
+        Box::pin(async move { answer.await.expect("handoff answer") })
+    }
+}
+
+/// The kameo version of [`Handoff`]: the handler awaits the thread's answer.
+pub struct HandoffKameo {
+    tx: std::sync::mpsc::Sender<Handed>,
+}
+
+impl kameo::Actor for HandoffKameo {
+    type Args = ();
+    type Error = std::convert::Infallible;
+    async fn on_start(_: (), _: kameo::actor::ActorRef<Self>) -> Result<Self, Self::Error> {
+        Ok(HandoffKameo {
+            tx: handoff_thread(),
+        })
+    }
+}
+
+impl kameo::message::Message<NEcho> for HandoffKameo {
+    type Reply = u64;
+    async fn handle(&mut self, NEcho(v): NEcho, _: &mut kameo::message::Context<Self, u64>) -> u64 {
+        let answer = hand_ask(&self.tx, |r| Handed::Echo(v, r));
+        answer.await.expect("handoff answer")
+    }
+}
+
+impl kameo::message::Message<NAdd> for HandoffKameo {
+    type Reply = ();
+    async fn handle(&mut self, NAdd(v): NAdd, _: &mut kameo::message::Context<Self, ()>) {
+        self.tx
+            .send(Handed::Add(v))
+            .expect("the handoff thread is gone");
+    }
+}
+
+impl kameo::message::Message<NTotal> for HandoffKameo {
+    type Reply = u64;
+    async fn handle(&mut self, _: NTotal, _: &mut kameo::message::Context<Self, u64>) -> u64 {
+        let answer = hand_ask(&self.tx, Handed::Total);
+        answer.await.expect("handoff answer")
+    }
+}
+
 /// A native actix actor doing what `Probe` does for `Echo` and `Add`.
 pub struct NativeActix {
     total: u64,
@@ -318,6 +433,7 @@ pub struct ActixPair {
     system: actix_rt::SystemRunner,
     gpu: actix::Addr<ringkernel_actix::GpuActor<Probe>>,
     native: actix::Addr<NativeActix>,
+    handoff: actix::Addr<HandoffActix>,
 }
 
 impl ActixPair {
@@ -325,7 +441,7 @@ impl ActixPair {
     pub fn new() -> Self {
         let system = actix_rt::System::new();
         let rk = Runtime::new().expect("ringkernel runtime");
-        let (gpu, native) = system.block_on(async move {
+        let (gpu, native, handoff) = system.block_on(async move {
             let gpu_arbiter = actix::Arbiter::new();
             let native_arbiter = actix::Arbiter::new();
             let gpu = <ringkernel_actix::GpuActor<Probe> as actix::Actor>::start_in_arbiter(
@@ -336,12 +452,19 @@ impl ActixPair {
                 <NativeActix as actix::Actor>::start_in_arbiter(&native_arbiter.handle(), |_| {
                     NativeActix { total: 0 }
                 });
-            (gpu, native)
+            let handoff =
+                <HandoffActix as actix::Actor>::start_in_arbiter(&native_arbiter.handle(), |_| {
+                    HandoffActix {
+                        tx: handoff_thread(),
+                    }
+                });
+            (gpu, native, handoff)
         });
         ActixPair {
             system,
             gpu,
             native,
+            handoff,
         }
     }
 
@@ -394,6 +517,25 @@ impl ActixPair {
             black_box(self.native.send(NTotal).await.expect("total"));
         })
     }
+
+    /// `n` sequential asks to the [`HandoffActix`] actor.
+    pub fn handoff_asks(&self, n: u64) {
+        self.system.block_on(async {
+            for i in 0..n {
+                black_box(self.handoff.send(NEcho(i)).await.expect("reply"));
+            }
+        })
+    }
+
+    /// `n` tells (`do_send`) to the [`HandoffActix`] actor, then an ask.
+    pub fn handoff_tells(&self, n: u64) {
+        self.system.block_on(async {
+            for i in 0..n {
+                self.handoff.do_send(NAdd(i));
+            }
+            black_box(self.handoff.send(NTotal).await.expect("total"));
+        })
+    }
 }
 
 impl Default for ActixPair {
@@ -441,6 +583,7 @@ pub struct KameoPair {
     tokio: tokio::runtime::Runtime,
     gpu: kameo::actor::ActorRef<ringkernel_kameo::GpuActor<Probe>>,
     native: kameo::actor::ActorRef<NativeKameo>,
+    handoff: kameo::actor::ActorRef<HandoffKameo>,
 }
 
 impl KameoPair {
@@ -453,16 +596,22 @@ impl KameoPair {
             .build()
             .expect("tokio");
         let rk = Runtime::new().expect("ringkernel runtime");
-        let (gpu, native) = tokio.block_on(async move {
+        let (gpu, native, handoff) = tokio.block_on(async move {
             (
                 ringkernel_kameo::GpuActor::<Probe>::spawn(ringkernel_kameo::GpuArgs::new(
                     rk,
                     Default::default(),
                 )),
                 NativeKameo::spawn(()),
+                HandoffKameo::spawn(()),
             )
         });
-        KameoPair { tokio, gpu, native }
+        KameoPair {
+            tokio,
+            gpu,
+            native,
+            handoff,
+        }
     }
 
     /// `n` sequential asks to the GPU actor.
@@ -513,6 +662,25 @@ impl KameoPair {
                 self.native.tell(NAdd(i)).await.expect("tell");
             }
             black_box(self.native.ask(NTotal).await.expect("total"));
+        })
+    }
+
+    /// `n` sequential asks to the [`HandoffKameo`] actor.
+    pub fn handoff_asks(&self, n: u64) {
+        self.tokio.block_on(async {
+            for i in 0..n {
+                black_box(self.handoff.ask(NEcho(i)).await.expect("reply"));
+            }
+        })
+    }
+
+    /// `n` tells to the [`HandoffKameo`] actor, then an ask that sees them.
+    pub fn handoff_tells(&self, n: u64) {
+        self.tokio.block_on(async {
+            for i in 0..n {
+                self.handoff.tell(NAdd(i)).await.expect("tell");
+            }
+            black_box(self.handoff.ask(NTotal).await.expect("total"));
         })
     }
 }

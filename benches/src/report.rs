@@ -257,6 +257,27 @@ fn main() {
             base: Box::new(|n| kameo_pair.native_asks(n)),
         },
         Comparison {
+            name: "actix_ask_vs_handoff",
+            config: "as actix_ask; base: addr.send to a native actor that hands each message to a thread of its own over a std channel and answers through a ResponseFuture awaiting that thread's oneshot (three threads, as ours)".into(),
+            ops: 20_000 * scale,
+            ours: Box::new(|n| actix_pair.gpu_asks(n)),
+            base: Box::new(|n| actix_pair.handoff_asks(n)),
+        },
+        Comparison {
+            name: "actix_tell_vs_handoff",
+            config: "as actix_tell; base: do_send to a native actor that hands each message to a thread of its own over a std channel (three threads, as ours)".into(),
+            ops: 200_000 * scale,
+            ours: Box::new(|n| actix_pair.gpu_tells(n)),
+            base: Box::new(|n| actix_pair.handoff_tells(n)),
+        },
+        Comparison {
+            name: "kameo_ask_vs_handoff",
+            config: "as kameo_ask; base: ask to a native kameo actor that hands each message to a thread of its own over a std channel and awaits that thread's oneshot (three threads, as ours)".into(),
+            ops: 20_000 * scale,
+            ours: Box::new(|n| kameo_pair.gpu_asks(n)),
+            base: Box::new(|n| kameo_pair.handoff_asks(n)),
+        },
+        Comparison {
             name: "pipeline_one_at_a_time",
             config: "ingest → stage → stage → sink, one reading at a time (each waits for the sink): the two stages GPU actors (cpu backend) sending to the next by id, routed by the poller; base the same pipeline of native ractor actors casting to the next; end-to-end time per reading".into(),
             ops: 5_000 * scale,
@@ -297,6 +318,13 @@ fn main() {
             ops: 200_000 * scale,
             ours: Box::new(|n| kameo_pair.gpu_tells(n)),
             base: Box::new(|n| kameo_pair.native_tells(n)),
+        },
+        Comparison {
+            name: "kameo_tell_vs_handoff",
+            config: "as kameo_tell; base: tell to a native kameo actor that hands each message to a thread of its own over a std channel (three threads, as ours)".into(),
+            ops: 200_000 * scale,
+            ours: Box::new(|n| kameo_pair.gpu_tells(n)),
+            base: Box::new(|n| kameo_pair.handoff_tells(n)),
         },
     ];
     for c in &mut comparisons {
