@@ -8,6 +8,12 @@
 //! # ractor GPU tells and native casts, alternating rounds (as the report
 //! # does; under `perf record`, the two show apart by thread and symbol):
 //! cargo run --release -p ringkernel-bench --example tell_stream -- ractor 200000 15
+//! # one side only, back to back, for `perf` (per-thread CPU, scheduling):
+//! # GPU tells, native casts, GPU asks, native calls
+//! cargo run --release -p ringkernel-bench --example tell_stream -- ractor-gpu 200000 10
+//! cargo run --release -p ringkernel-bench --example tell_stream -- ractor-native 200000 10
+//! cargo run --release -p ringkernel-bench --example tell_stream -- ractor-ask 20000 3
+//! cargo run --release -p ringkernel-bench --example tell_stream -- ractor-call 20000 3
 //! ```
 
 use ringkernel_bench::actors::{ActixPair, RactorPair};
@@ -34,6 +40,21 @@ fn main() {
                     gpu / native
                 );
             }
+        }
+        "ractor-gpu" | "ractor-native" | "ractor-ask" | "ractor-call" => {
+            let pair = RactorPair::new();
+            pair.gpu_tells(10_000);
+            let t = Instant::now();
+            for _ in 0..rounds {
+                match what {
+                    "ractor-gpu" => pair.gpu_tells(n),
+                    "ractor-native" => pair.native_casts(n),
+                    "ractor-ask" => pair.gpu_asks(n),
+                    _ => pair.native_calls(n),
+                }
+            }
+            let per = t.elapsed().as_nanos() as f64 / (n * rounds) as f64;
+            println!("{what}: {per:.1} ns per message");
         }
         _ => {
             let pair = ActixPair::new();
