@@ -67,24 +67,15 @@ impl Actor for Handoff {
         _: ActorRef<NativeMsg>,
         _: (),
     ) -> Result<Self::State, ActorProcessingErr> {
-        let (tx, rx) = std::sync::mpsc::channel::<NativeMsg>();
-        std::thread::Builder::new()
-            .name("handoff".into())
-            .spawn(move || {
-                let mut total = 0u64;
-                while let Ok(msg) = rx.recv() {
-                    match msg {
-                        NativeMsg::Echo(v, port) => {
-                            let _ = port.send(v);
-                        }
-                        NativeMsg::Add(v) => total += v,
-                        NativeMsg::Total(port) => {
-                            let _ = port.send(total);
-                        }
-                    }
-                }
-            })?;
-        Ok(tx)
+        Ok(handoff_thread(|msg, total| match msg {
+            NativeMsg::Echo(v, port) => {
+                let _ = port.send(v);
+            }
+            NativeMsg::Add(v) => *total += v,
+            NativeMsg::Total(port) => {
+                let _ = port.send(*total);
+            }
+        }))
     }
 
     async fn handle(
@@ -271,28 +262,36 @@ enum Handed {
     Total(tokio::sync::oneshot::Sender<u64>),
 }
 
-/// A thread doing what `Probe` does, served over a std channel: the thread
-/// of the actix and kameo handoff actors (see [`Handoff`]).
-fn handoff_thread() -> std::sync::mpsc::Sender<Handed> {
-    let (tx, rx) = std::sync::mpsc::channel::<Handed>();
+/// Spawns the thread of a handoff actor: it serves each message sent on
+/// the returned channel with `serve`, over a running total (what `Probe`'s
+/// state is).
+fn handoff_thread<M: Send + 'static>(
+    mut serve: impl FnMut(M, &mut u64) + Send + 'static,
+) -> std::sync::mpsc::Sender<M> {
+    let (tx, rx) = std::sync::mpsc::channel::<M>();
     std::thread::Builder::new()
         .name("handoff".into())
         .spawn(move || {
             let mut total = 0u64;
             while let Ok(msg) = rx.recv() {
-                match msg {
-                    Handed::Echo(v, reply) => {
-                        let _ = reply.send(v);
-                    }
-                    Handed::Add(v) => total += v,
-                    Handed::Total(reply) => {
-                        let _ = reply.send(total);
-                    }
-                }
+                serve(msg, &mut total);
             }
         })
         .expect("spawn the handoff thread");
     tx
+}
+
+/// The thread of the actix and kameo handoff actors (see [`Handoff`]).
+fn handed_thread() -> std::sync::mpsc::Sender<Handed> {
+    handoff_thread(|msg, total| match msg {
+        Handed::Echo(v, reply) => {
+            let _ = reply.send(v);
+        }
+        Handed::Add(v) => *total += v,
+        Handed::Total(reply) => {
+            let _ = reply.send(*total);
+        }
+    })
 }
 
 /// Hands an ask to the handoff thread; the receiver gets its answer.
@@ -349,7 +348,7 @@ impl kameo::Actor for HandoffKameo {
     type Error = std::convert::Infallible;
     async fn on_start(_: (), _: kameo::actor::ActorRef<Self>) -> Result<Self, Self::Error> {
         Ok(HandoffKameo {
-            tx: handoff_thread(),
+            tx: handed_thread(),
         })
     }
 }
@@ -455,7 +454,7 @@ impl ActixPair {
             let handoff =
                 <HandoffActix as actix::Actor>::start_in_arbiter(&native_arbiter.handle(), |_| {
                     HandoffActix {
-                        tx: handoff_thread(),
+                        tx: handed_thread(),
                     }
                 });
             (gpu, native, handoff)
