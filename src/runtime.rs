@@ -1381,6 +1381,60 @@ impl SlotController {
     }
 }
 
+/// The lifecycle handle of an actor across its incarnations: the
+/// [`SlotController`] of whichever incarnation serves now. An adapter
+/// [`set`](ActorController::set)s it at each launch, so a handle taken
+/// before the actor first starts follows every restart. It bypasses the
+/// actor's mailbox (cheap to clone, usable from any thread): it reaches a
+/// kernel whose actor a full ring holds.
+#[derive(Clone, Debug, Default)]
+pub struct ActorController(Arc<Mutex<Option<SlotController>>>);
+
+impl ActorController {
+    /// A handle with no incarnation yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes `controller` the serving incarnation's (an adapter calls this
+    /// at each launch).
+    pub fn set(&self, controller: SlotController) {
+        *lock(&self.0) = Some(controller);
+    }
+
+    /// The serving incarnation's controller; `None` before the first launch.
+    pub fn current(&self) -> Option<SlotController> {
+        lock(&self.0).clone()
+    }
+
+    /// Activates the kernel.
+    ///
+    /// # Errors
+    /// [`CallError::Closed`] before the actor started, or when the
+    /// incarnation's state refuses the transition (it faulted or stopped).
+    pub fn activate(&self) -> Result<(), CallError> {
+        let current = self.current().ok_or(CallError::Closed)?;
+        current.activate().map_err(|_| CallError::Closed)
+    }
+
+    /// Deactivates the kernel: messages wait in H2K until activation.
+    ///
+    /// # Errors
+    /// As [`ActorController::activate`].
+    pub fn deactivate(&self) -> Result<(), CallError> {
+        let current = self.current().ok_or(CallError::Closed)?;
+        current.deactivate().map_err(|_| CallError::Closed)
+    }
+
+    /// Messages waiting in H2K.
+    ///
+    /// # Errors
+    /// [`CallError::Closed`] before the actor started.
+    pub fn h2k_depth(&self) -> Result<u64, CallError> {
+        Ok(self.current().ok_or(CallError::Closed)?.h2k_depth())
+    }
+}
+
 /// What [`GpuSlot::terminate`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TerminateReport {

@@ -6,13 +6,24 @@
 //! | actix | GPU actor |
 //! |---|---|
 //! | `addr.send(Ask(msg)).await` | the envelope is written into H2K synchronously while actix processes the message; the reply sender waits in the waiter slab until the correlated reply arrives |
-//! | `addr.do_send(Tell(msg))` / `try_send` | a tell (actix's `try_send` sees only its mailbox) |
+//! | `addr.do_send(Tell(msg))` / `try_send` | a tell (actix's `try_send` sees only its mailbox: `SendError::Full` hands the message back once [`GpuActor::mailbox_capacity`] messages wait) |
 //! | full H2K ring | an ordered overflow and `ctx.wait`: the actor takes no further mailbox message until the ring drains |
 //! | kernel fault | the actor stops; under `actix::Supervisor`, `Supervised::restarting` launches a new slot |
 //!
 //! Replies reach actix callers from the runtime's poller thread (on the cpu
 //! backend, usually the slot's device thread) through the reply sender;
 //! nothing polls on the arbiter.
+//!
+//! # Backpressure and floods of tells
+//!
+//! A full ring holds the actor, so its mailbox fills behind it. What a
+//! sender then sees is actix's: `send` waits for mailbox room, `try_send`
+//! fails with `SendError::Full` and hands the message back (size the
+//! mailbox with [`GpuActor::mailbox_capacity`]), and `do_send` ignores the
+//! capacity. A `do_send` loop that outruns the kernel therefore grows
+//! actix's queue without bound, one heap allocation per message, and a
+//! deep queue costs every message cache misses on both threads. Where a
+//! producer can outrun the kernel, give it `try_send` (or `send`).
 //!
 //! # Examples
 //!
@@ -36,19 +47,21 @@ use ringkernel::id::ActorId;
 use ringkernel::kernel::{Kernel, Message as KernelMessage, Payload, Reply};
 use ringkernel::registry::{Delivery, DeliveryError, Mailbox};
 use ringkernel::runtime::{
-    AskError, GpuSlot, LaunchOptions, ReplayStatus, Runtime, SlotController, SlotEvent,
-    SubmitError, Waiter,
+    AskError, GpuSlot, LaunchOptions, ReplayStatus, Runtime, SlotEvent, SubmitError, Waiter,
 };
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Errors an actix caller of a GPU actor can see: the core's
 /// [`CallError`](ringkernel::runtime::CallError).
 pub use ringkernel::runtime::CallError as GpuError;
+
+/// The mailbox-bypassing lifecycle handle of a [`GpuActor`] (see
+/// [`GpuActor::controller`]); it follows restarts.
+pub use ringkernel::runtime::ActorController as GpuController;
 
 /// An ask: `addr.send(Ask(msg)).await` resolves with `M::Reply`.
 #[derive(Debug, Clone, Copy)]
@@ -151,9 +164,11 @@ pub struct GpuActor<K: Kernel> {
     // Boxed: actix actors must be `Unpin`, a kernel state need not be.
     initial: Box<K::State>,
     terminate_timeout: Duration,
+    /// Set on the context when the actor starts (actix's default if none).
+    mailbox_capacity: Option<usize>,
     home: ActorHome<ActixWaiter>,
     inner: Rc<RefCell<Inner>>,
-    controller: Arc<Mutex<Option<SlotController>>>,
+    controller: GpuController,
     _kernel: PhantomData<fn() -> K>,
 }
 
@@ -180,7 +195,8 @@ impl<K: Kernel> GpuActor<K> {
             options,
             initial: Box::new(initial),
             terminate_timeout: Duration::from_secs(5),
-            controller: Arc::new(Mutex::new(None)),
+            mailbox_capacity: None,
+            controller: GpuController::new(),
             inner: Rc::new(RefCell::new(Inner {
                 slot: None,
                 overflow: VecDeque::new(),
@@ -190,11 +206,22 @@ impl<K: Kernel> GpuActor<K> {
         }
     }
 
+    /// Sets the actor's mailbox capacity when it starts (actix's
+    /// `Context::set_mailbox_capacity`; actix's default is 16). `send` waits
+    /// for room and `try_send` fails with `SendError::Full`, handing the
+    /// message back, once that many messages wait; `do_send` ignores it.
+    /// While a full ring holds the actor, its mailbox fills up to here.
+    #[must_use]
+    pub fn mailbox_capacity(mut self, capacity: usize) -> Self {
+        self.mailbox_capacity = Some(capacity);
+        self
+    }
+
     /// A lifecycle handle that bypasses the mailbox (available once the
     /// actor has started; `Send`, usable from any thread). Take it before
     /// `start`.
     pub fn controller(&self) -> GpuController {
-        GpuController(self.controller.clone())
+        self.controller.clone()
     }
 
     /// The actor's identity across incarnations (history, checkpoint,
@@ -226,8 +253,7 @@ impl<K: Kernel> GpuActor<K> {
                 // actor takes no mailbox message until it is all in H2K.
                 let full = slot.replay() == ReplayStatus::Full;
                 // A restart replaces the slot; the controller follows it.
-                *self.controller.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(slot.controller());
+                self.controller.set(slot.controller());
                 self.inner.borrow_mut().slot = Some(slot);
                 if full {
                     wait_for_room::<K>(&self.inner, ctx);
@@ -261,6 +287,9 @@ impl<K: Kernel> Actor for GpuActor<K> {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        if let Some(capacity) = self.mailbox_capacity {
+            ctx.set_mailbox_capacity(capacity);
+        }
         self.launch(ctx);
     }
 
@@ -477,45 +506,6 @@ impl<K: Kernel> GpuActor<K> {
             }
             Some(_) => None,
         }
-    }
-}
-
-/// The mailbox-bypassing lifecycle handle of a [`GpuActor`].
-#[derive(Clone, Debug)]
-pub struct GpuController(Arc<Mutex<Option<SlotController>>>);
-
-impl GpuController {
-    /// The serving incarnation's controller (it follows restarts).
-    fn get(&self) -> Result<SlotController, GpuError> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or(GpuError::Closed)
-    }
-
-    /// Activates the kernel.
-    ///
-    /// # Errors
-    /// [`GpuError::Closed`] before the actor started; a refused transition.
-    pub fn activate(&self) -> Result<(), GpuError> {
-        self.get()?.activate().map_err(|_| GpuError::Closed)
-    }
-
-    /// Deactivates the kernel.
-    ///
-    /// # Errors
-    /// As [`GpuController::activate`].
-    pub fn deactivate(&self) -> Result<(), GpuError> {
-        self.get()?.deactivate().map_err(|_| GpuError::Closed)
-    }
-
-    /// Messages waiting in H2K.
-    ///
-    /// # Errors
-    /// [`GpuError::Closed`] before the actor started.
-    pub fn h2k_depth(&self) -> Result<u64, GpuError> {
-        Ok(self.get()?.h2k_depth())
     }
 }
 

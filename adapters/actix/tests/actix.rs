@@ -223,3 +223,55 @@ async fn registry_publish_reaches_gpu_and_cpu_actors() {
     let back = reg.send(cpu_id, gpu_id, unserved).unwrap_err();
     assert!(matches!(back, DeliveryError::Refused(d) if d.payload == unserved));
 }
+
+/// A full ring holds the actor, so its mailbox fills: `try_send` then fails
+/// in actix's shape, `SendError::Full`, handing the tell back; the
+/// controller reaches the kernel past the full mailbox, and every tell
+/// `try_send` accepted is served, in order.
+#[actix_rt::test]
+async fn try_send_to_a_full_mailbox_hands_the_message_back() {
+    let actor = GpuActor::<Probe>::with_options(
+        Runtime::new().unwrap(),
+        Default::default(),
+        LaunchOptions::default().h2k_capacity(8),
+    )
+    .mailbox_capacity(4);
+    let controller = actor.controller();
+    let addr = actor.start();
+    assert_eq!(addr.send(Deactivate).await.unwrap(), Ok(()));
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let (mut accepted, mut refused_in_a_row) = (0u64, 0);
+    // Until the mailbox has stayed full for 20 tries a millisecond apart.
+    while refused_in_a_row < 20 {
+        match addr.try_send(Tell(Seq(accepted))) {
+            Ok(()) => {
+                accepted += 1;
+                refused_in_a_row = 0;
+            }
+            Err(SendError::Full(Tell(Seq(back)))) => {
+                assert_eq!(back, accepted, "the refused tell is handed back");
+                refused_in_a_row += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(SendError::Closed(_)) => panic!("the actor stopped"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the mailbox never filled"
+        );
+    }
+    // The ring's 8, the one in the overflow that holds the actor, and at
+    // most the mailbox's 4 and the one actix lets a sender put past it:
+    // the capacity applies (actix's default is 16).
+    assert!(
+        (8 + 1 + 4..=8 + 1 + 4 + 1).contains(&accepted),
+        "{accepted} tells accepted"
+    );
+    assert_eq!(controller.h2k_depth(), Ok(8));
+    controller.activate().unwrap();
+    let report = tokio::time::timeout(DEADLINE, addr.send(Ask(SeqReport())))
+        .await
+        .expect("no hang")
+        .unwrap();
+    assert_eq!(report, Ok([accepted, 0]));
+}

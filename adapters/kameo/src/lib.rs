@@ -8,6 +8,8 @@
 //! | `actor_ref.ask(Ask(msg)).await` | the envelope is written into H2K in the handler; the reply sender (`ctx.reply_sender()`, a `DelegatedReply`) waits in the waiter slab and the runtime's poller (on the cpu backend, usually the slot's device thread) answers it |
 //! | `actor_ref.tell(Tell(msg))` | a tell |
 //! | full H2K ring | the handler awaits space; kameo's bounded mailbox then backs up (and `mailbox_timeout` applies to senders) |
+//! | `tell(..).try_send()` to a full mailbox | kameo's `SendError::MailboxFull`, the message handed back |
+//! | [`GpuArgs::controller`] | activate, deactivate and H2K depth, bypassing the mailbox |
 //! | kernel fault | the actor fails (kameo's panic path): `on_panic`, and linked actors see `on_link_died` |
 //! | restart | spawn a clone of the [`GpuArgs`]: the same actor, its next incarnation |
 //!
@@ -56,6 +58,10 @@ use std::time::Duration;
 /// `SendError::HandlerError`): the core's
 /// [`CallError`](ringkernel::runtime::CallError).
 pub use ringkernel::runtime::CallError as GpuError;
+
+/// The mailbox-bypassing lifecycle handle of a [`GpuActor`] (see
+/// [`GpuArgs::controller`]); it follows restarts.
+pub use ringkernel::runtime::ActorController as GpuController;
 
 /// An ask: `actor_ref.ask(Ask(msg)).await` resolves with `M::Reply`.
 #[derive(Debug, Clone, Copy)]
@@ -117,6 +123,7 @@ pub struct GpuArgs<K: Kernel> {
     initial: K::State,
     options: LaunchOptions,
     home: ActorHome<KameoWaiter>,
+    controller: GpuController,
 }
 
 impl<K: Kernel> Clone for GpuArgs<K> {
@@ -126,6 +133,7 @@ impl<K: Kernel> Clone for GpuArgs<K> {
             initial: self.initial,
             options: self.options.clone(),
             home: self.home.clone(),
+            controller: self.controller.clone(),
         }
     }
 }
@@ -148,7 +156,16 @@ impl<K: Kernel> GpuArgs<K> {
             runtime,
             initial,
             options: LaunchOptions::default(),
+            controller: GpuController::new(),
         }
+    }
+
+    /// A lifecycle handle that bypasses the mailbox: it reaches the kernel
+    /// even while a full ring holds the actor and its bounded mailbox is
+    /// full. `Send`, usable from any thread; it follows the incarnations
+    /// spawned from these args (or their clones).
+    pub fn controller(&self) -> GpuController {
+        self.controller.clone()
     }
 
     /// The actor's identity across incarnations (history, checkpoint,
@@ -203,6 +220,7 @@ impl<K: Kernel> Actor for GpuActor<K> {
                 }
             },
         )?;
+        args.controller.set(slot.controller());
         // What the previous incarnation handed back goes first, in order,
         // before any message of this one's mailbox.
         while slot.replay() == ReplayStatus::Full {

@@ -281,3 +281,48 @@ async fn registry_publish_reaches_gpu_and_cpu_actors() {
     let back = reg.send(cpu_id, gpu_id, unserved).unwrap_err();
     assert!(matches!(back, DeliveryError::Refused(d) if d.payload == unserved));
 }
+
+/// A full ring holds the handler, so kameo's bounded mailbox fills:
+/// `try_send` then fails in kameo's shape, `SendError::MailboxFull`, handing
+/// the tell back; the controller reaches the kernel past the full mailbox,
+/// and every tell `try_send` accepted is served, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_send_to_a_full_mailbox_hands_the_message_back() {
+    let args = GpuArgs::<Probe>::new(Runtime::new().unwrap(), Default::default())
+        .options(LaunchOptions::default().h2k_capacity(8));
+    let controller = args.controller();
+    assert_eq!(controller.activate(), Err(GpuError::Closed), "not started");
+    let gpu = GpuActor::<Probe>::spawn_with_mailbox(args, kameo::mailbox::bounded(4));
+    gpu.ask(Deactivate).await.unwrap();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let (mut accepted, mut refused_in_a_row) = (0u64, 0);
+    // Until the mailbox has stayed full for 20 tries a millisecond apart.
+    while refused_in_a_row < 20 {
+        match gpu.tell(Tell(Seq(accepted))).try_send() {
+            Ok(()) => {
+                accepted += 1;
+                refused_in_a_row = 0;
+            }
+            Err(SendError::MailboxFull(Tell(Seq(back)))) => {
+                assert_eq!(back, accepted, "the refused tell is handed back");
+                refused_in_a_row += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(e) => panic!("unexpected: {e:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the mailbox never filled"
+        );
+    }
+    // The ring's 8, the one the handler holds waiting for room, and the
+    // mailbox's 4.
+    assert_eq!(accepted, 8 + 1 + 4);
+    assert_eq!(controller.h2k_depth(), Ok(8));
+    controller.activate().unwrap();
+    let report = tokio::time::timeout(DEADLINE, gpu.ask(Ask(SeqReport())))
+        .await
+        .expect("no hang")
+        .unwrap();
+    assert_eq!(report, [accepted, 0]);
+}

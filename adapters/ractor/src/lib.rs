@@ -65,13 +65,13 @@ use ringkernel::id::ActorId;
 use ringkernel::kernel::{Kernel, Message, Payload, Reply};
 use ringkernel::registry::{Delivery, DeliveryError, Mailbox};
 use ringkernel::runtime::{
-    AskError, CallError, Fault, GpuSlot, LaunchOptions, ReplayStatus, Runtime, SlotController,
-    SlotEvent, SubmitError, Waiter,
+    ActorController, AskError, CallError, Fault, GpuSlot, LaunchOptions, ReplayStatus, Runtime,
+    SlotController, SlotEvent, SubmitError, Waiter,
 };
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Errors a GPU actor's caller can see.
@@ -178,7 +178,7 @@ pub struct GpuActor<K: Kernel> {
     runtime: Runtime,
     options: LaunchOptions,
     terminate_timeout: Duration,
-    controller: Arc<Mutex<Option<SlotController>>>,
+    controller: ActorController,
     home: ActorHome<Port>,
     _kernel: PhantomData<fn() -> K>,
 }
@@ -218,7 +218,7 @@ impl<K: Kernel> GpuActor<K> {
             runtime,
             options,
             terminate_timeout: Duration::from_secs(5),
-            controller: Arc::new(Mutex::new(None)),
+            controller: ActorController::new(),
             _kernel: PhantomData,
         }
     }
@@ -452,7 +452,7 @@ impl<K: Kernel> Actor for GpuActor<K> {
         while slot.replay() == ReplayStatus::Full {
             slot.space().await;
         }
-        *self.controller.lock().unwrap_or_else(|p| p.into_inner()) = Some(slot.controller());
+        self.controller.set(slot.controller());
         tracing::debug!(kernel = K::NAME, actor = ?slot.id(), ractor = %myself.get_id(), "GPU actor started");
         Ok(GpuActorState {
             slot: Some(slot),
@@ -505,15 +505,13 @@ impl<K: Kernel> Actor for GpuActor<K> {
 /// The mailbox-bypassing lifecycle handle of a [`GpuActor`] (see
 /// [`GpuActor::controller`]).
 #[derive(Clone, Debug)]
-pub struct GpuController(Arc<Mutex<Option<SlotController>>>);
+pub struct GpuController(ActorController);
 
 impl GpuController {
     /// The serving incarnation's controller (it follows restarts).
     fn get(&self) -> Result<SlotController, GpuError> {
         self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .current()
             .ok_or(GpuError::Rpc("the GPU actor has not started".into()))
     }
 
