@@ -14,6 +14,9 @@
 //! cargo run --release -p ringkernel-bench --example tell_stream -- ractor-native 200000 10
 //! cargo run --release -p ringkernel-bench --example tell_stream -- ractor-ask 20000 3
 //! cargo run --release -p ringkernel-bench --example tell_stream -- ractor-call 20000 3
+//! # the same for actix tells: GPU, native
+//! cargo run --release -p ringkernel-bench --example tell_stream -- actix-gpu 200000 10
+//! cargo run --release -p ringkernel-bench --example tell_stream -- actix-native 200000 10
 //! ```
 
 use ringkernel_bench::actors::{ActixPair, RactorPair};
@@ -51,6 +54,19 @@ fn main() {
                     "ractor-native" => pair.native_casts(n),
                     "ractor-ask" => pair.gpu_asks(n),
                     _ => pair.native_calls(n),
+                }
+            }
+            let per = t.elapsed().as_nanos() as f64 / (n * rounds) as f64;
+            println!("{what}: {per:.1} ns per message");
+        }
+        "actix-gpu" | "actix-native" => {
+            let pair = ActixPair::new();
+            pair.gpu_tells(10_000);
+            let t = Instant::now();
+            for _ in 0..rounds {
+                match what {
+                    "actix-gpu" => pair.gpu_tells(n),
+                    _ => pair.native_tells(n),
                 }
             }
             let per = t.elapsed().as_nanos() as f64 / (n * rounds) as f64;

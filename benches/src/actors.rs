@@ -379,6 +379,7 @@ impl kameo::message::Message<NTotal> for HandoffKameo {
 }
 
 /// A native actix actor doing what `Probe` does for `Echo` and `Add`.
+#[derive(Default)]
 pub struct NativeActix {
     total: u64,
 }

@@ -8,6 +8,12 @@
 //! as time per operation (lower is better). CPU time is the process's
 //! (all threads), per operation.
 //!
+//! Each comparison of the main list runs in a fresh child process (the
+//! same binary with `--only=NAME`) that builds only the actors it measures:
+//! the heap and threads an earlier comparison leaves behind moved a later
+//! one's numbers by up to 1.7× when they shared a process. `--in-process`
+//! runs them all in one process instead.
+//!
 //! `cargo run --release -p ringkernel-bench --bin report -- --quick`
 //! (under two minutes); without `--quick` it runs more and longer rounds.
 //! A further argument filters comparisons by name.
@@ -16,6 +22,7 @@ use ringkernel::hlc::Hlc;
 use ringkernel::id::ClockDomain;
 use ringkernel_bench::*;
 use ringkernel_bench::{actors, cuda, faults, k2k, pipeline, wgpu};
+use std::cell::{LazyCell, RefCell};
 use std::time::{Duration, Instant};
 
 fn cpu_now() -> Duration {
@@ -120,17 +127,60 @@ fn run_samples(
     );
 }
 
+/// Runs comparison `name` in a child process of its own (the same binary,
+/// `--only=NAME`), its output going straight to ours. False when the child
+/// could not run or failed.
+fn run_child(name: &str, quick: bool) -> bool {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let status = std::env::current_exe().and_then(|exe| {
+        std::process::Command::new(exe)
+            .args(quick.then_some("--quick"))
+            .arg(format!("--only={name}"))
+            .status()
+    });
+    match status {
+        Ok(s) if s.success() => true,
+        Ok(s) => {
+            eprintln!("report: the child running {name} ended with {s}");
+            false
+        }
+        Err(e) => {
+            eprintln!("report: could not start a child for {name}: {e}");
+            false
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let filter = args.iter().find(|a| !a.starts_with("--")).cloned();
+    // `--only=NAME`: this process is a child that runs that one comparison
+    // of the main list and nothing else.
+    let only = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--only="))
+        .map(str::to_owned);
+    // `--in-process`: run the main list in this process, one after another
+    // (what every child did before; the heap and threads the earlier
+    // comparisons leave then move the later ones' numbers).
+    let in_process = args.iter().any(|a| a == "--in-process");
+    let mut report_failed = false;
     let (rounds, scale) = if quick { (15, 1) } else { (41, 4) };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!(
-        "# ringkernel bench report: {} rounds per comparison, {cpus} CPUs, {}",
-        rounds,
-        if quick { "--quick" } else { "full" }
-    );
+    if only.is_none() {
+        println!(
+            "# ringkernel bench report: {} rounds per comparison, {cpus} CPUs, {}, {}",
+            rounds,
+            if quick { "--quick" } else { "full" },
+            if in_process {
+                "one process"
+            } else {
+                "a process per comparison of the main list"
+            }
+        );
+    }
 
     let mut raw = RawRing::default();
     let mut rtrb64 = RtrbRing::<64>::default();
@@ -138,13 +188,15 @@ fn main() {
     let mut rtrb128 = RtrbRing::<128>::default();
     let ours_hlc = Hlc::new(ClockDomain::host(0));
     let uhlc = uhlc::HLC::default();
-    let ractor_pair = actors::RactorPair::new();
-    let core_pair = std::cell::RefCell::new(actors::CorePair::new());
-    let actix_pair = actors::ActixPair::new();
-    let kameo_pair = actors::KameoPair::new();
-    let pipelines = std::cell::RefCell::new(pipeline::Pipelines::new());
-    let k2k_pair = std::cell::RefCell::new(k2k::K2kPair::new());
-    let linked = std::cell::RefCell::new(pipeline::Pipelines::linked());
+    // Built on first use: a child running one comparison starts only the
+    // actors that comparison asks.
+    let ractor_pair = LazyCell::new(actors::RactorPair::new);
+    let core_pair = LazyCell::new(|| RefCell::new(actors::CorePair::new()));
+    let actix_pair = LazyCell::new(actors::ActixPair::new);
+    let kameo_pair = LazyCell::new(actors::KameoPair::new);
+    let pipelines = LazyCell::new(|| RefCell::new(pipeline::Pipelines::new()));
+    let k2k_pair = LazyCell::new(|| RefCell::new(k2k::K2kPair::new()));
+    let linked = LazyCell::new(|| RefCell::new(pipeline::Pipelines::linked()));
 
     let mut comparisons = vec![
         Comparison {
@@ -327,12 +379,33 @@ fn main() {
             base: Box::new(|n| kameo_pair.handoff_tells(n)),
         },
     ];
+    let mut failed = Vec::new();
     for c in &mut comparisons {
-        if filter.as_deref().is_none_or(|f| c.name.contains(f)) {
-            run(c, rounds);
+        if let Some(only) = &only {
+            if c.name == only {
+                run(c, rounds);
+            }
+        } else if filter.as_deref().is_none_or(|f| c.name.contains(f)) {
+            if in_process {
+                run(c, rounds);
+            } else if !run_child(c.name, quick) {
+                failed.push(c.name);
+            }
         }
     }
+    if let Some(only) = &only {
+        if !comparisons.iter().any(|c| c.name == only) {
+            eprintln!("report: no comparison named {only}");
+            std::process::exit(2);
+        }
+        return;
+    }
     drop(comparisons);
+    if !failed.is_empty() {
+        // Finish the report, then fail it.
+        eprintln!("report: these comparisons failed: {failed:?}");
+        report_failed = true;
+    }
 
     // The wgpu backend, where there is an adapter (lavapipe in CI).
     if filter
@@ -340,7 +413,7 @@ fn main() {
         .is_none_or(|f| "wgpu_".contains(f) || f.starts_with("wgpu"))
         && let Some(w) = wgpu::WgpuBench::new()
     {
-        let w = std::cell::RefCell::new(w);
+        let w = RefCell::new(w);
         let mut wgpu_comparisons = [
             Comparison {
                 name: "wgpu_ask",
@@ -390,7 +463,7 @@ fn main() {
         .as_deref()
         .is_none_or(|f| "chost_ask".contains(f) || f.starts_with("chost"))
     {
-        let c = std::cell::RefCell::new(cuda::CHostBench::new());
+        let c = RefCell::new(cuda::CHostBench::new());
         let mut comparisons = [
             Comparison {
                 name: "chost_ask",
@@ -421,7 +494,7 @@ fn main() {
         .is_none_or(|f| "cuda_ask".contains(f) || f.starts_with("cuda"))
         && let Some(g) = cuda::GpuBench::new()
     {
-        let g = std::cell::RefCell::new(g);
+        let g = RefCell::new(g);
         let mut c = Comparison {
             name: "cuda_ask",
             config: "sequential asks (Echo) to a GPU actor served by the persistent actor-host kernel (mapped memory; the host's monitor thread polls K2H and wakes the poller) vs a kernel launch per message with the host spinning on the mapped word it writes".into(),
@@ -472,7 +545,7 @@ fn main() {
         );
     }
     if wanted("restart_ractor") {
-        let r = std::cell::RefCell::new(faults::RactorRestarts::new());
+        let r = RefCell::new(faults::RactorRestarts::new());
         run_samples(
             "restart_ractor",
             "a GPU actor in a ractor supervision tree panics; from its caller's error to the first reply of the actor the supervisor spawns in its place; base: spawning a fresh GPU actor to its first reply",
@@ -484,7 +557,7 @@ fn main() {
     // Single asks: their distribution, and after the loop has gone idle.
     let idle = Duration::from_millis(5);
     if wanted("chost_ask_after_idle") {
-        let c = std::cell::RefCell::new(cuda::CHostBench::new());
+        let c = RefCell::new(cuda::CHostBench::new());
         run_samples(
             "chost_ask_after_idle",
             "one ask to a GPU actor on the c-host backend after 5 ms of idling (its block thread parked); base: one ask back to back",
@@ -496,7 +569,7 @@ fn main() {
     if (wanted("cuda_ask_latency") || wanted("cuda_ask_after_idle"))
         && let Some(g) = cuda::GpuBench::new()
     {
-        let g = std::cell::RefCell::new(g);
+        let g = RefCell::new(g);
         run_samples(
             "cuda_ask_latency",
             "one ask to the persistent actor-host kernel (target p50 <= 5 us, p99 reported); base: one message served by a kernel launch of its own, spinning on a mapped flag",
@@ -522,5 +595,8 @@ fn main() {
             &mut || w.detect(),
             &mut || bound,
         );
+    }
+    if report_failed {
+        std::process::exit(1);
     }
 }
