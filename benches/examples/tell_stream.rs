@@ -14,12 +14,14 @@
 //! cargo run --release -p ringkernel-bench --example tell_stream -- ractor-native 200000 10
 //! cargo run --release -p ringkernel-bench --example tell_stream -- ractor-ask 20000 3
 //! cargo run --release -p ringkernel-bench --example tell_stream -- ractor-call 20000 3
-//! # the same for actix tells: GPU, native
+//! # the same for actix and kameo tells: GPU, native
 //! cargo run --release -p ringkernel-bench --example tell_stream -- actix-gpu 200000 10
 //! cargo run --release -p ringkernel-bench --example tell_stream -- actix-native 200000 10
+//! cargo run --release -p ringkernel-bench --example tell_stream -- kameo-gpu 200000 10
+//! cargo run --release -p ringkernel-bench --example tell_stream -- kameo-native 200000 10
 //! ```
 
-use ringkernel_bench::actors::{ActixPair, RactorPair};
+use ringkernel_bench::actors::{ActixPair, KameoPair, RactorPair};
 use std::time::Instant;
 
 fn main() {
@@ -54,6 +56,19 @@ fn main() {
                     "ractor-native" => pair.native_casts(n),
                     "ractor-ask" => pair.gpu_asks(n),
                     _ => pair.native_calls(n),
+                }
+            }
+            let per = t.elapsed().as_nanos() as f64 / (n * rounds) as f64;
+            println!("{what}: {per:.1} ns per message");
+        }
+        "kameo-gpu" | "kameo-native" => {
+            let pair = KameoPair::new();
+            pair.gpu_tells(10_000);
+            let t = Instant::now();
+            for _ in 0..rounds {
+                match what {
+                    "kameo-gpu" => pair.gpu_tells(n),
+                    _ => pair.native_tells(n),
                 }
             }
             let per = t.elapsed().as_nanos() as f64 / (n * rounds) as f64;
