@@ -2718,6 +2718,36 @@ mod tests {
     }
 
     #[test]
+    fn actor_controller_follows_the_incarnation_it_is_given() {
+        use crate::conformance::{ChannelWaiter, Probe};
+        let handle = ActorController::new();
+        assert_eq!(handle.activate(), Err(CallError::Closed), "no incarnation");
+        assert_eq!(handle.h2k_depth(), Err(CallError::Closed));
+        let rt = Runtime::new().unwrap();
+        let mut first = rt
+            .launch::<Probe, ChannelWaiter>(Default::default(), &LaunchOptions::default(), |_| {})
+            .unwrap();
+        let clone = handle.clone();
+        clone.set(first.controller());
+        assert_eq!(handle.current().map(|c| c.id()), Some(first.id()));
+        assert_eq!(handle.deactivate(), Ok(()));
+        assert!(first.wait_for_state(LifecycleState::Deactivated, Duration::from_secs(20)));
+        assert_eq!(handle.h2k_depth(), Ok(0));
+        assert_eq!(handle.activate(), Ok(()));
+        assert!(first.wait_for_state(LifecycleState::Active, Duration::from_secs(20)));
+        // A stopped incarnation refuses; the next one set serves.
+        first.terminate(Duration::from_secs(20));
+        assert_eq!(handle.activate(), Err(CallError::Closed));
+        let second = rt
+            .launch::<Probe, ChannelWaiter>(Default::default(), &LaunchOptions::default(), |_| {})
+            .unwrap();
+        handle.set(second.controller());
+        assert_eq!(clone.current().map(|c| c.id()), Some(second.id()));
+        assert_eq!(clone.deactivate(), Ok(()));
+        assert!(second.wait_for_state(LifecycleState::Deactivated, Duration::from_secs(20)));
+    }
+
+    #[test]
     fn idle_spins_its_budget_and_device_budget_follows_the_send_gap() {
         let mut idle = Idle::new(Duration::from_millis(1));
         assert!(!idle.should_park());
