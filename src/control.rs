@@ -275,17 +275,32 @@ impl ControlBlock {
     /// [`StateError::InvalidTransition`]; a corrupt word is
     /// [`StateError::UnknownState`].
     pub fn request(&self, next: LifecycleState) -> Result<(), StateError> {
-        // Only the host writes this word (one owner thread), so load + store
-        // is not racy. Relaxed load: it reads our own last store.
-        let current = LifecycleState::from_u32(self.requested_state.load(Ordering::Relaxed))?;
-        if current != next {
-            current.transition(next)?;
+        // Only the host writes this word, but from more than one thread (the
+        // slot's owner and its `SlotController`s): a compare-exchange, so
+        // each transition is checked against the state it replaces (a
+        // controller's `Active` must not overwrite a concurrent stop's
+        // `Terminated`). Relaxed loads: the compare-exchange re-checks the
+        // value read, and the device never writes this word.
+        let mut raw = self.requested_state.load(Ordering::Relaxed);
+        loop {
+            let current = LifecycleState::from_u32(raw)?;
+            if current != next {
+                current.transition(next)?;
+            }
+            // Release pairs with the device's load-acquire of the requested
+            // state (`requested_state()`; `ld.acquire.sys` on CUDA):
+            // everything the host wrote before the request is visible when
+            // the device acts on it.
+            match self.requested_state.compare_exchange_weak(
+                raw,
+                next as u32,
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(actual) => raw = actual,
+            }
         }
-        // Pairs with the device's load-acquire of the requested state
-        // (`requested_state()`; `ld.acquire.sys` on CUDA): everything the host
-        // wrote before the request is visible when the device acts on it.
-        self.requested_state.store(next as u32, Ordering::Release);
-        Ok(())
     }
 
     /// Host: starts incarnation `incarnation`: resets both lines to

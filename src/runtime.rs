@@ -1396,8 +1396,9 @@ impl ActorController {
         Self::default()
     }
 
-    /// Makes `controller` the serving incarnation's (an adapter calls this
-    /// at each launch).
+    /// Makes `controller` the serving incarnation's. For adapters: call it
+    /// at each launch, before anything that waits on the new slot (its
+    /// replay), so the handle reaches the incarnation that is starting.
     pub fn set(&self, controller: SlotController) {
         *lock(&self.0) = Some(controller);
     }

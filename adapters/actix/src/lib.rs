@@ -207,10 +207,12 @@ impl<K: Kernel> GpuActor<K> {
     }
 
     /// Sets the actor's mailbox capacity when it starts (actix's
-    /// `Context::set_mailbox_capacity`; actix's default is 16). `send` waits
-    /// for room and `try_send` fails with `SendError::Full`, handing the
-    /// message back, once that many messages wait; `do_send` ignores it.
-    /// While a full ring holds the actor, its mailbox fills up to here.
+    /// `Context::set_mailbox_capacity` in `started`; actix's default is 16,
+    /// and 0 means unbounded). `send` waits for room and `try_send` fails
+    /// with `SendError::Full`, handing the message back, once that many
+    /// messages wait; `do_send` ignores it. While a full ring holds the
+    /// actor, its mailbox fills up to here. Messages sent before the actor
+    /// has started see actix's default.
     #[must_use]
     pub fn mailbox_capacity(mut self, capacity: usize) -> Self {
         self.mailbox_capacity = Some(capacity);

@@ -447,12 +447,15 @@ impl<K: Kernel> Actor for GpuActor<K> {
                     // Non-blocking: the poller thread must never wait on a mailbox.
                     let _ = me.send_message(GpuMsg::Event(event));
                 })?;
+        // Before the replay: while it waits for ring room (no mailbox
+        // message is taken meanwhile), the controller is the way to reach
+        // this incarnation, e.g. to activate a kernel launched inactive.
+        self.controller.set(slot.controller());
         // What the previous incarnation handed back goes first, in order,
         // before any message of this one's mailbox.
         while slot.replay() == ReplayStatus::Full {
             slot.space().await;
         }
-        self.controller.set(slot.controller());
         tracing::debug!(kernel = K::NAME, actor = ?slot.id(), ractor = %myself.get_id(), "GPU actor started");
         Ok(GpuActorState {
             slot: Some(slot),
