@@ -6,6 +6,7 @@
 
 use bytemuck::{Pod, Zeroable};
 use ringkernel::conformance::{self, ChannelWaiter};
+use ringkernel::control::LifecycleState;
 use ringkernel::home::{DeadLetter, DeadLetterReason, PendingPolicy, RouteFailure};
 use ringkernel::id::ActorId;
 use ringkernel::kernel::{CpuHandlers, HandlerError, Kernel, Message};
@@ -262,6 +263,9 @@ fn a_full_ring_keeps_an_outbox_pushes_back_and_delivers_in_order() {
         .connect(a.id(), b.id(), LinkOptions::default().capacity(4))
         .unwrap();
     b.deactivate().unwrap();
+    // Acknowledged before anything is sent: a loop that read `Active` just
+    // before would otherwise still serve what reaches it.
+    assert!(b.wait_for_state(LifecycleState::Deactivated, conformance::DEADLINE));
     // 4 fit the ring, the outbox takes the rest of one message's sends;
     // then the sender takes no more messages (its H2K fills instead).
     forward(&mut a, b.id(), 0, 10);
@@ -348,6 +352,9 @@ fn a_full_edge_that_reports_failures_dead_letters_instead_of_waiting() {
         )
         .unwrap();
     b.deactivate().unwrap();
+    // Acknowledged before anything is sent: a loop that read `Active` just
+    // before would otherwise still serve what reaches it.
+    assert!(b.wait_for_state(LifecycleState::Deactivated, conformance::DEADLINE));
     forward(&mut a, b.id(), 0, 20);
     wait_for("12 dead letters", || letters.lock().unwrap().len() == 12);
     {
@@ -408,6 +415,9 @@ fn a_restarted_receiver_carries_on_past_the_poison_under_replay() {
     let (mut b, events) = faulted_events(&rt, &replay);
     rt.connect(a.id(), b.id(), LinkOptions::default()).unwrap();
     b.deactivate().unwrap();
+    // Acknowledged before anything is sent: a loop that read `Active` just
+    // before would otherwise still serve what reaches it.
+    assert!(b.wait_for_state(LifecycleState::Deactivated, conformance::DEADLINE));
     // 0..10, the poison, 10..20: queued in the link while b is inactive.
     forward(&mut a, b.id(), 0, 10);
     conformance::tell(
@@ -449,6 +459,9 @@ fn a_failed_receiver_dead_letters_what_it_left_under_fail() {
     let (mut b, events) = faulted_events(&rt, &opts);
     rt.connect(a.id(), b.id(), LinkOptions::default()).unwrap();
     b.deactivate().unwrap();
+    // Acknowledged before anything is sent: a loop that read `Active` just
+    // before would otherwise still serve what reaches it.
+    assert!(b.wait_for_state(LifecycleState::Deactivated, conformance::DEADLINE));
     conformance::tell(
         &mut a,
         SendPoison {
@@ -481,6 +494,9 @@ fn a_receiver_gone_for_good_loses_nothing_silently() {
         .connect(a.id(), b_id, LinkOptions::default().capacity(4))
         .unwrap();
     b.deactivate().unwrap();
+    // Acknowledged before anything is sent: a loop that read `Active` just
+    // before would otherwise still serve what reaches it.
+    assert!(b.wait_for_state(LifecycleState::Deactivated, conformance::DEADLINE));
     forward(&mut a, b_id, 0, 6);
     wait_for("outbox holding", || {
         rt.link_stats(link).unwrap().outbox == 2

@@ -11,7 +11,9 @@ use ringkernel::conformance::{
 };
 use ringkernel::control::LifecycleState;
 use ringkernel::runtime::{AskError, LaunchOptions, Runtime};
-use ringkernel_kameo::{Activate, Ask, Deactivate, GpuActor, GpuArgs, GpuError, Tell};
+use ringkernel_kameo::{
+    Activate, Ask, Deactivate, GpuActor, GpuArgs, GpuController, GpuError, Tell,
+};
 use std::ops::ControlFlow;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -22,6 +24,17 @@ fn handler_error<M, E: Clone>(e: SendError<M, E>) -> Option<E> {
     match e {
         SendError::HandlerError(e) => Some(e),
         _ => None,
+    }
+}
+
+/// Waits until the kernel acknowledges `Deactivated`. The request takes
+/// effect when the device loop next looks; a loop that read `Active` just
+/// before would otherwise still serve what reaches it.
+async fn deactivated(controller: &GpuController) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while controller.current().unwrap().status().unwrap().state != LifecycleState::Deactivated {
+        assert!(tokio::time::Instant::now() < deadline, "never deactivated");
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -204,8 +217,11 @@ async fn a_fault_fails_the_actor_and_the_linked_supervisor_restarts_it() {
 /// every message is served, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deactivate_then_activate() {
-    let gpu = GpuActor::<Probe>::spawn(GpuArgs::new(Runtime::new().unwrap(), Default::default()));
+    let args = GpuArgs::<Probe>::new(Runtime::new().unwrap(), Default::default());
+    let controller = args.controller();
+    let gpu = GpuActor::<Probe>::spawn(args);
     gpu.ask(Deactivate).await.unwrap();
+    deactivated(&controller).await;
     for i in 0..100u64 {
         gpu.tell(Tell(Seq(i))).await.unwrap();
     }
@@ -295,13 +311,8 @@ async fn try_send_to_a_full_mailbox_hands_the_message_back() {
     assert_eq!(controller.activate(), Err(GpuError::Closed), "not started");
     let gpu = GpuActor::<Probe>::spawn_with_mailbox(args, kameo::mailbox::bounded(4));
     gpu.ask(Deactivate).await.unwrap();
+    deactivated(&controller).await;
     let deadline = tokio::time::Instant::now() + DEADLINE;
-    // The request takes effect when the device loop next looks: until
-    // then it may still serve what reaches the ring.
-    while controller.current().unwrap().status().unwrap().state != LifecycleState::Deactivated {
-        assert!(tokio::time::Instant::now() < deadline, "never deactivated");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
     let (mut accepted, mut refused_in_a_row) = (0u64, 0);
     // Until the ring is full and the mailbox has stayed full for 20 tries
     // a millisecond apart.

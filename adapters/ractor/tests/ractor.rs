@@ -6,6 +6,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent, call, call_t
 use ringkernel::conformance::{
     Add, Echo, Explode, Probe, REVERSE_BATCH, Reverse, Reversed, Seq, SeqReport, Silent, Total,
 };
+use ringkernel::control::LifecycleState;
 use ringkernel::runtime::{AskError, CallError, LaunchOptions, Runtime};
 use ringkernel_ractor::{GpuActor, GpuActorRef, GpuError, GpuMsg, TellError};
 use std::time::Duration;
@@ -118,6 +119,13 @@ async fn conformance_through_the_adapter() {
     );
     // deactivate / activate: asks wait in H2K and are served on activation
     gpu.deactivate().await.unwrap();
+    // Acknowledged before the ask: a loop that read `Active` just before
+    // would otherwise still serve it.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while gpu.status().await.unwrap().state != LifecycleState::Deactivated {
+        assert!(tokio::time::Instant::now() < deadline, "never deactivated");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let waiting = tokio::spawn({
         let gpu = gpu.clone();
         async move { gpu.ask(Echo(11)).await }

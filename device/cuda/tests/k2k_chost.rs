@@ -6,6 +6,7 @@
 //! nothing silently, and a slot's link table has fixed rows.
 
 use ringkernel::conformance::{ChannelWaiter, Forward, Probe, Relay, Seq, SeqReport, ask, tell};
+use ringkernel::control::LifecycleState;
 use ringkernel::home::{DeadLetter, DeadLetterReason, RouteFailure};
 use ringkernel::kernel::Kernel;
 use ringkernel::link::{ConnectError, LinkOptions, MAX_SLOT_LINKS};
@@ -74,6 +75,9 @@ fn relay_to_a_paused_sink(
     let sink = launch::<Probe>(rt);
     let link = rt.connect(relay.id(), sink.id(), options).unwrap();
     sink.deactivate().unwrap();
+    // Acknowledged before anything is sent: a loop that read `Active` just
+    // before would otherwise still serve what reaches it.
+    assert!(sink.wait_for_state(LifecycleState::Deactivated, DEADLINE));
     for v in 0..n {
         tell(&mut relay, Forward(sink.id().to_bits(), v));
     }

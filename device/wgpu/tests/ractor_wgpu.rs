@@ -8,6 +8,7 @@ mod common;
 use common::*;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent, call, cast};
 use ringkernel::conformance::{Add, Echo, Explode, Probe, Seq, SeqReport, Silent, Total};
+use ringkernel::control::LifecycleState;
 use ringkernel::runtime::{AskError, CallError, Runtime};
 use ringkernel_ractor::{GpuActor, GpuActorRef, GpuError, GpuMsg};
 use std::time::Duration;
@@ -38,6 +39,13 @@ async fn a_wgpu_actor_behaves_as_any_ractor_actor() {
         Err(GpuError::Call(CallError::Ask(AskError::NoReply)))
     );
     gpu.deactivate().await.unwrap();
+    // Acknowledged before the ask: a loop that read `Active` just before
+    // would otherwise still serve it.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while gpu.status().await.unwrap().state != LifecycleState::Deactivated {
+        assert!(tokio::time::Instant::now() < deadline, "never deactivated");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let waiting = tokio::spawn({
         let gpu = gpu.clone();
         async move { gpu.ask(Echo(11)).await }
