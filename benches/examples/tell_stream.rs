@@ -24,6 +24,17 @@
 use ringkernel_bench::actors::{ActixPair, KameoPair, RactorPair};
 use std::time::Instant;
 
+/// `rounds` runs of `n` messages through `run`, back to back; prints the
+/// time per message.
+fn one_sided(what: &str, n: u64, rounds: u64, run: impl Fn(u64)) {
+    let t = Instant::now();
+    for _ in 0..rounds {
+        run(n);
+    }
+    let per = t.elapsed().as_nanos() as f64 / (n * rounds) as f64;
+    println!("{what}: {per:.1} ns per message");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let what = args.first().map_or("actix", String::as_str);
@@ -49,43 +60,28 @@ fn main() {
         "ractor-gpu" | "ractor-native" | "ractor-ask" | "ractor-call" => {
             let pair = RactorPair::new();
             pair.gpu_tells(10_000);
-            let t = Instant::now();
-            for _ in 0..rounds {
-                match what {
-                    "ractor-gpu" => pair.gpu_tells(n),
-                    "ractor-native" => pair.native_casts(n),
-                    "ractor-ask" => pair.gpu_asks(n),
-                    _ => pair.native_calls(n),
-                }
-            }
-            let per = t.elapsed().as_nanos() as f64 / (n * rounds) as f64;
-            println!("{what}: {per:.1} ns per message");
+            one_sided(what, n, rounds, |n| match what {
+                "ractor-gpu" => pair.gpu_tells(n),
+                "ractor-native" => pair.native_casts(n),
+                "ractor-ask" => pair.gpu_asks(n),
+                _ => pair.native_calls(n),
+            });
         }
         "kameo-gpu" | "kameo-native" => {
             let pair = KameoPair::new();
             pair.gpu_tells(10_000);
-            let t = Instant::now();
-            for _ in 0..rounds {
-                match what {
-                    "kameo-gpu" => pair.gpu_tells(n),
-                    _ => pair.native_tells(n),
-                }
-            }
-            let per = t.elapsed().as_nanos() as f64 / (n * rounds) as f64;
-            println!("{what}: {per:.1} ns per message");
+            one_sided(what, n, rounds, |n| match what {
+                "kameo-gpu" => pair.gpu_tells(n),
+                _ => pair.native_tells(n),
+            });
         }
         "actix-gpu" | "actix-native" => {
             let pair = ActixPair::new();
             pair.gpu_tells(10_000);
-            let t = Instant::now();
-            for _ in 0..rounds {
-                match what {
-                    "actix-gpu" => pair.gpu_tells(n),
-                    _ => pair.native_tells(n),
-                }
-            }
-            let per = t.elapsed().as_nanos() as f64 / (n * rounds) as f64;
-            println!("{what}: {per:.1} ns per message");
+            one_sided(what, n, rounds, |n| match what {
+                "actix-gpu" => pair.gpu_tells(n),
+                _ => pair.native_tells(n),
+            });
         }
         _ => {
             let pair = ActixPair::new();
