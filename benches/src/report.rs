@@ -9,10 +9,10 @@
 //! (all threads), per operation.
 //!
 //! Each comparison of the main list runs in a fresh child process (the
-//! same binary with `--only=NAME`) that builds only the actors it measures:
-//! the heap and threads an earlier comparison leaves behind moved a later
-//! one's numbers by up to 1.7× when they shared a process. `--in-process`
-//! runs them all in one process instead.
+//! same binary with `--only=NAME`) that builds only the actors it measures,
+//! so none runs on the heap and threads the others leave behind (in one
+//! process, the native actix tell read 262 ns after other comparisons and
+//! 453 ns alone). `--in-process` runs them all in one process instead.
 //!
 //! `cargo run --release -p ringkernel-bench --bin report -- --quick`
 //! (under two minutes); without `--quick` it runs more and longer rounds.
@@ -162,9 +162,8 @@ fn main() {
         .iter()
         .find_map(|a| a.strip_prefix("--only="))
         .map(str::to_owned);
-    // `--in-process`: run the main list in this process, one after another
-    // (what every child did before; the heap and threads the earlier
-    // comparisons leave then move the later ones' numbers).
+    // `--in-process`: run the main list in this process, one after another,
+    // as the report did before it had children.
     let in_process = args.iter().any(|a| a == "--in-process");
     let mut report_failed = false;
     let (rounds, scale) = if quick { (15, 1) } else { (41, 4) };
